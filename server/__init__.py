@@ -1,0 +1,1 @@
+"""The OpenAI-compatible multi-tenant gateway. Never imports torch or vllm."""
