@@ -1,0 +1,305 @@
+"""The batched FlyLoRA kernel: one interface, a backend per device, chosen by :func:`get_backend`.
+
+The engine keeps, per adapted layer, preallocated device *slots* (:class:`FlyLoRASlots`), copies an
+adapter into a slot to hot-swap it (:func:`load_slot`), and calls :func:`flylora_apply` once per layer
+with all of the layer's slices (q/k/v of a merged ``qkv_proj``, gate/up of ``gate_up_proj``), which share
+the input ``x``. Backends:
+
+- ``"cpu"`` (:mod:`.cpu`): grouped PyTorch; dense BLAS shrink per adapter segment, top-k, then only the
+  k selected rows of ``B^T`` per token.
+- ``"triton"`` (:mod:`.triton_kernels`): fused sparse shrink + bias + top-k in registers, then the expand
+  over the k selected rows; fixed-size buffers, no host syncs (CUDA-graph capturable).
+- ``"reference"``: :func:`flylora_runtime.reference.select_ranks` on each token, one at a time (slow; the
+  "naive per-token loop" of the benchmark and a debug backend).
+
+Ties in top-k: both fast backends keep the lower rank index among equal scores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..reference import LayerAdapter, select_ranks
+
+__all__ = [
+    "FlyLoRASlots", "allocate_slots", "load_slot", "clear_slot", "build_slots", "flylora_apply",
+    "get_backend", "BACKENDS", "apply_reference", "check_inputs",
+]
+
+
+@dataclass
+class FlyLoRASlots:
+    """Stacked slot buffers of one adapted layer, all of its slices (``n`` of them) together.
+
+    ``S`` slots, ranks padded to ``R``, ``n`` slices with outputs ``output_slices = (out_0, ...)``.
+    Slice ``i``'s ranks live in rows ``i*R : (i+1)*R`` of the A and d buffers, its outputs in columns
+    ``off_i : off_i + out_i`` of ``b`` (``off_i = sum(output_slices[:i])``). Padded ranks
+    (``j >= r[s, i]``) hold zeros and are never selected, whatever they hold.
+
+    Attributes:
+        output_slices: ``(out_0, ..., out_{n-1})``.
+        max_rank: ``R``, the padded rank of every slot and slice.
+        max_top_k: upper bound of every ``k[s, i]`` (sizes the Triton top-k buffers; ``<= R``).
+        in_features: ``in``.
+        a_idx: compact A: ``[S, n*R, P]`` int32 column indices (padding: column 0 with value 0.0), or
+            ``None`` when A is stored dense.
+        a_val: compact: ``[S, n*R, P]`` values; dense: ``[S, n*R, in]``. Any float dtype (fp32 keeps
+            the shrink, which always accumulates in fp32, bit-comparable to the reference).
+        b: ``[S, R, sum(out_i)]``, ``b[s, j, off_i + o] = scaling * B_i[o, j]``: row ``j`` is rank-expert
+            ``j`` (transposed so that the k selected experts are k contiguous rows).
+        d: ``[S, n*R]`` fp32 routing bias.
+        k: ``[S, n]`` int32 ranks selected per token (0 for an empty slot).
+        r: ``[S, n]`` int32 real ranks (0 for an empty slot).
+        magnitude: ``[S]`` bool, True: top-k of ``|y + d|`` instead of ``y + d``.
+
+    Worked example: S=4, R=32, in=576, qkv of SmolLM2 (576, 192, 192), P=144 (quarter-dense rows),
+    bf16 B, fp32 A. ``a_idx`` [4, 96, 144] int32 221 KB; ``a_val`` [4, 96, 144] fp32 221 KB (dense
+    instead: [4, 96, 576] fp32 885 KB); ``b`` [4, 32, 960] bf16 246 KB; ``d`` [4, 96] fp32 1.5 KB;
+    ``k``, ``r`` [4, 3] int32; ``magnitude`` [4] bool. One slot is a quarter of each buffer.
+    """
+
+    output_slices: tuple[int, ...]
+    max_rank: int
+    max_top_k: int
+    in_features: int
+    a_idx: torch.Tensor | None
+    a_val: torch.Tensor
+    b: torch.Tensor
+    d: torch.Tensor
+    k: torch.Tensor
+    r: torch.Tensor
+    magnitude: torch.Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return self.b.shape[0]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.output_slices)
+
+    @property
+    def dense(self) -> bool:
+        return self.a_idx is None
+
+    @property
+    def device(self) -> torch.device:
+        return self.b.device
+
+
+def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slices: Sequence[int], *,
+                   max_nnz: int | None = None, max_top_k: int | None = None,
+                   a_dtype: torch.dtype = torch.float32, b_dtype: torch.dtype = torch.bfloat16,
+                   device: torch.device | str = "cpu") -> FlyLoRASlots:
+    """Zeroed slots (every slot empty: ``k = r = 0``). ``max_nnz=None`` stores A dense, else compact
+    with ``P = max_nnz`` entries per row (an adapter whose rows hold more cannot be loaded)."""
+    output_slices = tuple(int(o) for o in output_slices)
+    if num_slots <= 0 or max_rank <= 0 or in_features <= 0 or not output_slices or min(output_slices) <= 0:
+        raise ValueError(f"expected positive sizes, got num_slots={num_slots}, max_rank={max_rank}, "
+                         f"in_features={in_features}, output_slices={output_slices}")
+    max_top_k = max_rank if max_top_k is None else max_top_k
+    if not 0 < max_top_k <= max_rank:
+        raise ValueError(f"max_top_k must satisfy 0 < max_top_k <= max_rank = {max_rank}, got {max_top_k}")
+    if max_nnz is not None and not 0 < max_nnz <= in_features:
+        raise ValueError(f"max_nnz must satisfy 0 < max_nnz <= in_features = {in_features}, got {max_nnz}")
+    n, S, R = len(output_slices), num_slots, max_rank
+    zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    return FlyLoRASlots(
+        output_slices=output_slices, max_rank=R, max_top_k=max_top_k, in_features=in_features,
+        a_idx=None if max_nnz is None else zeros(S, n * R, max_nnz, dtype=torch.int32),
+        a_val=zeros(S, n * R, in_features if max_nnz is None else max_nnz, dtype=a_dtype),
+        b=zeros(S, R, sum(output_slices), dtype=b_dtype), d=zeros(S, n * R, dtype=torch.float32),
+        k=zeros(S, n, dtype=torch.int32), r=zeros(S, n, dtype=torch.int32),
+        magnitude=zeros(S, dtype=torch.bool))
+
+
+def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
+    """Empty ``slot`` in place (zeros everywhere, ``k = r = 0``: it contributes nothing)."""
+    for t in (slots.a_val, slots.b, slots.d, slots.k, slots.r, slots.magnitude):
+        t[slot].zero_()
+    if slots.a_idx is not None:
+        slots.a_idx[slot].zero_()
+
+
+def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) -> None:
+    """Copy one adapter's weights for every slice (``adapters[i]`` for slice ``i``) into ``slot``, in place.
+
+    All slices must share the routing (it is per adapter). Raises ``ValueError`` on any size mismatch.
+    """
+    if not 0 <= slot < slots.num_slots:
+        raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    if len(adapters) != slots.num_slices:
+        raise ValueError(f"expected {slots.num_slices} slice adapters, got {len(adapters)}")
+    routings = {w.routing for w in adapters}
+    if len(routings) != 1:
+        raise ValueError(f"all slices of one adapter must share the routing, got {sorted(routings)}")
+    R, n_in = slots.max_rank, slots.in_features
+    for i, w in enumerate(adapters):
+        r, out = w.A.shape[0], slots.output_slices[i]
+        if w.A.shape != (r, n_in) or w.B.shape != (out, r) or w.d.shape != (r,):
+            raise ValueError(f"slice {i}: expected A [r, {n_in}], B [{out}, r], d [r], got "
+                             f"{tuple(w.A.shape)}, {tuple(w.B.shape)}, {tuple(w.d.shape)}")
+        if r > R or not 0 < w.top_k <= min(r, slots.max_top_k):
+            raise ValueError(f"slice {i}: need r <= {R} and 0 < top_k <= min(r, {slots.max_top_k}), "
+                             f"got r={r}, top_k={w.top_k}")
+    clear_slot(slots, slot)
+    off = 0
+    for i, w in enumerate(adapters):
+        r, out, rows = w.A.shape[0], slots.output_slices[i], slice(i * R, i * R + w.A.shape[0])
+        if slots.a_idx is None:
+            slots.a_val[slot, rows] = w.A.to(slots.a_val.dtype)
+        else:
+            nz = w.A != 0
+            p = int(nz.sum(dim=1).max())
+            if p > slots.a_idx.shape[-1]:
+                raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {slots.a_idx.shape[-1]}")
+            # Stable sort puts the nonzero columns first, in ascending order; padding stays (0, 0.0).
+            order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :p]
+            real = torch.gather(nz, 1, order)
+            vals = torch.where(real, torch.gather(w.A, 1, order), torch.zeros((), dtype=w.A.dtype))
+            slots.a_idx[slot, rows, :p] = torch.where(real, order, 0).to(torch.int32).to(slots.device)
+            slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
+        slots.b[slot, :r, off:off + out] = (w.scaling * w.B.to(torch.float32).T).to(slots.b.dtype)
+        slots.d[slot, rows] = w.d.to(torch.float32)
+        slots.k[slot, i] = w.top_k
+        slots.r[slot, i] = r
+        off += out
+    slots.magnitude[slot] = adapters[0].routing == "magnitude"
+
+
+def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | None = None,
+                max_rank: int | None = None, compact: bool = False, **kwargs) -> FlyLoRASlots:
+    """Allocate slots and load ``adapters[s]`` (one LayerAdapter per slice) into slot ``s``.
+
+    ``compact=True`` stores A compact with ``P`` = the largest row count among the adapters. Other keyword
+    arguments go to :func:`allocate_slots` (``a_dtype``, ``b_dtype``, ``max_top_k``, ``device``).
+    """
+    if not adapters:
+        raise ValueError("need at least one adapter")
+    first = adapters[0]
+    max_rank = max_rank or max(w.A.shape[0] for ws in adapters for w in ws)
+    max_nnz = max(int((w.A != 0).sum(dim=1).max()) for ws in adapters for w in ws) if compact else None
+    slots = allocate_slots(num_slots or len(adapters), max_rank, first[0].A.shape[1],
+                           [w.B.shape[0] for w in first], max_nnz=max_nnz, **kwargs)
+    for s, ws in enumerate(adapters):
+        load_slot(slots, s, ws)
+    return slots
+
+
+def check_inputs(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots, *,
+                 check_indices: bool) -> None:
+    """Raise ``ValueError`` on a shape, dtype, device or contiguity mismatch (metadata only, no sync);
+    ``check_indices`` also checks ``-1 <= token_slot < S`` (reads the tensor: a host sync on GPU)."""
+    T = x.shape[0] if x.dim() == 2 else -1
+    if x.dim() != 2 or x.shape[1] != slots.in_features:
+        raise ValueError(f"x must be [T, {slots.in_features}], got {tuple(x.shape)}")
+    if out.shape != (T, sum(slots.output_slices)):
+        raise ValueError(f"out must be [{T}, {sum(slots.output_slices)}], got {tuple(out.shape)}")
+    if token_slot.shape != (T,) or token_slot.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_slot must be int32/int64 [{T}], got {token_slot.dtype} {tuple(token_slot.shape)}")
+    if not (x.is_floating_point() and out.is_floating_point()):
+        raise ValueError(f"x and out must be floating point, got {x.dtype} and {out.dtype}")
+    for name, t in (("out", out), ("x", x), ("token_slot", token_slot)):
+        if t.device != slots.device:
+            raise ValueError(f"{name} is on {t.device}, slots on {slots.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    if check_indices and T and not bool(((token_slot >= -1) & (token_slot < slots.num_slots)).all()):
+        raise ValueError(f"token_slot values must be in [-1, {slots.num_slots}), got "
+                         f"[{int(token_slot.min())}, {int(token_slot.max())}]")
+
+
+def _dense_a(slots: FlyLoRASlots) -> torch.Tensor:
+    """``[S, n*R, in]`` fp32 dense A (a copy when stored compact)."""
+    if slots.a_idx is None:
+        return slots.a_val.float()
+    S, nR, _ = slots.a_val.shape
+    a = torch.zeros(S, nR, slots.in_features, dtype=torch.float32, device=slots.device)
+    return a.scatter_add_(2, slots.a_idx.long(), slots.a_val.float())
+
+
+def apply_reference(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
+    """The naive backend: a Python loop over tokens and slices with :func:`reference.select_ranks`."""
+    a, R = _dense_a(slots), slots.max_rank
+    bounds = [0]
+    for o in slots.output_slices:
+        bounds.append(bounds[-1] + o)
+    for t in range(x.shape[0]):
+        s = int(token_slot[t])
+        if s < 0:
+            continue
+        x32 = x[t].float()
+        for i in range(slots.num_slices):
+            r, k = int(slots.r[s, i]), int(slots.k[s, i])
+            if r == 0:
+                continue
+            y = a[s, i * R:i * R + r] @ x32
+            routing = "magnitude" if bool(slots.magnitude[s]) else "signed"
+            m = select_ranks(y[None], slots.d[s, i * R:i * R + r], k, routing)[0]
+            delta = (y * m) @ slots.b[s, :r, bounds[i]:bounds[i + 1]].float()
+            out[t, bounds[i]:bounds[i + 1]] += delta.to(out.dtype)
+
+
+def _cpu_backend():
+    from .cpu import apply_cpu
+    return apply_cpu
+
+
+def _triton_backend():
+    from .triton_kernels import apply_triton
+    return apply_triton
+
+
+BACKENDS: dict[str, Callable[[], Callable]] = {
+    "cpu": _cpu_backend, "triton": _triton_backend, "reference": lambda: apply_reference}
+
+
+def get_backend(device: torch.device | str, name: str | None = None) -> Callable:
+    """The backend for ``device``: ``name``, else ``$FLYLORA_KERNEL_BACKEND``, else triton on CUDA/ROCm
+    (XPU too when triton supports it) and cpu elsewhere. Raises ``ValueError`` for an unknown name."""
+    name = name or os.environ.get("FLYLORA_KERNEL_BACKEND") or (
+        "cpu" if torch.device(device).type == "cpu" else "triton")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
+    return BACKENDS[name]()
+
+
+def flylora_apply(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots, *,
+                  backend: str | None = None, check_indices: bool = True) -> None:
+    """Add the FlyLoRA delta of every slice of one layer to ``out``, in place.
+
+    Args:
+        out: ``[T, sum(out_i)]`` any float dtype, last dim contiguous; slice ``i`` owns columns
+            ``off_i : off_i + out_i``. Written in place (added to); rows with ``token_slot == -1`` untouched.
+        x: ``[T, in]`` any float dtype, last dim contiguous; shared by all slices.
+        token_slot: ``[T]`` int32/int64, the slot of each token, ``-1`` for no adapter.
+        slots: :class:`FlyLoRASlots` on ``x``'s device.
+        backend: ``"cpu"``, ``"triton"`` or ``"reference"``; default by device (:func:`get_backend`).
+        check_indices: also check the range of ``token_slot`` (a host sync on GPU; the engine, which
+            builds ``token_slot`` on the host, passes False).
+
+    Semantics::
+
+        R, off = slots.max_rank, 0
+        for i, out_i in enumerate(slots.output_slices):
+            for t in range(T):
+                s = token_slot[t]
+                if s < 0: continue
+                r, k = slots.r[s, i], slots.k[s, i]
+                A = dense(slots.a_idx, slots.a_val)[s, i*R : i*R + r].float()     # [r, in]
+                y = A @ x[t].float()                                               # [r] fp32
+                score = y + slots.d[s, i*R : i*R + r]
+                if slots.magnitude[s]: score = score.abs()
+                sel = torch.topk(score, k).indices      # ties: the lower rank index
+                out[t, off:off + out_i] += (y[sel] @ slots.b[s, sel, off:off + out_i].float()).to(out.dtype)
+            off += out_i
+
+    Equals ``reference.flylora_delta`` per slice over each slot's real ranks (``b`` holds ``scaling * B^T``).
+    Backends may round ``y[sel]`` to ``b``'s dtype before the expand (tolerances in ``tests/helpers.py``).
+    """
+    check_inputs(out, x, token_slot, slots, check_indices=check_indices)
+    get_backend(x.device, backend)(out, x, token_slot, slots)
