@@ -1,1 +1,9 @@
-"""The OpenAI-compatible multi-tenant gateway. Never imports torch or vllm."""
+"""The FlyLoRA gateway: an OpenAI-compatible, multi-tenant HTTP front of vLLM engines.
+
+Knows HTTP, tenants, the registry and engines; never imports torch or vllm.
+"""
+
+from .app import create_app
+from .settings import Settings
+
+__all__ = ["Settings", "create_app"]

@@ -1,0 +1,46 @@
+"""The app factory: ``create_app(settings)`` builds the gateway; uvicorn serves it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .adapters import finish_interrupted_deletions
+from .errors import install_error_handlers
+from .routes import adapters, admin, health, openai
+from .settings import Settings
+from .state import Gateway
+
+log = logging.getLogger("flylora.gateway")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A gateway app. Its registry, store and engine client are opened at start-up and closed at shutdown."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw = Gateway.build(settings)
+        app.state.gateway = gw
+        try:
+            resumed = await finish_interrupted_deletions(gw)
+            if resumed:
+                log.warning("finished %d adapter deletions interrupted by a previous shutdown", resumed)
+            await gw.sweep_store()
+            yield
+        finally:
+            await gw.aclose()
+
+    app = FastAPI(
+        title="FlyLoRA gateway",
+        summary="OpenAI-compatible, multi-tenant serving of FlyLoRA adapters on vLLM.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for module in (openai, adapters, admin, health):
+        app.include_router(module.router)
+    return app

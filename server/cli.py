@@ -1,0 +1,57 @@
+"""``flylora-gateway``: serve the gateway with uvicorn.
+
+Settings come from the environment (``FLYLORA_*``) and an optional dotenv file (``--env-file`` or
+``FLYLORA_ENV_FILE``). ``--host`` / ``--port`` override the settings. When no admin key is configured one is
+generated and printed once, to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import SecretStr, ValidationError
+
+from .security import new_api_key
+from .settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flylora-gateway", description=__doc__.split("\n\n")[0])
+    p.add_argument("--env-file", default=os.environ.get("FLYLORA_ENV_FILE"),
+                   help="dotenv file with FLYLORA_* settings (the environment wins over it)")
+    p.add_argument("--host", help="listen address (FLYLORA_GATEWAY_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (FLYLORA_GATEWAY_PORT, default 8000)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("gateway_host", args.host), ("gateway_port", args.port)) if v is not None}
+    settings = Settings(_env_file=args.env_file, **overrides)  # type: ignore[call-arg]
+    if settings.admin_key is None:
+        key = "flk-admin-" + new_api_key()[4:]
+        settings.admin_key = SecretStr(key)
+        print(f"FLYLORA_ADMIN_KEY was not set; the admin key for this run is:\n{key}", file=sys.stderr, flush=True)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        print(f"flylora-gateway: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
+                log_level=args.log_level, proxy_headers=False, server_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""The registry: tenants, hashed API keys and adapters, in any SQLAlchemy database (SQLite by default).
+
+Methods are synchronous (SQLAlchemy 2.0 ORM); async callers run them in a worker thread. They return
+frozen records detached from any session, and raise the gateway's error types (``TenantExists``,
+``AdapterExists``...), never database exceptions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .errors import AdapterExists, TenantExists, TenantNotFound
+from .security import hash_key, new_api_key, same_hash
+
+READY = "ready"
+DELETING = "deleting"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True, nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class AdapterRow(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_adapter_tenant_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    internal_id: Mapped[str] = mapped_column(String(35), unique=True, nullable=False)
+    base_model: Mapped[str] = mapped_column(String(256), nullable=False)
+    r: Mapped[int] = mapped_column(Integer, nullable=False)
+    top_k: Mapped[int] = mapped_column(Integer, nullable=False)
+    routing: Mapped[str] = mapped_column(String(16), nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default=READY)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: int
+    name: str
+    created: int
+    max_concurrency: int | None = None
+    tokens_per_minute: int | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    tenant_id: int
+    name: str
+    internal_id: str
+    base_model: str
+    r: int
+    top_k: int
+    routing: str
+    bytes: int
+    sha256: str
+    created: int
+    state: str = READY
+
+    def public(self) -> dict[str, Any]:
+        """The adapter object of the public contract (no internal id)."""
+        return {
+            "id": self.name, "object": "adapter", "base_model": self.base_model, "r": self.r, "top_k": self.top_k,
+            "routing": self.routing, "bytes": self.bytes, "sha256": self.sha256, "created": self.created,
+            "status": self.state,
+        }
+
+
+def _tenant(row: TenantRow) -> Tenant:
+    return Tenant(id=row.id, name=row.name, created=row.created, max_concurrency=row.max_concurrency,
+                  tokens_per_minute=row.tokens_per_minute)
+
+
+def _adapter(row: AdapterRow) -> Adapter:
+    return Adapter(tenant_id=row.tenant_id, name=row.name, internal_id=row.internal_id, base_model=row.base_model,
+                   r=row.r, top_k=row.top_k, routing=row.routing, bytes=row.bytes, sha256=row.sha256,
+                   created=row.created, state=row.state)
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine; SQLite gets WAL, foreign keys and cross-thread use."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Registry:
+    """Tenants, keys and adapters. Create with :meth:`open`; the schema is created if absent."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str) -> "Registry":
+        engine = make_engine(url)
+        Base.metadata.create_all(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- tenants ------------------------------------------------------------------------------------------
+    def create_tenant(self, name: str, *, max_concurrency: int | None = None,
+                      tokens_per_minute: int | None = None) -> tuple[Tenant, str]:
+        """A new tenant and its first API key (the key is returned once and stored hashed)."""
+        key = new_api_key()
+        now = int(time.time())
+        with self._session() as s:
+            row = TenantRow(name=name, created=now, max_concurrency=max_concurrency,
+                            tokens_per_minute=tokens_per_minute)
+            s.add(row)
+            try:
+                s.flush()
+                s.add(ApiKeyRow(tenant_id=row.id, key_hash=hash_key(key), created=now))
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                raise TenantExists(name) from None
+            return _tenant(row), key
+
+    def list_tenants(self) -> list[tuple[Tenant, int]]:
+        """Every tenant with its number of adapters, by name."""
+        with self._session() as s:
+            counts = (select(AdapterRow.tenant_id, func.count().label("n")).group_by(AdapterRow.tenant_id)
+                      .subquery())
+            rows = s.execute(select(TenantRow, func.coalesce(counts.c.n, 0))
+                             .outerjoin(counts, counts.c.tenant_id == TenantRow.id).order_by(TenantRow.name)).all()
+            return [(_tenant(t), int(n)) for t, n in rows]
+
+    def get_tenant(self, name: str) -> Tenant:
+        with self._session() as s:
+            row = s.scalar(select(TenantRow).where(TenantRow.name == name))
+            if row is None:
+                raise TenantNotFound(name)
+            return _tenant(row)
+
+    def add_key(self, tenant_name: str) -> str:
+        """A new API key for the tenant (older keys stay valid)."""
+        tenant = self.get_tenant(tenant_name)
+        key = new_api_key()
+        with self._session() as s:
+            s.add(ApiKeyRow(tenant_id=tenant.id, key_hash=hash_key(key), created=int(time.time())))
+            s.commit()
+        return key
+
+    def delete_tenant(self, tenant_id: int) -> None:
+        """Remove the tenant, its keys and any adapter rows (the caller removes adapter files first)."""
+        with self._session() as s:
+            s.execute(delete(AdapterRow).where(AdapterRow.tenant_id == tenant_id))
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id))
+            s.execute(delete(TenantRow).where(TenantRow.id == tenant_id))
+            s.commit()
+
+    def tenant_for_key(self, key: str) -> Tenant | None:
+        """The key's tenant, or None. The stored hash is compared in constant time."""
+        digest = hash_key(key)
+        with self._session() as s:
+            found = s.execute(select(ApiKeyRow.key_hash, TenantRow).join(TenantRow, TenantRow.id == ApiKeyRow.tenant_id)
+                              .where(ApiKeyRow.key_hash == digest)).first()
+            if found is None or not same_hash(found[0], digest):
+                return None
+            return _tenant(found[1])
+
+    # --- adapters -----------------------------------------------------------------------------------------
+    def add_adapter(self, adapter: Adapter) -> Adapter:
+        """Register an adapter; :class:`AdapterExists` when the tenant already has that name."""
+        with self._session() as s:
+            s.add(AdapterRow(**{f: getattr(adapter, f) for f in adapter.__dataclass_fields__}))
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                raise AdapterExists(adapter.name) from None
+        return adapter
+
+    def has_adapter_name(self, tenant_id: int, name: str) -> bool:
+        """Whether the tenant has an adapter row of that name, in any state."""
+        with self._session() as s:
+            return s.scalar(select(AdapterRow.id).where(AdapterRow.tenant_id == tenant_id,
+                                                        AdapterRow.name == name)) is not None
+
+    def get_adapter(self, tenant_id: int, name: str) -> Adapter | None:
+        """The tenant's ready adapter of that name, or None (missing, another tenant's, or being deleted)."""
+        with self._session() as s:
+            row = s.scalar(select(AdapterRow).where(AdapterRow.tenant_id == tenant_id, AdapterRow.name == name,
+                                                    AdapterRow.state == READY))
+            return None if row is None else _adapter(row)
+
+    def list_adapters(self, tenant_id: int | None = None, *, state: str | None = READY) -> list[Adapter]:
+        """The tenant's adapters (every tenant's when ``tenant_id`` is None), by name."""
+        q = select(AdapterRow).order_by(AdapterRow.name)
+        if tenant_id is not None:
+            q = q.where(AdapterRow.tenant_id == tenant_id)
+        if state is not None:
+            q = q.where(AdapterRow.state == state)
+        with self._session() as s:
+            return [_adapter(r) for r in s.scalars(q)]
+
+    def all_internal_ids(self) -> set[str]:
+        with self._session() as s:
+            return set(s.scalars(select(AdapterRow.internal_id)))
+
+    def mark_deleting(self, tenant_id: int, name: str) -> Adapter | None:
+        """Atomically take a ready adapter out of service; None if there was none to take."""
+        with self._session() as s:
+            row = s.scalar(select(AdapterRow).where(AdapterRow.tenant_id == tenant_id, AdapterRow.name == name,
+                                                    AdapterRow.state == READY))
+            if row is None:
+                return None
+            done = s.execute(update(AdapterRow).where(AdapterRow.id == row.id, AdapterRow.state == READY)
+                             .values(state=DELETING))
+            s.commit()
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            return replace(_adapter(row), state=DELETING)
+
+    def delete_adapter_row(self, internal_id: str) -> None:
+        with self._session() as s:
+            s.execute(delete(AdapterRow).where(AdapterRow.internal_id == internal_id))
+            s.commit()

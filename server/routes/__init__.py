@@ -1,0 +1,1 @@
+"""Thin routers: each parses the request, calls one function, shapes the answer."""

@@ -1,0 +1,134 @@
+"""Gateway settings: one typed object, read from the environment (prefix ``FLYLORA_``) and an optional file.
+
+Conventions shared with the engine (keep them identical on both sides):
+
+* Data folder ``FLYLORA_DATA_DIR`` (default ``<repo>/.work``, the repo root being the parent of ``server/``).
+* Registry ``sqlite:///<data>/registry.db`` unless ``FLYLORA_DATABASE_URL`` names another SQLAlchemy URL.
+* Adapter store ``<data>/adapters`` (``FLYLORA_ADAPTER_STORE``): one folder per adapter, named by its internal id
+  (``fl-`` + 32 lowercase hex), holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+* Base model served as ``FLYLORA_BASE_MODEL_ID``; its Hugging Face folder (for upload validation) is
+  ``FLYLORA_BASE_MODEL_DIR``, default ``<data>/models/<base id>``.
+* Engines ``FLYLORA_ENGINE_URLS``, comma-separated vLLM OpenAI servers, default ``http://127.0.0.1:8100``.
+
+Every field can be set as ``FLYLORA_<FIELD NAME IN UPPER CASE>``; ``Settings(_env_file=path)`` (or
+``flylora-gateway --env-file path``, or ``FLYLORA_ENV_FILE``) also reads a dotenv-style file, the
+environment winning over the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The repository root: the parent of the ``server`` package.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_BASE_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told. Invalid values raise ``ValueError`` naming the value."""
+
+    model_config = SettingsConfigDict(env_prefix="FLYLORA_", extra="ignore", validate_default=True)
+
+    # --- where things live -------------------------------------------------------------------------------
+    data_dir: Path = Field(default=REPO_ROOT / ".work", description="Data folder (registry, adapter store, models).")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the registry; default sqlite:///<data_dir>/registry.db.")
+    adapter_store: Path | None = Field(
+        default=None, description="Adapter store shared with the engine; default <data_dir>/adapters.")
+
+    # --- the base model ------------------------------------------------------------------------------------
+    base_model_id: str = Field(default=DEFAULT_BASE_MODEL_ID,
+                               description="The name the engine serves the base model under.")
+    base_model_dir: Path | None = Field(
+        default=None, description="HF folder with the base model's config.json; default <data_dir>/models/<id>.")
+
+    # --- engines -------------------------------------------------------------------------------------------
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default=["http://127.0.0.1:8100"], description="vLLM OpenAI servers, comma-separated in the environment.")
+    engine_api_key: SecretStr | None = Field(
+        default=None, description="Bearer key the engines require (vLLM --api-key), if any.")
+    engine_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout to an engine.")
+    engine_read_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest wait between two bytes from an engine (long prefill, slow stream).")
+    engine_max_connections: int = Field(default=512, ge=1, description="Pooled connections to all engines.")
+    health_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of an engine health probe.")
+    unload_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one adapter eviction call.")
+    affinity_ttl_s: float = Field(
+        default=600.0, gt=0, description="How long a replica counts as holding an adapter after serving it.")
+    affinity_max_entries: int = Field(default=100_000, ge=1, description="Adapters remembered by the router.")
+    engine_cooldown_s: float = Field(
+        default=5.0, ge=0, description="After a connection failure, a replica is tried last for this long.")
+
+    # --- the gateway itself --------------------------------------------------------------------------------
+    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    gateway_port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway listens on.")
+    admin_key: SecretStr | None = Field(
+        default=None, description="Admin bearer key; when unset, `flylora-gateway` generates and prints one.")
+    auth_cache_ttl_s: float = Field(
+        default=5.0, ge=0, description="Seconds a key -> tenant or name -> adapter lookup is cached (0: never).")
+
+    # --- limits --------------------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(default=1 << 30, ge=1, description="Largest adapter weights file (413 above).")
+    max_request_bytes: int = Field(default=8 << 20, ge=1, description="Largest completion request body (413).")
+    max_tokens_cap: int = Field(default=4096, ge=1, description="Largest max_tokens accepted (400 above).")
+    max_prompt_chars: int = Field(
+        default=512 * 1024, ge=1, description="Largest prompt, in characters (or token ids) over all messages.")
+    max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per request) accepted (400 above).")
+    max_concurrency_per_tenant: int = Field(
+        default=64, ge=1, description="Requests one tenant may have in flight (429 above); tenants may override.")
+    tokens_per_minute_per_tenant: int = Field(
+        default=2_000_000, ge=0, description="Prompt + completion tokens per tenant per minute (0: unlimited).")
+
+    # --- metrics -------------------------------------------------------------------------------------------
+    max_adapter_labels: int = Field(
+        default=500, ge=0, description="Distinct adapter label values in metrics; the rest share `other`.")
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            urls = [str(v).rstrip("/") for v in value]
+            bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+            if bad:
+                raise ValueError(f"engine URLs must start with http:// or https://, found {bad}")
+            if not urls:
+                raise ValueError("at least one engine URL is required, found none")
+            return urls
+        return value
+
+    @field_validator("base_model_id")
+    @classmethod
+    def _check_base_id(cls, value: str) -> str:
+        if not value or value.startswith("fl-"):
+            raise ValueError(f"base_model_id must be non-empty and not start with 'fl-', found {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "Settings":
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'registry.db'}"
+        if self.adapter_store is None:
+            self.adapter_store = self.data_dir / "adapters"
+        if self.base_model_dir is None:
+            self.base_model_dir = self.data_dir / "models" / self.base_model_id
+        return self
+
+    # Typed accessors for the derived fields (never None after validation).
+    @property
+    def db_url(self) -> str:
+        return str(self.database_url)
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.adapter_store)  # type: ignore[arg-type]
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.base_model_dir)  # type: ignore[arg-type]

@@ -1,0 +1,72 @@
+"""The gateway's long-lived parts, built once per app and kept on ``app.state.gateway``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+
+from flylora_runtime.errors import BaseModelMismatch
+from flylora_runtime.modelspec import BaseModelSpec
+
+from .cache import TTLCache
+from .engines import EnginePool
+from .errors import BaseModelUnavailable
+from .limits import TenantLimiter
+from .metrics import GatewayMetrics
+from .registry import Adapter, Registry, Tenant
+from .settings import Settings
+from .store import AdapterStore
+
+log = logging.getLogger("flylora.gateway")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    registry: Registry
+    store: AdapterStore
+    engines: EnginePool
+    limiter: TenantLimiter
+    metrics: GatewayMetrics
+    tenants_by_key: TTLCache[Tenant]
+    adapters_by_name: TTLCache[Adapter]
+    _base_spec: BaseModelSpec | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Gateway":
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
+                                 base_model_id=settings.base_model_id)
+        return cls(
+            settings=settings,
+            registry=Registry.open(settings.db_url),
+            store=AdapterStore(settings.store_dir),
+            engines=EnginePool(settings, metrics),
+            limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
+                                  tokens_per_minute=settings.tokens_per_minute_per_tenant),
+            metrics=metrics,
+            tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
+            adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
+        )
+
+    async def aclose(self) -> None:
+        await self.engines.aclose()
+        self.registry.close()
+
+    def base_spec(self) -> BaseModelSpec:
+        """The base model's shapes, read once from its config.json (blocking: call from a worker thread)."""
+        if self._base_spec is None:
+            try:
+                self._base_spec = BaseModelSpec.from_pretrained(self.settings.base_dir)
+            except (OSError, ValueError, KeyError, BaseModelMismatch) as exc:
+                log.error("cannot read the base model's config.json in %s: %s", self.settings.base_dir, exc)
+                raise BaseModelUnavailable(
+                    "The base model's configuration is not available; adapters cannot be validated now.") from None
+        return self._base_spec
+
+    async def sweep_store(self) -> None:
+        """Remove leftovers of interrupted uploads and deletions (at start-up)."""
+        known = await anyio.to_thread.run_sync(self.registry.all_internal_ids)
+        await anyio.to_thread.run_sync(lambda: self.store.sweep(known))
