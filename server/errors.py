@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from flylora_runtime import errors as adapter_errors
 
@@ -172,6 +173,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(exc.detail), type_, code=None), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    async def on_client_gone(_request: Request, _exc: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it only ends the request cleanly.
+        return JSONResponse(error_body("The client disconnected.", "invalid_request_error"), status_code=400)
+
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse(error_body("Internal server error.", "server_error"), status_code=500)
@@ -180,4 +185,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(adapter_errors.AdapterError, on_adapter_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, on_client_gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,161 @@
+"""A TEST DOUBLE of the engine: a tiny FastAPI app mimicking vLLM's OpenAI server, for gateway tests only.
+
+It is not vLLM and runs no model. It answers like vLLM does on the routes the gateway uses
+(``/v1/chat/completions``, ``/v1/completions`` with SSE and ``stream_options.include_usage``, ``/health``,
+``/v1/unload_lora_adapter``), resolves adapter ids from the adapter store like vLLM's LoRA resolver (404
+for an id with no folder), echoes the ``model`` it was sent (an internal id), and records everything it
+receives so tests can check what the gateway sent upstream.
+
+Knobs, as extra JSON fields of a request (the gateway passes unknown fields through):
+``fake_sleep_s`` (wait before answering), ``fake_chunk_delay_s`` (wait between SSE chunks),
+``fake_status`` (answer this HTTP error, with the model id in the message, as vLLM's errors do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+INTERNAL_ID = re.compile(r"^fl-[0-9a-f]{32}$")
+
+
+@dataclass
+class FakeEngineState:
+    base_model: str = "SmolLM2-135M-Instruct"
+    store: Path | None = None
+    health_status: int = 200
+    unload_status: int | None = None  # force this status on unload
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    unloads: list[str] = field(default_factory=list)
+    loaded: set[str] = field(default_factory=set)
+
+    def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests if path is None or r["path"] == path]
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
+
+
+def _words(seed_text: str, count: int) -> list[str]:
+    h = int(hashlib.sha256(seed_text.encode()).hexdigest()[:8], 16)
+    return [f" w{(h + 7 * i) % 101}" for i in range(count)]
+
+
+def create_fake_engine(state: FakeEngineState) -> FastAPI:
+    app = FastAPI(title="fake vLLM engine (test double)")
+    app.state.fake = state
+
+    def resolve(model: str) -> JSONResponse | None:
+        if model == state.base_model:
+            return None
+        if INTERNAL_ID.fullmatch(model) and (state.store is None or (state.store / model).is_dir()):
+            state.loaded.add(model)
+            return None
+        return _error(404, f"The model `{model}` does not exist.", "model")
+
+    async def complete(request: Request, kind: str) -> Any:
+        body = await request.json()
+        rid = uuid.uuid4().hex
+        state.requests.append({"path": request.url.path, "body": body, "id": rid,
+                               "headers": dict(request.headers)})
+        model = body.get("model", "")
+        if body.get("fake_status"):
+            return _error(int(body["fake_status"]), f"Engine refused the request for model `{model}`.")
+        missing = resolve(model)
+        if missing is not None:
+            return missing
+        if body.get("fake_sleep_s"):
+            await asyncio.sleep(float(body["fake_sleep_s"]))
+        prompt = json.dumps(body.get("messages") if kind == "chat" else body.get("prompt"))
+        count = int(body.get("max_tokens") or body.get("max_completion_tokens") or 8)
+        n = int(body.get("n") or 1)
+        words = _words(prompt, count)
+        usage = {"prompt_tokens": len(prompt) // 4 + 1, "completion_tokens": count * n,
+                 "total_tokens": len(prompt) // 4 + 1 + count * n}
+        created = int(time.time())
+        cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + rid
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        if not body.get("stream"):
+            if kind == "chat":
+                choices = [{"index": i, "message": {"role": "assistant", "content": "".join(words)},
+                            "logprobs": None, "finish_reason": "length"} for i in range(n)]
+            else:
+                choices = [{"index": i, "text": "".join(words), "logprobs": None, "finish_reason": "length"}
+                           for i in range(n)]
+            state.completed.append(rid)
+            return {"id": cid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
+
+        delay = float(body.get("fake_chunk_delay_s") or 0)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            data = {"id": cid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created,
+                    "model": model, "choices": choices, **extra}
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        async def events() -> Any:
+            finished = False
+            try:
+                for i in range(n):
+                    if kind == "chat":
+                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])
+                    for j, w in enumerate(words):
+                        if delay:
+                            await asyncio.sleep(delay)
+                        last = j == len(words) - 1
+                        reason = "length" if last else None
+                        if kind == "chat":
+                            yield chunk([{"index": i, "delta": {"content": w}, "logprobs": None,
+                                          "finish_reason": reason}])
+                        else:
+                            yield chunk([{"index": i, "text": w, "logprobs": None, "finish_reason": reason}])
+                if include_usage:
+                    yield chunk([], usage=usage)
+                yield b"data: [DONE]\n\n"
+                finished = True
+            finally:
+                (state.completed if finished else state.aborted).append(rid)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await complete(request, "completions")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(request: Request) -> Any:
+        body = await request.json()
+        name = body.get("lora_name", "")
+        state.unloads.append(name)
+        if state.unload_status is not None:
+            return _error(state.unload_status, "forced failure")
+        if name not in state.loaded:
+            return _error(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
+        state.loaded.discard(name)
+        return JSONResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.get("/health")
+    async def health() -> Any:
+        return JSONResponse({}, status_code=state.health_status)
+
+    return app

@@ -1,0 +1,195 @@
+"""POST/GET/DELETE /v1/adapters: uploads are validated, stored atomically, registered; every bad upload
+is refused with its status and an OpenAI-shaped error, leaving the registry and the store unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from .helpers import (
+    OTHER_BASE_CONFIG,
+    PICKLE_BYTES,
+    adapter_files,
+    assert_openai_error,
+    raw_request,
+    upload_form,
+)
+
+
+def _snapshot(gateway, key):
+    with gateway.client(key) as c:
+        listed = c.get("/v1/adapters").json()["data"]
+    rows = gateway.gw.registry.all_internal_ids()
+    return gateway.store_entries(), rows, listed
+
+
+def _post(gateway, key, name, config: bytes, weights: bytes, weights_filename="adapter_model.safetensors"):
+    data, files = upload_form(name, config, weights, weights_filename=weights_filename)
+    with gateway.client(key) as c:
+        return c.post("/v1/adapters", data=data, files=files)
+
+
+def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
+    _, key = tenant
+    before = gateway.store_entries()
+    r = gateway.upload(key, "support", tmp_path / "a", r=4, top_k=2)
+    assert r.status_code == 201, r.text
+    adapter = r.json()
+    config_bytes, weights_bytes = (tmp_path / "a" / "adapter_config.json").read_bytes(), \
+        (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert adapter["id"] == "support" and adapter["object"] == "adapter"
+    assert (adapter["r"], adapter["top_k"], adapter["routing"]) == (4, 2, "signed")
+    assert adapter["base_model"] == "SmolLM2-135M-Instruct" and adapter["status"] == "ready"
+    assert adapter["bytes"] == len(weights_bytes)
+    assert "fl-" not in json.dumps(adapter)  # the internal id is never shown
+    new = gateway.store_entries() - before
+    assert len(new) == 1
+    internal = new.pop()
+    assert re.fullmatch(r"fl-[0-9a-f]{32}", internal)
+    folder = gateway.settings.store_dir / internal
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (folder / "adapter_model.safetensors").read_bytes() == weights_bytes
+    assert (folder / "adapter_config.json").read_bytes() == config_bytes
+    assert not [e for e in gateway.store_entries() if e.startswith(".")]  # no staging left behind
+    with gateway.client(key) as c:
+        assert c.get("/v1/adapters/support").json() == adapter
+        assert c.get("/v1/adapters").json() == {"object": "list", "data": [adapter]}
+
+
+def test_plain_peft_lora_is_accepted_as_top_k_equal_r(gateway, tenant, tmp_path):
+    r = gateway.upload(tenant[1], "plain", tmp_path / "p", r=4, top_k=None)
+    assert r.status_code == 201, r.text
+    assert (r.json()["r"], r.json()["top_k"]) == (4, 4)
+
+
+def test_duplicate_name_is_409_and_changes_nothing(gateway, tenant, tmp_path):
+    _, key = tenant
+    assert gateway.upload(key, "dup", tmp_path / "a").status_code == 201
+    before = _snapshot(gateway, key)
+    err = assert_openai_error(gateway.upload(key, "dup", tmp_path / "b", seed=1), 409)
+    assert err["code"] == "adapter_exists"
+    assert _snapshot(gateway, key) == before
+
+
+def test_two_tenants_may_use_the_same_name(gateway, tmp_path):
+    (_, k1), (_, k2) = gateway.new_tenant(), gateway.new_tenant()
+    assert gateway.upload(k1, "same", tmp_path / "a").status_code == 201
+    assert gateway.upload(k2, "same", tmp_path / "b").status_code == 201
+
+
+@pytest.mark.parametrize("case", ["nan", "wrong_shape", "other_base", "pickle_name", "pickle_content",
+                                  "bad_config_json", "top_k_above_r", "not_safetensors"])
+def test_invalid_adapter_is_400_and_leaves_nothing(gateway, tenant, tmp_path, case):
+    _, key = tenant
+    folder = tmp_path / "a"
+    kwargs = {"nan": {"nan": True}, "wrong_shape": {"wrong_shape": True}, "other_base": {"base": OTHER_BASE_CONFIG}}
+    config_path, weights_path = adapter_files(folder, **kwargs.get(case, {}))
+    config, weights, filename = config_path.read_bytes(), weights_path.read_bytes(), "adapter_model.safetensors"
+    if case == "pickle_name":
+        weights, filename = PICKLE_BYTES, "adapter_model.bin"
+    elif case == "pickle_content":
+        weights = PICKLE_BYTES
+    elif case == "bad_config_json":
+        config = b"{not json"
+    elif case == "top_k_above_r":
+        config = json.dumps({**json.loads(config), "top_k": 99}).encode()
+    elif case == "not_safetensors":
+        weights = b"\x00" * 64
+    before = _snapshot(gateway, key)
+    err = assert_openai_error(_post(gateway, key, "bad", config, weights, filename), 400)
+    assert err["code"] == "invalid_adapter"
+    expected = {"nan": "NaN", "wrong_shape": "expected shape", "other_base": "expected shape",
+                "pickle_name": "pickle", "pickle_content": "pickle", "top_k_above_r": "top_k"}
+    if case in expected:
+        assert expected[case] in err["message"]
+    assert _snapshot(gateway, key) == before
+    with gateway.client(key) as c:
+        assert c.get("/v1/adapters/bad").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", "a/b", "Upper", "x" * 65, "", "-lead", "sp ace", "ü"])
+def test_bad_names_are_400_and_leave_nothing(gateway, tenant, tmp_path, name):
+    _, key = tenant
+    config, weights = adapter_files(tmp_path / "a")
+    before = _snapshot(gateway, key)
+    err = assert_openai_error(_post(gateway, key, name, config.read_bytes(), weights.read_bytes()), 400)
+    assert err["param"] == "name"
+    assert _snapshot(gateway, key) == before
+    assert not (gateway.settings.data_dir / "escape").exists()
+
+
+def test_name_of_64_chars_is_accepted(gateway, tenant, tmp_path):
+    r = gateway.upload(tenant[1], "a" * 64, tmp_path / "a")
+    assert r.status_code == 201, r.text
+
+
+def test_oversized_weights_are_413_and_leave_nothing(gateway, tenant, tmp_path):
+    _, key = tenant
+    config, _ = adapter_files(tmp_path / "a")
+    limit = gateway.settings.max_upload_bytes
+    before = _snapshot(gateway, key)
+    err = assert_openai_error(_post(gateway, key, "big", config.read_bytes(), b"\x00" * (limit + 1)), 413)
+    assert err["param"] == "weights"
+    assert _snapshot(gateway, key) == before
+
+
+def test_oversized_upload_declared_in_content_length_is_413_before_reading(gateway, tenant):
+    _, key = tenant
+    head = (f"POST /v1/adapters HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"
+            "Content-Type: multipart/form-data; boundary=x\nContent-Length: 1000000000000\n")
+    status, body = raw_request(gateway.url, head, b"--x\r\n")
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("form", ["missing_weights", "extra_field", "not_multipart"])
+def test_malformed_forms_are_400(gateway, tenant, tmp_path, form):
+    _, key = tenant
+    config, weights = adapter_files(tmp_path / "a")
+    before = _snapshot(gateway, key)
+    with gateway.client(key) as c:
+        if form == "missing_weights":
+            r = c.post("/v1/adapters", data={"name": "m"}, files={"config": ("c.json", config.read_bytes())})
+        elif form == "extra_field":
+            data, files = upload_form("m", config.read_bytes(), weights.read_bytes())
+            r = c.post("/v1/adapters", data={**data, "evil": "1"}, files=files)
+        else:
+            r = c.post("/v1/adapters", json={"name": "m"})
+    assert_openai_error(r, 400)
+    assert _snapshot(gateway, key) == before
+
+
+def test_delete_evicts_from_engine_then_removes_files_and_row(gateway, engine, tenant, tmp_path):
+    _, key = tenant
+    assert gateway.upload(key, "gone", tmp_path / "a").status_code == 201
+    internal = gateway.gw.registry.get_adapter(gateway.gw.registry.tenant_for_key(key).id, "gone").internal_id
+    # Use it once so the engine holds it.
+    gateway.openai(key).completions.create(model="gone", prompt="x", max_tokens=1)
+    assert internal in engine.state.loaded
+    with gateway.client(key) as c:
+        assert c.delete("/v1/adapters/gone").status_code == 204
+        assert_openai_error(c.get("/v1/adapters/gone"), 404)
+        assert_openai_error(c.delete("/v1/adapters/gone"), 404)
+    assert engine.state.unloads[-1] == internal
+    assert internal not in engine.state.loaded
+    assert internal not in gateway.store_entries()
+    assert internal not in gateway.gw.registry.all_internal_ids()
+    # The name is free again.
+    assert gateway.upload(key, "gone", tmp_path / "b").status_code == 201
+
+
+def test_delete_completes_when_the_engine_fails_to_evict(make_engine, make_gateway, tmp_path):
+    bad = make_engine()
+    bad.state.unload_status = 500
+    gw = make_gateway([bad.url])
+    _, key = gw.new_tenant()
+    assert gw.upload(key, "x", tmp_path / "a").status_code == 201
+    with gw.client(key) as c:
+        assert c.delete("/v1/adapters/x").status_code == 204
+        assert c.get("/v1/adapters").json()["data"] == []
+    assert bad.state.unloads and [e for e in gw.store_entries() if e.startswith("fl-")] == []
+    with gw.client(None) as c:
+        metrics = c.get("/metrics").text
+    assert f'flylora_gateway_upstream_errors_total{{engine="{bad.url}",kind="unload"}} 1.0' in metrics
