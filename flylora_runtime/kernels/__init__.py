@@ -175,14 +175,16 @@ def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | 
                 max_rank: int | None = None, compact: bool = False, **kwargs) -> FlyLoRASlots:
     """Allocate slots and load ``adapters[s]`` (one LayerAdapter per slice) into slot ``s``.
 
-    ``compact=True`` stores A compact with ``P`` = the largest row count among the adapters. Other keyword
-    arguments go to :func:`allocate_slots` (``a_dtype``, ``b_dtype``, ``max_top_k``, ``device``).
+    ``compact=True`` stores A compact with ``P`` = the largest row count among the adapters. ``max_top_k``
+    defaults to the largest ``top_k`` among them. Other keyword arguments go to :func:`allocate_slots`
+    (``a_dtype``, ``b_dtype``, ``device``).
     """
     if not adapters:
         raise ValueError("need at least one adapter")
     first = adapters[0]
     max_rank = max_rank or max(w.A.shape[0] for ws in adapters for w in ws)
     max_nnz = max(int((w.A != 0).sum(dim=1).max()) for ws in adapters for w in ws) if compact else None
+    kwargs.setdefault("max_top_k", max(w.top_k for ws in adapters for w in ws))
     slots = allocate_slots(num_slots or len(adapters), max_rank, first[0].A.shape[1],
                            [w.B.shape[0] for w in first], max_nnz=max_nnz, **kwargs)
     for s, ws in enumerate(adapters):
@@ -299,7 +301,8 @@ def flylora_apply(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, 
             off += out_i
 
     Equals ``reference.flylora_delta`` per slice over each slot's real ranks (``b`` holds ``scaling * B^T``).
-    Backends may round ``y[sel]`` to ``b``'s dtype before the expand (tolerances in ``tests/helpers.py``).
+    Backends compute ``y`` and the expand in fp32 and round once into ``out``; only the summation order
+    differs from the reference (tolerances in ``tests/helpers.py``).
     """
     check_inputs(out, x, token_slot, slots, check_indices=check_indices)
     get_backend(x.device, backend)(out, x, token_slot, slots)

@@ -11,8 +11,8 @@ Steps (all slices of a layer at once, since they share ``x``):
    shape of the benchmark (compact slots still work, through a gather, for slots sized for the GPU).
 3. Scores ``y + d`` (``abs`` for magnitude routing), padded ranks set to ``-inf``, ``topk`` over a
    ``[T, n, R]`` view: every slice in one call.
-4. Expand: per slice, gather only the k selected rows of ``b`` (``[T, k, out_i]``) and one ``bmm``
-   with the k selected ``y`` (rounded to ``b``'s dtype, the precision of the model), added to ``out``.
+4. Expand: per slice, gather only the k selected rows of ``b`` (``[T, k, out_i]``) and one fp32 ``bmm``
+   with the k selected ``y``; the sum is rounded once, into ``out``.
 
 Ties in top-k: ``torch.topk`` (on this build the lower index first); ranks ``>= r`` and positions
 ``>= k`` are masked out after the top-k, so they are never selected.
@@ -103,14 +103,15 @@ def apply_cpu(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slot
     kmax = int(slots.k.max())
     sel = torch.topk(score, kmax, dim=-1).indices  # [Ta, n, kmax], best first
     keep = (torch.arange(kmax) < slots.k[ss].unsqueeze(-1)) & (sel < rr)
-    ysel = torch.gather(y.view(Ta, n, R), -1, sel).masked_fill_(~keep, 0.0).to(slots.b.dtype)
+    ysel = torch.gather(y.view(Ta, n, R), -1, sel).masked_fill_(~keep, 0.0)  # [Ta, n, kmax] fp32
 
-    off = 0
+    deltas, off = [], 0
     for i, out_i in enumerate(slots.output_slices):
-        b_i = slots.b[:, :, off:off + out_i]
-        delta = torch.bmm(ysel[:, i].unsqueeze(1), b_i[ss.unsqueeze(1), sel[:, i]]).squeeze(1)
-        if order is None:
-            out[:, off:off + out_i] += delta
-        else:
-            out[:, off:off + out_i].index_add_(0, order, delta.to(out.dtype))
+        g = slots.b[:, :, off:off + out_i][ss.unsqueeze(1), sel[:, i]]  # [Ta, kmax, out_i], k rows only
+        deltas.append(torch.bmm(ysel[:, i].unsqueeze(1), g.float()).squeeze(1))
         off += out_i
+    delta = deltas[0] if n == 1 else torch.cat(deltas, dim=1)  # [Ta, sum(out_i)] fp32
+    if order is None:
+        out += delta  # computed in fp32, rounded once to out's dtype
+    else:
+        out[order] += delta

@@ -87,8 +87,7 @@ def _expand(out_ptr, slot_ptr, b_ptr, sel_idx_ptr, sel_val_ptr, k_ptr, slice_ptr
     yv = tl.load(sel_val_ptr + base + jj, mask=jmask, other=0.0)
     b = tl.load(b_ptr + s * stride_bs + idx[:, None] * stride_br + (off + cols)[None, :],
                 mask=jmask[:, None] & cmask[None, :], other=0.0)
-    # Round y to b's dtype first, as the CPU backend and vLLM's LoRA kernels do; accumulate in fp32.
-    acc = tl.sum(yv.to(b.dtype).to(tl.float32)[:, None] * b.to(tl.float32), axis=0)
+    acc = tl.sum(yv[:, None] * b.to(tl.float32), axis=0)  # fp32, rounded once into out
     o_ptrs = out_ptr + t.to(tl.int64) * stride_ot + off + cols
     prev = tl.load(o_ptrs, mask=cmask, other=0.0)
     tl.store(o_ptrs, (prev.to(tl.float32) + acc).to(prev.dtype), mask=cmask)
