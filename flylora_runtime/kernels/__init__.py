@@ -243,7 +243,7 @@ def apply_reference(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor
             routing = "magnitude" if bool(slots.magnitude[s]) else "signed"
             m = select_ranks(y[None], slots.d[s, i * R:i * R + r], k, routing)[0]
             delta = (y * m) @ slots.b[s, :r, bounds[i]:bounds[i + 1]].float()
-            out[t, bounds[i]:bounds[i + 1]] += delta.to(out.dtype)
+            out[t, bounds[i]:bounds[i + 1]] = (out[t, bounds[i]:bounds[i + 1]].float() + delta).to(out.dtype)
 
 
 def _cpu_backend():
