@@ -275,7 +275,7 @@ class ProxyStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[bool], Awaitable[None]]):
-        self.body = body
+        self.chunks = body
         self.on_close = on_close
         self.status_code = 200
         self.background = None
@@ -288,7 +288,7 @@ class ProxyStream(Response):
 
                 async def pump() -> None:
                     await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                    async for chunk in self.body:
+                    async for chunk in self.chunks:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     tg.cancel_scope.cancel()
@@ -306,7 +306,7 @@ class ProxyStream(Response):
             disconnected = True
         finally:
             with anyio.CancelScope(shield=True):
-                aclose = getattr(self.body, "aclose", None)
+                aclose = getattr(self.chunks, "aclose", None)
                 if aclose is not None:
                     await aclose()
                 await self.on_close(disconnected)
