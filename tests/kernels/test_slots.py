@@ -1,0 +1,122 @@
+"""Slot buffers and edge semantics shared by all backends: padded ranks, empty rows, hot swap, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flylora_runtime.kernels import allocate_slots, build_slots, clear_slot, flylora_apply, load_slot
+from flylora_runtime.kernels import _dense_a
+from flylora_runtime.reference import LayerAdapter, flylora_delta
+from tests.helpers import assert_close
+
+from .cases import make_adapter
+
+BACKENDS = ("cpu", "reference")
+
+
+def _poison_padding(slots, r: int) -> None:
+    """Fill every padded rank (``>= r``) with values that would dominate any selection and any sum."""
+    R = slots.max_rank
+    for i in range(slots.num_slices):
+        slots.d[:, i * R + r:(i + 1) * R] = 1e4
+        slots.a_val[:, i * R + r:(i + 1) * R] = 1.0
+    slots.b[:, r:] = 1e3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("routing", ["signed", "magnitude"])
+def test_padded_ranks_never_selected(backend: str, routing: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = make_adapter(gen, 64, 32, r=8, k=8, routing=routing)  # k = r: every real rank must fire
+    # Signed: all real scores very negative, so a padded rank (score 0 if left unmasked) would win.
+    w = LayerAdapter(A=w.A, B=w.B, d=torch.full((8,), -100.0), top_k=8, scaling=w.scaling, routing=routing)
+    slots = build_slots([[w], [w]], max_rank=32, b_dtype=torch.float32)
+    _poison_padding(slots, 8)
+    x = torch.randn(5, 64, generator=gen)
+    out = torch.zeros(5, 32)
+    flylora_apply(out, x, torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32), slots, backend=backend)
+    assert_close(out, flylora_delta(x, torch.zeros(5, dtype=torch.long), [w]), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_adapter_rows_bit_exact_and_empty_slot_is_zero(backend: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    slots = build_slots([[make_adapter(gen, 64, 48, 16, 4)]], num_slots=3, b_dtype=torch.bfloat16)
+    x = torch.randn(6, 64, generator=gen).bfloat16()
+    out0 = torch.randn(6, 48, generator=gen).bfloat16()
+    out = out0.clone()
+    slot = torch.tensor([-1, 0, -1, 2, 1, -1], dtype=torch.int32)  # slots 1 and 2 are empty
+    flylora_apply(out, x, slot, slots, backend=backend)
+    untouched = torch.tensor([True, False, True, True, True, True])
+    assert torch.equal(out[untouched], out0[untouched])
+    assert not torch.equal(out[1], out0[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_lora_equivalence(backend: str) -> None:
+    """top_k == r and d == 0 is exactly plain LoRA: ``scaling * x A^T B^T``."""
+    gen = torch.Generator().manual_seed(3)
+    A, B = torch.randn(16, 96, generator=gen) / 16, torch.randn(40, 16, generator=gen)
+    w = LayerAdapter(A=A, B=B, d=torch.zeros(16), top_k=16, scaling=0.5)
+    slots = build_slots([[w]], b_dtype=torch.float32)
+    x = torch.randn(9, 96, generator=gen)
+    out = torch.zeros(9, 40)
+    flylora_apply(out, x, torch.zeros(9, dtype=torch.int64), slots, backend=backend)
+    assert_close(out, 0.5 * (x @ A.T @ B.T), torch.float32)
+
+
+def test_hot_swap_and_clear() -> None:
+    gen = torch.Generator().manual_seed(4)
+    w1, w2 = make_adapter(gen, 64, 32, 16, 4), make_adapter(gen, 64, 32, 8, 2, "magnitude")
+    slots = allocate_slots(2, 16, 64, (32,), max_nnz=16, b_dtype=torch.float32)
+    x, slot = torch.randn(4, 64, generator=gen), torch.ones(4, dtype=torch.int32)
+    for w in (w1, w2):
+        load_slot(slots, 1, [w])
+        out = torch.zeros(4, 32)
+        flylora_apply(out, x, slot, slots)
+        assert_close(out, flylora_delta(x, torch.zeros(4, dtype=torch.long), [w]), torch.float32)
+    # Compact A holds w2 exactly (and nothing of w1's longer rows).
+    assert torch.equal(_dense_a(slots)[1, :8], w2.A)
+    assert torch.equal(_dense_a(slots)[1, 8:], torch.zeros(8, 64))
+    clear_slot(slots, 1)
+    out = torch.zeros(4, 32)
+    flylora_apply(out, x, slot, slots)
+    assert torch.equal(out, torch.zeros(4, 32))
+    assert slots.k.tolist() == [[0], [0]] and slots.r.tolist() == [[0], [0]]
+
+
+def test_load_slot_rejects_bad_adapters() -> None:
+    gen = torch.Generator().manual_seed(5)
+    slots = allocate_slots(2, 16, 64, (32, 16), max_nnz=8, max_top_k=4)
+    good = [make_adapter(gen, 64, 32, 16, 4), make_adapter(gen, 64, 16, 16, 4)]
+    with pytest.raises(ValueError, match="slot must be"):
+        load_slot(slots, 2, good)
+    with pytest.raises(ValueError, match="expected 2 slice"):
+        load_slot(slots, 0, good[:1])
+    with pytest.raises(ValueError, match="routing"):
+        load_slot(slots, 0, [good[0], make_adapter(gen, 64, 16, 16, 4, "magnitude")])
+    with pytest.raises(ValueError, match="top_k"):
+        load_slot(slots, 0, [make_adapter(gen, 64, 32, 16, 8), good[1]])  # k 8 > max_top_k 4
+    with pytest.raises(ValueError, match="r <= 16"):
+        load_slot(slots, 0, [make_adapter(gen, 64, 32, 32, 4), good[1]])
+    with pytest.raises(ValueError, match="nonzeros"):
+        load_slot(slots, 0, good)  # rows hold 16 nonzeros, slots allow 8
+    with pytest.raises(ValueError, match="B \\[32, r\\]"):
+        load_slot(slots, 0, [good[1], good[0]])
+
+
+def test_flylora_apply_validates_inputs() -> None:
+    gen = torch.Generator().manual_seed(6)
+    slots = build_slots([[make_adapter(gen, 64, 32, 8, 2)]])
+    x, out, slot = torch.randn(3, 64), torch.zeros(3, 32), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="x must be"):
+        flylora_apply(out, torch.randn(3, 65), slot, slots)
+    with pytest.raises(ValueError, match="out must be"):
+        flylora_apply(torch.zeros(3, 31), x, slot, slots)
+    with pytest.raises(ValueError, match="token_slot must be int"):
+        flylora_apply(out, x, slot.float(), slots)
+    with pytest.raises(ValueError, match="token_slot values"):
+        flylora_apply(out, x, torch.tensor([0, 1, -1], dtype=torch.int32), slots)
+    with pytest.raises(ValueError, match="backend must be"):
+        flylora_apply(out, x, slot, slots, backend="cuda")
