@@ -1,0 +1,1 @@
+"""Benchmarks (``python -m flylora_runtime.bench.kernels``)."""
