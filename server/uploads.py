@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
@@ -143,6 +144,8 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
                                       param="weights")
             parser.write(chunk)
         parser.finalize()
+    except FormParserError as exc:
+        raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
     finally:
         receiver.close()
     missing = [f for f in ("name", "config", "weights") if f not in receiver.seen]

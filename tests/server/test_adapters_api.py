@@ -144,7 +144,7 @@ def test_oversized_upload_declared_in_content_length_is_413_before_reading(gatew
     assert json.loads(body)["error"]["code"] == "payload_too_large"
 
 
-@pytest.mark.parametrize("form", ["missing_weights", "extra_field", "not_multipart"])
+@pytest.mark.parametrize("form", ["missing_weights", "extra_field", "not_multipart", "garbage_multipart"])
 def test_malformed_forms_are_400(gateway, tenant, tmp_path, form):
     _, key = tenant
     config, weights = adapter_files(tmp_path / "a")
@@ -155,6 +155,9 @@ def test_malformed_forms_are_400(gateway, tenant, tmp_path, form):
         elif form == "extra_field":
             data, files = upload_form("m", config.read_bytes(), weights.read_bytes())
             r = c.post("/v1/adapters", data={**data, "evil": "1"}, files=files)
+        elif form == "garbage_multipart":
+            r = c.post("/v1/adapters", content=b"--x\r\nContent-[Disposition: nope\r\n\r\nzz\r\n--x--\r\n",
+                       headers={"content-type": "multipart/form-data; boundary=x"})
         else:
             r = c.post("/v1/adapters", json={"name": "m"})
     assert_openai_error(r, 400)
