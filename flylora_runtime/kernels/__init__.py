@@ -36,8 +36,9 @@ class FlyLoRASlots:
     """Stacked slot buffers of one adapted layer, all of its slices (``n`` of them) together.
 
     ``S`` slots, ranks padded to ``R``, ``n`` slices with outputs ``output_slices = (out_0, ...)``.
-    Slice ``i``'s ranks live in rows ``i*R : (i+1)*R`` of the A and d buffers, its outputs in columns
-    ``off_i : off_i + out_i`` of ``b`` (``off_i = sum(output_slices[:i])``). Padded ranks
+    Slice ``i``'s ranks live in rows ``i*R : (i+1)*R`` of the A and d buffers, its ``B^T`` in the
+    contiguous block :meth:`b_view` ``(i)`` ``[S, R, out_i]`` of the flat ``b``, and its outputs in columns
+    ``off_i : off_i + out_i`` of ``out`` (``off_i = sum(output_slices[:i])``). Padded ranks
     (``j >= r[s, i]``) hold zeros and are never selected, whatever they hold.
 
     Attributes:
@@ -49,8 +50,10 @@ class FlyLoRASlots:
             ``None`` when A is stored dense.
         a_val: compact: ``[S, n*R, P]`` values; dense: ``[S, n*R, in]``. Any float dtype (fp32 keeps
             the shrink, which always accumulates in fp32, bit-comparable to the reference).
-        b: ``[S, R, sum(out_i)]``, ``b[s, j, off_i + o] = scaling * B_i[o, j]``: row ``j`` is rank-expert
-            ``j`` (transposed so that the k selected experts are k contiguous rows).
+        b: flat ``[S * R * sum(out_i)]``: slice ``i`` is the block ``b_view(i)`` ``[S, R, out_i]``
+            starting at element ``S * R * off_i``, ``b_view(i)[s, j, o] = scaling * B_i[o, j]``: row ``j``
+            is rank-expert ``j``, so the k selected experts are k contiguous rows (one ``index_select``
+            on CPU, coalesced loads on GPU).
         d: ``[S, n*R]`` fp32 routing bias.
         k: ``[S, n]`` int32 ranks selected per token (0 for an empty slot).
         r: ``[S, n]`` int32 real ranks (0 for an empty slot).
@@ -58,7 +61,8 @@ class FlyLoRASlots:
 
     Worked example: S=4, R=32, in=576, qkv of SmolLM2 (576, 192, 192), P=144 (quarter-dense rows),
     bf16 B, fp32 A. ``a_idx`` [4, 96, 144] int32 221 KB; ``a_val`` [4, 96, 144] fp32 221 KB (dense
-    instead: [4, 96, 576] fp32 885 KB); ``b`` [4, 32, 960] bf16 246 KB; ``d`` [4, 96] fp32 1.5 KB;
+    instead: [4, 96, 576] fp32 885 KB); ``b`` [4*32*960] bf16 246 KB (q block [4, 32, 576] first, then
+    k and v [4, 32, 192] each); ``d`` [4, 96] fp32 1.5 KB;
     ``k``, ``r`` [4, 3] int32; ``magnitude`` [4] bool. One slot is a quarter of each buffer.
     """
 
@@ -76,7 +80,7 @@ class FlyLoRASlots:
 
     @property
     def num_slots(self) -> int:
-        return self.b.shape[0]
+        return self.d.shape[0]
 
     @property
     def num_slices(self) -> int:
@@ -88,7 +92,13 @@ class FlyLoRASlots:
 
     @property
     def device(self) -> torch.device:
-        return self.b.device
+        return self.d.device
+
+    def b_view(self, i: int) -> torch.Tensor:
+        """Slice ``i``'s block of ``b``: ``[S, R, out_i]``, contiguous, a view (writes go to ``b``)."""
+        S, R = self.num_slots, self.max_rank
+        off = sum(self.output_slices[:i])
+        return self.b[S * R * off:S * R * (off + self.output_slices[i])].view(S, R, self.output_slices[i])
 
 
 def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slices: Sequence[int], *,
@@ -112,15 +122,17 @@ def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slice
         output_slices=output_slices, max_rank=R, max_top_k=max_top_k, in_features=in_features,
         a_idx=None if max_nnz is None else zeros(S, n * R, max_nnz, dtype=torch.int32),
         a_val=zeros(S, n * R, in_features if max_nnz is None else max_nnz, dtype=a_dtype),
-        b=zeros(S, R, sum(output_slices), dtype=b_dtype), d=zeros(S, n * R, dtype=torch.float32),
+        b=zeros(S * R * sum(output_slices), dtype=b_dtype), d=zeros(S, n * R, dtype=torch.float32),
         k=zeros(S, n, dtype=torch.int32), r=zeros(S, n, dtype=torch.int32),
         magnitude=zeros(S, dtype=torch.bool))
 
 
 def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
     """Empty ``slot`` in place (zeros everywhere, ``k = r = 0``: it contributes nothing)."""
-    for t in (slots.a_val, slots.b, slots.d, slots.k, slots.r, slots.magnitude):
+    for t in (slots.a_val, slots.d, slots.k, slots.r, slots.magnitude):
         t[slot].zero_()
+    for i in range(slots.num_slices):
+        slots.b_view(i)[slot].zero_()
     if slots.a_idx is not None:
         slots.a_idx[slot].zero_()
 
@@ -147,7 +159,6 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
             raise ValueError(f"slice {i}: need r <= {R} and 0 < top_k <= min(r, {slots.max_top_k}), "
                              f"got r={r}, top_k={w.top_k}")
     clear_slot(slots, slot)
-    off = 0
     for i, w in enumerate(adapters):
         r, out, rows = w.A.shape[0], slots.output_slices[i], slice(i * R, i * R + w.A.shape[0])
         if slots.a_idx is None:
@@ -163,11 +174,10 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
             vals = torch.where(real, torch.gather(w.A, 1, order), torch.zeros((), dtype=w.A.dtype))
             slots.a_idx[slot, rows, :p] = torch.where(real, order, 0).to(torch.int32).to(slots.device)
             slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
-        slots.b[slot, :r, off:off + out] = (w.scaling * w.B.to(torch.float32).T).to(slots.b.dtype)
+        slots.b_view(i)[slot, :r] = (w.scaling * w.B.to(torch.float32).T).to(slots.b.dtype)
         slots.d[slot, rows] = w.d.to(torch.float32)
         slots.k[slot, i] = w.top_k
         slots.r[slot, i] = r
-        off += out
     slots.magnitude[slot] = adapters[0].routing == "magnitude"
 
 
@@ -242,7 +252,7 @@ def apply_reference(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor
             y = a[s, i * R:i * R + r] @ x32
             routing = "magnitude" if bool(slots.magnitude[s]) else "signed"
             m = select_ranks(y[None], slots.d[s, i * R:i * R + r], k, routing)[0]
-            delta = (y * m) @ slots.b[s, :r, bounds[i]:bounds[i + 1]].float()
+            delta = (y * m) @ slots.b_view(i)[s, :r].float()
             out[t, bounds[i]:bounds[i + 1]] = (out[t, bounds[i]:bounds[i + 1]].float() + delta).to(out.dtype)
 
 
@@ -297,7 +307,7 @@ def flylora_apply(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, 
                 score = y + slots.d[s, i*R : i*R + r]
                 if slots.magnitude[s]: score = score.abs()
                 sel = torch.topk(score, k).indices      # ties: the lower rank index
-                out[t, off:off + out_i] += (y[sel] @ slots.b[s, sel, off:off + out_i].float()).to(out.dtype)
+                out[t, off:off + out_i] += (y[sel] @ slots.b_view(i)[s, sel].float()).to(out.dtype)
             off += out_i
 
     Equals ``reference.flylora_delta`` per slice over each slot's real ranks (``b`` holds ``scaling * B^T``).

@@ -11,7 +11,7 @@ Steps (all slices of a layer at once, since they share ``x``):
    shape of the benchmark (compact slots still work, through a gather, for slots sized for the GPU).
 3. Scores ``y + d`` (``abs`` for magnitude routing), padded ranks set to ``-inf``, ``topk`` over a
    ``[T, n, R]`` view: every slice in one call.
-4. Expand: per slice, gather only the k selected rows of ``b`` (``[T, k, out_i]``) and one fp32 ``bmm``
+4. Expand: per slice, gather only the k selected rows of ``b`` (``[T, k, out_i]``, one ``index_select``) and one fp32 ``bmm``
    with the k selected ``y``; the sum is rounded once, into ``out``.
 
 Ties in top-k: ``torch.topk`` (on this build the lower index first); ranks ``>= r`` and positions
@@ -105,11 +105,11 @@ def apply_cpu(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slot
     keep = (torch.arange(kmax) < slots.k[ss].unsqueeze(-1)) & (sel < rr)
     ysel = torch.gather(y.view(Ta, n, R), -1, sel).masked_fill_(~keep, 0.0)  # [Ta, n, kmax] fp32
 
-    deltas, off = [], 0
+    rows = (ss * R)[:, None, None] + sel  # [Ta, n, kmax] row of each selected expert in a [S*R, out_i] block
+    deltas = []
     for i, out_i in enumerate(slots.output_slices):
-        g = slots.b[:, :, off:off + out_i][ss.unsqueeze(1), sel[:, i]]  # [Ta, kmax, out_i], k rows only
-        deltas.append(torch.bmm(ysel[:, i].unsqueeze(1), g.float()).squeeze(1))
-        off += out_i
+        g = slots.b_view(i).view(-1, out_i).index_select(0, rows[:, i].reshape(-1))  # k rows per token
+        deltas.append(torch.bmm(ysel[:, i].unsqueeze(1), g.view(Ta, kmax, out_i).float()).squeeze(1))
     delta = deltas[0] if n == 1 else torch.cat(deltas, dim=1)  # [Ta, sum(out_i)] fp32
     if order is None:
         out += delta  # computed in fp32, rounded once to out's dtype

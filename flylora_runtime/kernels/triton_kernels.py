@@ -5,8 +5,8 @@
    (``R <= 64``), adds ``d`` (``abs`` for magnitude routing), masks padded ranks to ``-inf`` and selects
    the top k by ``max_top_k`` rounds of ``argmax`` (ties: the lower rank). Writes the selected ranks and
    their ``y`` into ``sel_idx``/``sel_val`` ``[T, n, KP]`` (``KP = next_pow2(max_top_k)``).
-2. ``_expand``, grid ``(T, n, cdiv(max(out_i), BLOCK_N))``: loads the k selected rows of ``b`` (``b`` is
-   ``scaling * B^T``: each a contiguous row), ``sum_j y_j * b[j, cols]`` in fp32, adds to ``out``.
+2. ``_expand``, grid ``(T, n, cdiv(max(out_i), BLOCK_N))``: loads the k selected rows of slice ``i``'s
+   block of ``b`` (``scaling * B^T``: each a contiguous row), ``sum_j y_j * b[j, cols]`` in fp32, adds to ``out``.
 
 Every grid depends only on ``T`` and the static slot shapes, and nothing is read back to the host, so
 both launches can be captured in a CUDA graph. Rows with slot ``-1`` return at once (zero delta).
@@ -68,7 +68,7 @@ def _shrink_topk(x_ptr, slot_ptr, a_idx_ptr, a_val_ptr, d_ptr, k_ptr, r_ptr, mag
 
 @triton.jit
 def _expand(out_ptr, slot_ptr, b_ptr, sel_idx_ptr, sel_val_ptr, k_ptr, slice_ptr,
-            stride_ot, stride_bs, stride_br, N_SLICES,
+            stride_ot, N_SLOTS, R, N_SLICES,
             KP: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     i = tl.program_id(1)
@@ -85,7 +85,9 @@ def _expand(out_ptr, slot_ptr, b_ptr, sel_idx_ptr, sel_val_ptr, k_ptr, slice_ptr
     base = (t * N_SLICES + i) * KP
     idx = tl.load(sel_idx_ptr + base + jj, mask=jmask, other=0).to(tl.int64)
     yv = tl.load(sel_val_ptr + base + jj, mask=jmask, other=0.0)
-    b = tl.load(b_ptr + s * stride_bs + idx[:, None] * stride_br + (off + cols)[None, :],
+    # Slice i's block [S, R, size] starts at element S*R*off; row (s, j) at (s*R + j)*size.
+    block = b_ptr + N_SLOTS.to(tl.int64) * R * off
+    b = tl.load(block + (s * R + idx)[:, None] * size + cols[None, :],
                 mask=jmask[:, None] & cmask[None, :], other=0.0)
     acc = tl.sum(yv[:, None] * b.to(tl.float32), axis=0)  # fp32, rounded once into out
     o_ptrs = out_ptr + t.to(tl.int64) * stride_ot + off + cols
@@ -142,4 +144,4 @@ def apply_triton(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
         R_PAD=max(16, triton.next_power_of_2(R)), KP=kp, BLOCK_P=64 if dense else 32, DENSE=dense)
     _expand[(T, n, triton.cdiv(max(slots.output_slices), block_n))](
         out, token_slot, slots.b, sel_idx, sel_val, slots.k, slice_meta,
-        out.stride(0), slots.b.stride(0), slots.b.stride(1), n, KP=kp, BLOCK_N=block_n)
+        out.stride(0), slots.num_slots, R, n, KP=kp, BLOCK_N=block_n)

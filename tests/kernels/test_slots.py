@@ -21,7 +21,8 @@ def _poison_padding(slots, r: int) -> None:
     for i in range(slots.num_slices):
         slots.d[:, i * R + r:(i + 1) * R] = 1e4
         slots.a_val[:, i * R + r:(i + 1) * R] = 1.0
-    slots.b[:, r:] = 1e3
+    for i in range(slots.num_slices):
+        slots.b_view(i)[:, r:] = 1e3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
