@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shapes = [(t, a, h) for h in (576, 4096) for t in (1, 16, 256) for a in (1, 8, 64) if a <= t]
         budget = 1.0
+    shapes = list(dict.fromkeys((t, min(a, t), h) for t, a, h in shapes))  # adapters <= tokens, no repeats
     rows: list[Row] = []
     print(f"# device={device} threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
     header = f"{'backend':22s} {'tokens':>6s} {'adapters':>8s} {'in':>5s} {'out':>5s} {'r':>3s} {'k':>3s} " \
