@@ -1,0 +1,122 @@
+"""End to end: the gateway in front of a REAL vLLM engine (with the FlyLoRA plugin), driven by the official
+openai client. Skipped unless ``FLYLORA_E2E_ENGINE_URL`` names a running engine.
+
+The engine and the gateway must share the adapter store (``FLYLORA_ADAPTER_STORE``, default
+``<FLYLORA_DATA_DIR>/adapters``) and the base model (``FLYLORA_BASE_MODEL_ID``, ``FLYLORA_BASE_MODEL_DIR``);
+this module reads the same environment the engine was started with. The registry is a fresh SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.app import create_app
+from server.settings import Settings
+
+from .helpers import ServerThread, adapter_files
+
+ENGINE_URL = os.environ.get("FLYLORA_E2E_ENGINE_URL")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not ENGINE_URL, reason="set FLYLORA_E2E_ENGINE_URL to a running vLLM engine with the FlyLoRA "
+                                              "plugin (sharing this machine's adapter store) to run end-to-end tests"),
+]
+ADMIN_KEY = "e2e-admin-key"
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def real_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
+    env = Settings()  # the shared conventions, as the engine sees them
+    if not (env.base_dir / "config.json").is_file():
+        pytest.fail(f"base model config missing at {env.base_dir} (FLYLORA_BASE_MODEL_DIR)")
+    tmp = tmp_path_factory.mktemp("e2e")
+    settings = Settings(_env_file=None, data_dir=tmp, database_url=f"sqlite:///{tmp / 'registry.db'}",
+                        adapter_store=env.store_dir, base_model_id=env.base_model_id, base_model_dir=env.base_dir,
+                        engine_urls=[ENGINE_URL], admin_key=ADMIN_KEY, engine_read_timeout_s=300)
+    server = ServerThread(create_app(settings)).start()
+    yield server.url, settings
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def key(real_gateway) -> str:
+    url, _ = real_gateway
+    r = httpx.post(url + "/admin/tenants", json={"name": "e2e"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 201, r.text
+    return r.json()["api_key"]
+
+
+@pytest.fixture(scope="module")
+def client(real_gateway, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=real_gateway[0] + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def adapter(real_gateway, key, tmp_path_factory) -> str:
+    url, settings = real_gateway
+    base = json.loads((settings.base_dir / "config.json").read_text())
+    folder: Path = tmp_path_factory.mktemp("adapter")
+    config, weights = adapter_files(folder, base=base, r=8, top_k=2, targets=("q_proj", "v_proj"), seed=1)
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=120) as c:
+        r = c.post("/v1/adapters", data={"name": "e2e-support"},
+                   files={"config": ("adapter_config.json", config.read_bytes()),
+                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
+    assert r.status_code == 201, r.text
+    return "e2e-support"
+
+
+def test_ready_with_real_engine(real_gateway):
+    r = httpx.get(real_gateway[0] + "/ready", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+def test_models_list_base_and_adapter_with_real_engine(client, adapter, real_gateway):
+    base = real_gateway[1].base_model_id
+    ids = {m.id: m for m in client.models.list()}
+    assert set(ids) == {base, adapter}
+    assert ids[adapter].model_extra["parent"] == base
+
+
+@pytest.mark.parametrize("use_adapter", [False, True], ids=["base", "adapter"])
+def test_chat_streamed_equals_non_streamed_with_real_engine(client, adapter, real_gateway, use_adapter):
+    model = adapter if use_adapter else real_gateway[1].base_model_id
+    full = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert full.model == model and {c.model for c in chunks} == {model}
+    assert full.choices[0].message.content and text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+@pytest.mark.parametrize("use_adapter", [False, True], ids=["base", "adapter"])
+def test_completions_streamed_equals_non_streamed_with_real_engine(client, adapter, real_gateway, use_adapter):
+    model = adapter if use_adapter else real_gateway[1].base_model_id
+    full = client.completions.create(model=model, prompt="The capital of France is", max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model=model, prompt="The capital of France is", max_tokens=16,
+                                            temperature=0, stream=True))
+    assert full.model == model and {c.model for c in chunks} == {model}
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+
+
+def test_deleted_adapter_is_gone_from_engine_and_gateway_with_real_engine(client, real_gateway, key, tmp_path):
+    url, settings = real_gateway
+    base = json.loads((settings.base_dir / "config.json").read_text())
+    config, weights = adapter_files(tmp_path, base=base, r=4, top_k=2, targets=("q_proj",), seed=2)
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=120) as c:
+        r = c.post("/v1/adapters", data={"name": "e2e-temp"},
+                   files={"config": ("adapter_config.json", config.read_bytes()),
+                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
+        assert r.status_code == 201, r.text
+        client.completions.create(model="e2e-temp", prompt="Hi", max_tokens=2, temperature=0)
+        assert c.delete("/v1/adapters/e2e-temp").status_code == 204
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="e2e-temp", prompt="Hi", max_tokens=2)
