@@ -1,0 +1,138 @@
+"""FlyLoRA layers for vLLM: subclasses of vLLM's linear LoRA layers that apply the FlyLoRA delta.
+
+vLLM keeps its LoRA layer classes in ``vllm.lora.utils._all_lora_classes`` and picks, for every linear
+layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`install_layers`
+replaces each linear entry with a subclass (same order) that mixes in :class:`FlyLoRALayerMixin`:
+
+- the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (dense A in
+  fp32, ``B^T`` with ``lora_alpha / r`` folded in, d, k, r and the routing flag per slot and slice);
+- ``set_lora`` (called by vLLM) notes an adapter's A and B for a slot;
+  :meth:`FlyLoRALayerMixin.set_flylora_routing` (called right after by the model manager hook in
+  :mod:`.loading`, in the engine's loop, before any forward uses the slot) copies A, B, d, top-k and
+  routing into the slot with :func:`~flylora_runtime.kernels.load_slot`;
+- the forward adds :func:`~flylora_runtime.kernels.flylora_apply` (the batched kernel: CPU grouped torch,
+  or Triton on GPU) to the base output. Rows with no adapter (slot -1) get exactly zero delta, and ranks
+  past an adapter's own r are never selected.
+
+vLLM's own ``lora_a_stacked`` / ``lora_b_stacked`` are kept only as zero-stride views of their original
+shape and dtype (vLLM reads those to size warm-up adapters); they hold no memory and are never used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import FlyLoRASlots, allocate_slots, clear_slot, flylora_apply, load_slot
+from ..reference import LayerAdapter
+
+
+class FlyLoRAUnsupported(RuntimeError):
+    """An engine configuration the FlyLoRA layers cannot serve exactly (refused at start-up)."""
+
+
+def _zero_view(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+class FlyLoRALayerMixin:
+    """Mixed in front of a vLLM ``BaseLinearLayerWithLoRA`` subclass (see the module docstring)."""
+
+    flylora_slots: FlyLoRASlots
+
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        if self.tp_size > 1:
+            raise FlyLoRAUnsupported(
+                "FlyLoRA does not support tensor parallelism > 1 yet: its top-k must be taken after the "
+                "all-reduce of the shrink output. Start the engine with --tensor-parallel-size 1.")
+        if lora_config.fully_sharded_loras:
+            raise FlyLoRAUnsupported("FlyLoRA does not support --fully-sharded-loras; leave it off.")
+        super().create_lora_weights(max_loras, lora_config, model_config)
+        self.lora_a_stacked = tuple(_zero_view(t) for t in self.lora_a_stacked)
+        self.lora_b_stacked = tuple(_zero_view(t) for t in self.lora_b_stacked)
+        self.flylora_slots = allocate_slots(
+            max_loras, lora_config.max_lora_rank, self.input_size, self.output_slices,
+            a_dtype=torch.float32, b_dtype=lora_config.lora_dtype, device=self.device)
+        self._flylora_pending: dict[int, tuple[list, list]] = {}
+
+    def reset_lora(self, index: int) -> None:
+        self._flylora_pending.pop(index, None)
+        clear_slot(self.flylora_slots, index)
+
+    def _slices(self, lora_a, lora_b) -> tuple[list, list]:
+        if isinstance(lora_a, torch.Tensor) or lora_a is None:
+            lora_a, lora_b = [lora_a], [lora_b]
+        lora_a, lora_b = list(lora_a), list(lora_b)
+        if len(lora_b) != self.n_slices and hasattr(self, "expand_packed_lora"):
+            lora_a, lora_b = self.expand_packed_lora(lora_a, lora_b)
+        if len(lora_a) != self.n_slices or len(lora_b) != self.n_slices:
+            raise ValueError(f"{type(self).__name__}: expected {self.n_slices} slices, got "
+                             f"{len(lora_a)} A and {len(lora_b)} B tensors")
+        return lora_a, lora_b
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:
+        """Remember slot ``index``'s A and B (``lora_b`` already holds alpha/r) until its routing is set.
+
+        vLLM calls this from ``activate_adapter``; the FlyLoRA hook (:func:`.loading.apply_routing`) then
+        calls :meth:`set_flylora_routing` for the same slot, which copies everything into the slot at once.
+        """
+        self._flylora_pending[index] = self._slices(lora_a, lora_b)
+
+    def set_flylora_routing(self, index: int, d: list[torch.Tensor | None], top_k: int | None,
+                            magnitude: bool) -> None:
+        """Copy slot ``index``'s adapter in: per-slice bias ``d[i]`` (None: zeros), ``top_k`` (None: r).
+
+        A slice the adapter does not target gets a zero rank-1 entry (it contributes nothing).
+        """
+        slots = self.flylora_slots
+        lora_a, lora_b = self._flylora_pending.pop(index, ([None] * slots.num_slices, [None] * slots.num_slices))
+        if len(d) != slots.num_slices:
+            raise ValueError(f"expected {slots.num_slices} routing biases, got {len(d)}")
+        routing = "magnitude" if magnitude else "signed"
+        per_slice = []
+        for i, (a, b, d_i) in enumerate(zip(lora_a, lora_b, d)):
+            if a is None or b is None:
+                out_i = slots.output_slices[i]
+                per_slice.append(LayerAdapter(A=torch.zeros(1, slots.in_features), B=torch.zeros(out_i, 1),
+                                              d=torch.zeros(1), top_k=1, scaling=1.0, routing=routing))
+                continue
+            r = a.shape[0]
+            k = r if top_k is None else min(top_k, r)
+            per_slice.append(LayerAdapter(A=a, B=b, d=torch.zeros(r) if d_i is None else d_i, top_k=k,
+                                          scaling=1.0, routing=routing))
+        load_slot(slots, index, per_slice)
+
+    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        original_shape = output.shape if output.ndim == 3 else None
+        if x.ndim == 3 and output.ndim == 3:
+            output = output.flatten(0, 1)
+            x = x.flatten(0, 1)
+        # -1 marks a token with no adapter; the buffer is sized for the largest batch.
+        token_slot = self.punica_wrapper._token_lora_indices[: x.shape[0]]
+        flylora_apply(output, x, token_slot, self.flylora_slots, check_indices=False)
+        if original_shape is not None:
+            output = output.reshape(original_shape)
+        return output
+
+    def _apply_async_impl(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # vLLM's dual-stream path calls the punica ops directly; FlyLoRA goes through its own kernel.
+        return self._apply_sync(x, bias)
+
+
+def flylora_classes(base_classes: tuple[type, ...]) -> tuple[type, ...]:
+    """``base_classes`` with every non-sharded linear LoRA class replaced by its FlyLoRA subclass."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    out = []
+    for cls in base_classes:
+        if (isinstance(cls, type) and issubclass(cls, BaseLinearLayerWithLoRA)
+                and not issubclass(cls, FlyLoRALayerMixin) and "Sharded" not in cls.__name__):
+            cls = type("FlyLoRA" + cls.__name__, (FlyLoRALayerMixin, cls), {"__module__": __name__})
+        out.append(cls)
+    return tuple(out)
+
+
+def install_layers() -> None:
+    """Swap the FlyLoRA classes into ``vllm.lora.utils._all_lora_classes`` (idempotent)."""
+    import vllm.lora.utils as lora_utils
+
+    lora_utils._all_lora_classes = flylora_classes(lora_utils._all_lora_classes)

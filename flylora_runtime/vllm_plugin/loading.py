@@ -1,0 +1,139 @@
+"""Loading FlyLoRA checkpoints into vLLM's LoRA machinery.
+
+vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` tensors and its
+``PEFTHelper`` drops ``top_k``. :func:`install_loading` replaces that class method with one that:
+
+- refuses pickle files (``adapter_model.bin`` / ``.pt``) and reads only safetensors;
+- also accepts our compact form (``flylora_compact.safetensors``, :mod:`flylora_runtime.compact`);
+- splits the routing biases out, checks the remaining module names as vLLM does, and builds the vLLM
+  ``LoRAModel`` from the A/B tensors (vLLM folds ``lora_alpha / r`` into B);
+- attaches :class:`FlyLoRAInfo` (top_k, routing, d per module) to the ``LoRAModel``.
+
+It also wraps ``LoRAModelManager.activate_adapter``: after vLLM has copied A and B into a slot, the
+FlyLoRA layers of that slot get the adapter's top-k, d and routing. A plain PEFT LoRA adapter (no
+``top_k``) is served with ``k = r``, ``d = 0``: exactly LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
+from ..config import FlyLoRAConfig
+
+COMPACT_NAME = "flylora_compact.safetensors"
+BIAS_SUFFIX = ".lora_topk_bias"
+
+
+@dataclass
+class FlyLoRAInfo:
+    """What vLLM's LoRAModel lacks: top-k (None: plain LoRA), routing, and d per vLLM module name."""
+
+    top_k: int | None
+    routing: str = "signed"
+    d: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def read_checkpoint(lora_dir: str) -> tuple[FlyLoRAConfig, dict[str, torch.Tensor]]:
+    """The config and the authors'-layout tensors of an adapter directory (authors' or compact form)."""
+    compact = os.path.join(lora_dir, COMPACT_NAME)
+    if os.path.isfile(compact):
+        from ..compact import CompactAdapter
+
+        adapter = CompactAdapter.load(compact).to_adapter()
+        return adapter.config, adapter.state_dict()
+    weights = os.path.join(lora_dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        for suffix in (".bin", ".pt"):
+            pickled = os.path.join(lora_dir, "adapter_model" + suffix)
+            if os.path.exists(pickled):
+                refuse_pickle(pickled)
+        raise FileNotFoundError(f"{lora_dir} has no {WEIGHTS_NAME} or {COMPACT_NAME}")
+    refuse_pickle(weights)
+    with open(os.path.join(lora_dir, CONFIG_NAME), "rb") as fh:
+        config = FlyLoRAConfig.from_json_bytes(fh.read())
+    return config, load_file(weights)
+
+
+def _module_name(key: str, weights_mapper) -> str:
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    return parse_fine_tuned_lora_name(key, weights_mapper)[0]
+
+
+def install_loading() -> None:
+    """Patch vLLM's checkpoint loader and slot activation (idempotent)."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import get_lora_id
+
+    if getattr(LoRAModel, "_flylora_installed", False):
+        return
+
+    def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
+                              device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
+                              skip_prefixes=None, moe_ep_spec=None):
+        config, tensors = read_checkpoint(lora_dir)
+        d: dict[str, torch.Tensor] = {}
+        for key in [k for k in tensors if k.endswith(BIAS_SUFFIX)]:
+            a_key = key[: -len(BIAS_SUFFIX)] + ".lora_A.weight"
+            d[_module_name(a_key, weights_mapper)] = tensors.pop(key).to(torch.float32)
+        unexpected = sorted({
+            m for m in (_module_name(k, weights_mapper) for k in tensors)
+            if m.rsplit(".", 1)[-1] not in expected_lora_modules
+        })
+        if unexpected:
+            raise ValueError(f"While loading {lora_dir}, expected target modules in "
+                             f"{sorted(expected_lora_modules)} but received {unexpected}.")
+        if peft_helper.r != config.r:
+            raise ValueError(f"While loading {lora_dir}: config r={config.r} but vLLM read r={peft_helper.r}")
+        model = cls.from_lora_tensors(
+            lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id, tensors=tensors,
+            peft_helper=peft_helper, device=device, dtype=dtype, model_vocab_size=model_vocab_size,
+            weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
+        model.flylora = FlyLoRAInfo(top_k=config.top_k if config.is_flylora else None, routing=config.routing, d=d)
+        return model
+
+    original_activate = LoRAModelManager.activate_adapter
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        placed = original_activate(self, lora_id)
+        if placed:
+            apply_routing(self, lora_id)
+        return placed
+
+    original_init_ok = PEFTHelper._init_is_supported
+
+    def _init_is_supported(self) -> bool:
+        # FlyLoRA's "sparse" init only sets the frozen A at training time; it leaves the base weights alone.
+        init = self.init_lora_weights
+        return (isinstance(init, str) and init.lower() == "sparse") or original_init_ok(self)
+
+    PEFTHelper._init_is_supported = _init_is_supported
+    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
+    LoRAModelManager.activate_adapter = activate_adapter
+    LoRAModel._flylora_installed = True
+
+
+def apply_routing(manager, lora_id: int) -> None:
+    """Give every FlyLoRA layer of ``lora_id``'s slot the adapter's top-k, d and routing."""
+    from .layers import FlyLoRALayerMixin
+
+    index = manager.lora_index_to_id.index(lora_id)
+    lora_model = manager._registered_adapters[lora_id]
+    info: FlyLoRAInfo = getattr(lora_model, "flylora", None) or FlyLoRAInfo(top_k=None)
+    for module_name, module in manager.modules.items():
+        if not isinstance(module, FlyLoRALayerMixin):
+            continue
+        names = manager.packed_modules.get(module_name, [module_name])
+        if len(names) != module.flylora_slots.num_slices:
+            # A packed group that vLLM expanded (e.g. one A for several slices): d is per group.
+            names = (names * module.flylora_slots.num_slices)[: module.flylora_slots.num_slices]
+        module.set_flylora_routing(index, [info.d.get(n) for n in names], info.top_k,
+                                   info.routing == "magnitude")
