@@ -18,7 +18,7 @@ environment winning over the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     engine_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout to an engine.")
     engine_read_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest wait between two bytes from an engine (long prefill, slow stream).")
+    engine_http_transport: Literal["auto", "aiohttp", "httpcore"] = Field(
+        default="auto", description="Transport of the engine client; auto: aiohttp when httpx-aiohttp is installed.")
     engine_max_connections: int = Field(default=512, ge=1, description="Pooled connections to all engines.")
     health_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of an engine health probe.")
     unload_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one adapter eviction call.")
