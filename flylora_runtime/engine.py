@@ -48,6 +48,8 @@ class EngineConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "sequences batched together"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "must be 1 (FlyLoRA top-k with TP>1 is refused)"})
     kv_cache_gib: int = field(default=1, metadata={"help": "CPU only: KV cache size in GiB"})
+    flylora: bool = field(default=True, metadata={
+        "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -82,6 +84,8 @@ class EngineConfig:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
+        if not self.flylora:
+            env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: stock vLLM
         if on_cpu:
             env.update({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)})
         return env
@@ -100,11 +104,13 @@ class EngineConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flylora-engine", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = EngineConfig.__new__(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        setattr(defaults, f.name, default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f.metadata["help"])
     return p
 
 

