@@ -43,4 +43,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (openai, adapters, admin, health):
         app.include_router(module.router)
+    _declare_bearer_auth(app)
     return app
+
+
+PUBLIC_PATHS = ("/health", "/ready", "/metrics")
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme in the OpenAPI schema (the checks live in ``deps``)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer",
+                "description": "A tenant key, or on /admin routes the admin key (FLYLORA_ADMIN_KEY)."}
+            for path, ops in schema.get("paths", {}).items():
+                if path not in PUBLIC_PATHS:
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

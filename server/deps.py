@@ -1,4 +1,8 @@
-"""Shared route dependencies as ``Annotated`` aliases: ``GatewayDep``, ``TenantDep``, ``AdminDep``."""
+"""Shared route dependencies as ``Annotated`` aliases: ``GatewayDep``, ``TenantDep``, ``AdminDep``.
+
+They read the ``Authorization`` header directly (one dependency per route, none nested: this is the hot
+path); the bearer scheme is declared in the OpenAPI schema by :func:`server.app.create_app`.
+"""
 
 from __future__ import annotations
 
@@ -6,48 +10,43 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import Unauthorized
 from .registry import Tenant
-from .security import hash_key, same_hash
+from .security import hash_key, parse_bearer, same_hash
 from .state import Gateway
 
-#: Declares bearer auth in the OpenAPI schema; the checks below do the refusing (401 in OpenAI's shape).
-bearer = HTTPBearer(auto_error=False, description="A tenant key (or, on /admin routes, the admin key).")
-BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+ADMIN_HINT = "Admin routes need the admin key: 'Authorization: Bearer <FLYLORA_ADMIN_KEY>'."
 
 
 def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-
-
-async def require_tenant(gw: GatewayDep, credentials: BearerDep) -> Tenant:
+async def require_tenant(request: Request) -> Tenant:
     """The caller's tenant, from its bearer key; 401 when the key is missing or unknown."""
-    if credentials is None or not credentials.credentials:
+    gw: Gateway = request.app.state.gateway
+    key = parse_bearer(request.headers.get("authorization"))
+    if key is None:
         raise Unauthorized()
-    digest = hash_key(credentials.credentials)
+    digest = hash_key(key)
     tenant = gw.tenants_by_key.get(digest)
     if tenant is None:
-        tenant = await anyio.to_thread.run_sync(gw.registry.tenant_for_key, credentials.credentials)
+        tenant = await anyio.to_thread.run_sync(gw.registry.tenant_for_key, key)
         if tenant is None:
             raise Unauthorized()
         gw.tenants_by_key.put(digest, tenant)
     return tenant
 
 
-def require_admin(gw: GatewayDep, credentials: BearerDep) -> None:
+def require_admin(request: Request) -> None:
     """Only the admin key passes (compared in constant time); tenant keys get 401."""
-    admin = gw.settings.admin_key
-    if admin is None or credentials is None:
-        raise Unauthorized("Admin routes need the admin key: 'Authorization: Bearer <FLYLORA_ADMIN_KEY>'.")
-    given = hash_key(credentials.credentials)
-    if not same_hash(given, hash_key(admin.get_secret_value())):
-        raise Unauthorized("Admin routes need the admin key: 'Authorization: Bearer <FLYLORA_ADMIN_KEY>'.")
+    admin = request.app.state.gateway.settings.admin_key
+    key = parse_bearer(request.headers.get("authorization"))
+    if admin is None or key is None or not same_hash(hash_key(key), hash_key(admin.get_secret_value())):
+        raise Unauthorized(ADMIN_HINT)
 
 
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 TenantDep = Annotated[Tenant, Depends(require_tenant)]
 AdminDep = Annotated[None, Depends(require_admin)]

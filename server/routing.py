@@ -61,11 +61,12 @@ class ReplicaRouter:
         candidates = [r for u, r in self.replicas.items() if u not in excluded]
         if not candidates:
             return None
-        up = [r for r in candidates if not self.is_down(r.url)] or candidates
-        chosen = None
-        if adapter_id is not None:
+        now = self.clock() if len(candidates) > 1 else 0.0
+        up = [r for r in candidates if r.down_until <= now] or candidates
+        chosen = up[0] if len(up) == 1 else None
+        if chosen is None and adapter_id is not None:
             seen = self.affinity.get(adapter_id)
-            if seen is not None and self.clock() - seen[1] <= self.affinity_ttl_s:
+            if seen is not None and now - seen[1] <= self.affinity_ttl_s:
                 chosen = next((r for r in up if r.url == seen[0]), None)
         if chosen is None:
             chosen = min(up, key=lambda r: (r.in_flight, r.last_picked))
