@@ -18,7 +18,7 @@ Ties in top-k: both fast backends keep the lower rank index among equal scores.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -58,6 +58,11 @@ class FlyLoRASlots:
         k: ``[S, n]`` int32 ranks selected per token (0 for an empty slot).
         r: ``[S, n]`` int32 real ranks (0 for an empty slot).
         magnitude: ``[S]`` bool, True: top-k of ``|y + d|`` instead of ``y + d``.
+        host_meta: ``host_meta[s] = (k[s], r[s], magnitude[s])`` as Python tuples/bool, a host mirror of
+            those three tensors kept by :func:`load_slot` / :func:`clear_slot` so that the CPU backend
+            plans a call without reading them (change slots only through those two functions).
+        b_rows: ``b_rows[i] = b_view(i).view(S * R, out_i)``, built once: the k selected experts of
+            token ``t`` are rows ``slot * R + sel`` of it.
 
     Worked example: S=4, R=32, in=576, qkv of SmolLM2 (576, 192, 192), P=144 (quarter-dense rows),
     bf16 B, fp32 A. ``a_idx`` [4, 96, 144] int32 221 KB; ``a_val`` [4, 96, 144] fp32 221 KB (dense
@@ -77,6 +82,15 @@ class FlyLoRASlots:
     k: torch.Tensor
     r: torch.Tensor
     magnitude: torch.Tensor
+    host_meta: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = field(default=None, repr=False)  # type: ignore[assignment]
+    b_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.host_meta is None:
+            ks, rs, ms = self.k.tolist(), self.r.tolist(), self.magnitude.tolist()
+            self.host_meta = [(tuple(k), tuple(r), bool(m)) for k, r, m in zip(ks, rs, ms)]
+        if self.b_rows is None:
+            self.b_rows = tuple(self.b_view(i).view(-1, o) for i, o in enumerate(self.output_slices))
 
     @property
     def num_slots(self) -> int:
@@ -135,6 +149,7 @@ def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
         slots.b_view(i)[slot].zero_()
     if slots.a_idx is not None:
         slots.a_idx[slot].zero_()
+    slots.host_meta[slot] = ((0,) * slots.num_slices, (0,) * slots.num_slices, False)
 
 
 def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) -> None:
@@ -179,6 +194,8 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
         slots.k[slot, i] = w.top_k
         slots.r[slot, i] = r
     slots.magnitude[slot] = adapters[0].routing == "magnitude"
+    slots.host_meta[slot] = (tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters),
+                             adapters[0].routing == "magnitude")
 
 
 def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | None = None,
@@ -215,9 +232,10 @@ def check_inputs(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
         raise ValueError(f"token_slot must be int32/int64 [{T}], got {token_slot.dtype} {tuple(token_slot.shape)}")
     if not (x.is_floating_point() and out.is_floating_point()):
         raise ValueError(f"x and out must be floating point, got {x.dtype} and {out.dtype}")
+    dev = slots.d.device
     for name, t in (("out", out), ("x", x), ("token_slot", token_slot)):
-        if t.device != slots.device:
-            raise ValueError(f"{name} is on {t.device}, slots on {slots.device}")
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device}, slots on {dev}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
     if check_indices and T and not bool(((token_slot >= -1) & (token_slot < slots.num_slots)).all()):

@@ -1,21 +1,37 @@
-"""CPU backend: grouped PyTorch, a handful of torch calls per layer whatever the number of slices.
+"""CPU backend: PyTorch, a handful of torch calls per layer whatever the number of slices.
 
-Steps (all slices of a layer at once, since they share ``x``):
+Two paths, chosen by the token count ``T`` (:data:`SMALL_T`), with the same results:
+
+**Small path** (``T <= SMALL_T``: decode, short prompts). Per-call overhead dominates here, so it keeps the
+torch calls to a minimum and never sorts:
+
+1. One host read of ``token_slot`` (plus three tiny reads of ``k``, ``r`` and ``magnitude``): grouping by
+   slot happens in Python on a list of at most ``SMALL_T`` ints, not with ``bincount``/``argsort``.
+2. Shrink ``y = A x`` in fp32 with one BLAS call per *active* slot on a view of that slot's dense A
+   (``mv`` for one token, ``mm`` for a run of tokens): only the A of slots present in the batch is read,
+   nothing is copied, empty or absent slots cost nothing.
+3. Scores ``y + d`` for every slice at once, one ``topk`` over a ``[Ta, n, R]`` view. When every active
+   slot has ``r == R`` and the same ``k`` (the common case), no rank masks are built at all.
+4. Expand as in the grouped path, but added slice by slice straight into ``out``'s columns (each column
+   is still rounded exactly once).
+
+**Grouped path** (``T > SMALL_T``: prefill):
 
 1. Group tokens by slot. One host read of the per-slot token counts (free on CPU).
 2. Shrink ``y = A x`` in fp32, grouped: when the segments are balanced (``S * Lmax`` padded rows at most
-   ``_PAD_WASTE`` times the real ones, as in decode with distinct adapters or prefill spread evenly) one
-   ``bmm`` over a ``[S, Lmax, in]`` padded copy of ``x`` against all slots' A, no copy of A; otherwise one
-   ``mm`` per adapter segment on a view of its slot. Dense A is used when the slots hold it: measured on
-   this machine, BLAS on dense A beats gathering ``x`` through compact A's indices by 5-100x at every
-   shape of the benchmark (compact slots still work, through a gather, for slots sized for the GPU).
+   ``_PAD_WASTE`` times the real ones, as in prefill spread evenly over every slot) one ``bmm`` over a
+   ``[S, Lmax, in]`` padded copy of ``x`` against all slots' A, no copy of A; otherwise one ``mm`` per
+   adapter segment on a view of its slot. Dense A is used when the slots hold it: measured on this
+   machine, BLAS on dense A beats gathering ``x`` through compact A's indices by 5-100x at every shape of
+   the benchmark (compact slots still work, through a gather, for slots sized for the GPU).
 3. Scores ``y + d`` (``abs`` for magnitude routing), padded ranks set to ``-inf``, ``topk`` over a
-   ``[T, n, R]`` view: every slice in one call.
-4. Expand: per slice, gather only the k selected rows of ``b`` (``[T, k, out_i]``, one ``index_select``) and one fp32 ``bmm``
-   with the k selected ``y``; the sum is rounded once, into ``out``.
+   ``[Ta, n, R]`` view: every slice in one call.
+4. Expand: per slice, gather only the k selected rows of ``b`` (``[Ta, k, out_i]``, one
+   ``index_select``) and one fp32 ``bmm`` with the k selected ``y``; the sum is rounded once, into ``out``.
 
-Ties in top-k: ``torch.topk`` (on this build the lower index first); ranks ``>= r`` and positions
-``>= k`` are masked out after the top-k, so they are never selected.
+Ties in top-k: both paths call ``torch.topk`` on the same fp32 scores (on this build, among equal scores
+the lower rank index comes first); ranks ``>= r`` and positions ``>= k`` are masked out after the
+top-k, so they are never selected. Rows with slot ``-1`` are never read or written.
 """
 
 from __future__ import annotations
@@ -28,6 +44,10 @@ from . import FlyLoRASlots
 #: (plus ``_PAD_SLACK`` rows per active segment: the cost of one more ``mm`` call, measured ~10-20 us).
 _PAD_WASTE = 2.0
 _PAD_SLACK = 16
+
+#: Token counts up to this run the small path (see the module docstring). Measured crossover on this
+#: machine: the small path wins at every decode shape and is on par with the grouped one at 64 tokens.
+SMALL_T = 64
 
 
 def _group(token_slot: torch.Tensor, num_slots: int):
@@ -83,10 +103,117 @@ def _shrink(x: torch.Tensor, ss: torch.Tensor, seg: list[int], slots: FlyLoRASlo
     return y
 
 
-def apply_cpu(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
-    """CPU backend of :func:`flylora_runtime.kernels.flylora_apply` (same arguments and semantics)."""
-    if x.shape[0] == 0:
+def apply_cpu(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots, *,
+              path: str | None = None) -> None:
+    """CPU backend of :func:`flylora_runtime.kernels.flylora_apply` (same arguments and semantics).
+
+    ``path``: ``"small"`` or ``"grouped"`` forces one path (tests, benchmark); default: ``"small"`` when
+    ``T <= SMALL_T``. Both give the same result up to fp32 summation order.
+    """
+    T = x.shape[0]
+    if T == 0:
         return
+    if path is None:
+        path = "small" if T <= SMALL_T else "grouped"
+    if path == "small":
+        _apply_small(out, x, token_slot, slots)
+    elif path == "grouped":
+        _apply_grouped(out, x, token_slot, slots)
+    else:
+        raise ValueError(f"path must be 'small', 'grouped' or None, got {path!r}")
+
+
+def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
+    """The small-``T`` path: Python-side grouping, one BLAS call per active slot, no sort."""
+    ts = token_slot.tolist()
+    T = len(ts)
+    act = None  # positions of rows with an adapter, when some rows have none
+    if min(ts) < 0:
+        act = [t for t, s in enumerate(ts) if s >= 0]
+        if not act:
+            return
+        ts = [ts[t] for t in act]
+    meta = slots.host_meta  # (k, r, magnitude) per slot, no tensor read
+    groups: dict[int, list[int]] = {}
+    for t, s in enumerate(ts):
+        groups.setdefault(s, []).append(t)
+    if not all(any(meta[s][0]) for s in groups):  # rows of empty slots (k = 0) get zero delta: drop them
+        keep = [t for t, s in enumerate(ts) if any(meta[s][0])]
+        if not keep:
+            return
+        act = keep if act is None else [act[t] for t in keep]
+        ts = [ts[t] for t in keep]
+        groups = {}
+        for t, s in enumerate(ts):
+            groups.setdefault(s, []).append(t)
+    Ta, n, R = len(ts), slots.num_slices, slots.max_rank
+    act_t = None if act is None else torch.tensor(act)
+    xa = x if act_t is None else x.index_select(0, act_t)
+    if xa.dtype != torch.float32:
+        xa = xa.float()
+    ss = token_slot if act is None else torch.tensor(ts)
+
+    # Shrink: one BLAS call per active slot, on a view of its A (no copy of A, absent slots not read).
+    y = xa.new_empty(Ta, n * R)
+    for s, pos in groups.items():
+        a_s = slots.a_val[s]
+        if a_s.dtype != torch.float32:
+            a_s = a_s.float()
+        p0, p1 = pos[0], pos[-1] + 1
+        if slots.a_idx is not None:
+            rows = xa[p0:p1] if p1 - p0 == len(pos) else xa.index_select(0, torch.tensor(pos))
+            ys = _shrink_rows(rows.unsqueeze(0), a_s.unsqueeze(0), slots.a_idx[s:s + 1])[0]
+            if p1 - p0 == len(pos):
+                y[p0:p1] = ys
+            else:
+                y.index_copy_(0, torch.tensor(pos), ys)
+        elif len(pos) == 1:
+            torch.mv(a_s, xa[p0], out=y[p0])
+        elif p1 - p0 == len(pos):
+            torch.mm(xa[p0:p1], a_s.t(), out=y[p0:p1])
+        else:
+            pi = torch.tensor(pos)
+            y.index_copy_(0, pi, torch.mm(xa.index_select(0, pi), a_s.t()))
+
+    # Scores and top-k, every slice at once.
+    score = slots.d.index_select(0, ss).add_(y)  # [Ta, n*R] fp32
+    if any(meta[s][2] for s in groups):
+        score = torch.where(slots.magnitude.index_select(0, ss).unsqueeze(1), score.abs(), score)
+    kmax = max(max(meta[s][0]) for s in groups)
+    uniform = all(r == R for s in groups for r in meta[s][1]) and all(k == kmax for s in groups for k in meta[s][0])
+    score = score.view(Ta, n, R)
+    if not uniform:
+        rr = slots.r.index_select(0, ss).unsqueeze(-1)  # [Ta, n, 1]
+        score.masked_fill_(torch.arange(R) >= rr, float("-inf"))
+    sel = torch.topk(score, kmax, dim=-1).indices  # [Ta, n, kmax], best first
+    ysel = torch.gather(y.view(Ta, n, R), -1, sel)  # [Ta, n, kmax] fp32
+    if not uniform:
+        keep = (torch.arange(kmax) < slots.k.index_select(0, ss).unsqueeze(-1)) & (sel < rr)
+        ysel.masked_fill_(~keep, 0.0)
+
+    # Expand: k rows of b per token and slice, one fp32 bmm per slice, rounded once into out.
+    rows = sel + (ss.reshape(Ta, 1, 1) * R)  # row of each selected expert in a [S*R, out_i] block
+    if n > 1:
+        rows, ysel = rows.transpose(0, 1).contiguous(), ysel.transpose(0, 1)  # [n, Ta, kmax]
+    else:
+        rows, ysel = rows.view(1, Ta, kmax), ysel.view(1, Ta, kmax)
+    deltas, off = [], 0
+    for i, out_i in enumerate(slots.output_slices):
+        g = slots.b_rows[i].index_select(0, rows[i].view(-1)).view(Ta, kmax, out_i)
+        delta = torch.bmm(ysel[i].unsqueeze(1), g if g.dtype == torch.float32 else g.float()).view(Ta, out_i)
+        if act_t is None:
+            out[:, off:off + out_i].add_(delta)  # fp32 sum, rounded once to out's dtype
+        else:
+            deltas.append(delta)
+        off += out_i
+    if act_t is not None:
+        upd = out.index_select(0, act_t)
+        upd += deltas[0] if n == 1 else torch.cat(deltas, dim=1)
+        out.index_copy_(0, act_t, upd)
+
+
+def _apply_grouped(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
+    """The grouped path: sort by slot, one matmul per segment (or one padded bmm), batched top-k."""
     order, ss, seg = _group(token_slot, slots.num_slots)
     Ta = ss.shape[0]
     if Ta == 0:
