@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from .adapters import finish_interrupted_deletions
 from .errors import install_error_handlers
+from .fastpath import CompletionFastPath
 from .routes import adapters, admin, health, openai
 from .settings import Settings
 from .state import Gateway
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(CompletionFastPath)
     for module in (openai, adapters, admin, health):
         app.include_router(module.router)
     _declare_bearer_auth(app)

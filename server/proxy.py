@@ -283,6 +283,19 @@ class ProxyStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
+        closed = False
+
+        async def close() -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self.on_close(disconnected)
+
         try:
             async with anyio.create_task_group() as tg:
 
@@ -290,6 +303,8 @@ class ProxyStream(Response):
                     await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
                     async for chunk in self.chunks:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # Book-keeping (usage, limits) is done before the client sees the end of the stream.
+                    await close()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     tg.cancel_scope.cancel()
 
@@ -305,11 +320,7 @@ class ProxyStream(Response):
         except OSError:
             disconnected = True
         finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(self.chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await self.on_close(disconnected)
+            await close()
 
 
 # --- the handler ----------------------------------------------------------------------------------------------
