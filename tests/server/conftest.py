@@ -122,8 +122,8 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
     """Start extra gateways (own data folder) for tests that need other settings; stopped afterwards."""
     started: list[GatewayHandle] = []
 
-    def make(engine_urls: list[str], **overrides: Any) -> GatewayHandle:
-        handle = start_gateway(tmp_path / f"gw{len(started)}", engine_urls, **overrides)
+    def make(engine_urls: list[str], data_dir: Path | None = None, **overrides: Any) -> GatewayHandle:
+        handle = start_gateway(data_dir or tmp_path / f"gw{len(started)}", engine_urls, **overrides)
         started.append(handle)
         return handle
 

@@ -4,7 +4,9 @@ is refused with its status and an OpenAI-shaped error, leaving the registry and 
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 
 import pytest
 
@@ -196,3 +198,33 @@ def test_delete_completes_when_the_engine_fails_to_evict(make_engine, make_gatew
     with gw.client(None) as c:
         metrics = c.get("/metrics").text
     assert f'flylora_gateway_upstream_errors_total{{engine="{bad.url}",kind="unload"}} 1.0' in metrics
+
+
+def test_failure_at_registration_removes_the_stored_folder(gateway, tenant, tmp_path, monkeypatch):
+    """Two uploads of one name racing: the loser fails at the insert (409) and its folder is removed."""
+    _, key = tenant
+    assert gateway.upload(key, "race", tmp_path / "a").status_code == 201
+    before = _snapshot(gateway, key)
+    monkeypatch.setattr(gateway.gw.registry, "has_adapter_name", lambda *_: False)  # lose the pre-check
+    err = assert_openai_error(gateway.upload(key, "race", tmp_path / "b", seed=5), 409)
+    assert err["code"] == "adapter_exists"
+    assert _snapshot(gateway, key) == before
+
+
+def test_restart_finishes_interrupted_deletions_and_sweeps_leftovers(make_engine, make_gateway, tmp_path):
+    fake = make_engine()
+    data = tmp_path / "data"
+    first = make_gateway([fake.url], data_dir=data)
+    _, key = first.new_tenant()
+    assert first.upload(key, "half", tmp_path / "a").status_code == 201
+    tenant_id = first.gw.registry.tenant_for_key(key).id
+    internal = first.gw.registry.mark_deleting(tenant_id, "half").internal_id  # as if killed mid-DELETE
+    first.server.stop()
+    stale = first.settings.store_dir / ".tmp-deadbeef"
+    stale.mkdir()
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    second = make_gateway([fake.url], data_dir=data)
+    assert second.gw.registry.list_adapters(None, state=None) == []
+    assert second.store_entries() == set()
+    assert fake.state.unloads == [internal]
