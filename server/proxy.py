@@ -44,6 +44,10 @@ ENDPOINTS = {"chat.completions": "/v1/chat/completions", "completions": "/v1/com
 CLIENT_CLOSED = 499  # status recorded in metrics when the client went away mid-stream
 
 
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 # --- request checks (pure) -----------------------------------------------------------------------------------
 @dataclass
 class CompletionRequest:
@@ -178,8 +182,11 @@ class Flight:
 
     def take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            try:
+                self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            except (TypeError, ValueError):
+                log.warning("ignoring malformed usage from the engine: %r", usage)
 
     def finish(self, status: int | None = None) -> None:
         if self.done:
@@ -208,7 +215,7 @@ class Flight:
         if isinstance(obj, dict):
             obj["model"] = self.request.model
             self.take_usage(obj.get("usage"))
-        return Response(self.sanitize(json.dumps(obj, separators=(",", ":")).encode()), status_code=200,
+        return Response(self.sanitize(_dump(obj)), status_code=200,
                         media_type="application/json")
 
     # streamed answers --------------------------------------------------------------------------------------
@@ -236,7 +243,7 @@ class Flight:
             if not self.first_token_seen and obj.get("choices"):
                 self.first_token_seen = True
                 self.gw.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.started)
-        return b"data: " + self.sanitize(json.dumps(obj, separators=(",", ":")).encode()) + b"\n\n"
+        return b"data: " + self.sanitize(_dump(obj)) + b"\n\n"
 
     async def events(self, upstream: Upstream) -> AsyncIterator[bytes]:
         """The client's SSE stream, event by event as the engine sends them."""
