@@ -215,6 +215,10 @@ def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
 def _apply_grouped(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
     """The grouped path: sort by slot, one matmul per segment (or one padded bmm), batched top-k."""
     order, ss, seg = _group(token_slot, slots.num_slots)
+    empty = [s for s, c in enumerate(seg) if c and not any(slots.host_meta[s][0])]
+    if empty:  # rows of empty slots are left alone like rows with slot -1 (not even a zero added)
+        token_slot = token_slot.masked_fill(torch.isin(token_slot, torch.tensor(empty)), -1)
+        order, ss, seg = _group(token_slot, slots.num_slots)
     Ta = ss.shape[0]
     if Ta == 0:
         return

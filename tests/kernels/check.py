@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from flylora_runtime.kernels import flylora_apply
+from flylora_runtime.kernels import FlyLoRASlots, check_inputs, flylora_apply
+from flylora_runtime.kernels.cpu import apply_cpu
 from tests.helpers import assert_close
 
 from .cases import Case, build, expected
 
 
+#: Backend names for tests: those of ``flylora_apply`` plus the CPU backend forced onto one of its paths.
+CPU_PATHS = ("cpu-small", "cpu-grouped")
+
+
+def run_backend(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots,
+                backend: str) -> None:
+    """``flylora_apply`` with ``backend``; ``"cpu-small"``/``"cpu-grouped"`` force that CPU path."""
+    if backend in CPU_PATHS:
+        check_inputs(out, x, token_slot, slots, check_indices=True)
+        apply_cpu(out, x, token_slot, slots, path=backend.removeprefix("cpu-"))
+    else:
+        flylora_apply(out, x, token_slot, slots, backend=backend)
+
+
 def check_case(case: Case, backend: str, device: str = "cpu") -> None:
     adapters, slots, x, token_slot, out0 = build(case, device)
     out = out0.clone()
-    flylora_apply(out, x, token_slot, slots, backend=backend)
+    run_backend(out, x, token_slot, slots, backend)
     want, keep = expected(adapters, slots, x, token_slot, out0)
     out, out0, none = out.cpu(), out0.cpu(), token_slot.cpu() < 0
     # Rows without an adapter: exactly untouched (bit for bit), whatever the dtype.

@@ -38,9 +38,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cpu-small", "cpu-grouped"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_cpu_matches_reference(case: Case) -> None:
-    check_case(case, "cpu")
+def test_cpu_matches_reference(case: Case, backend: str) -> None:
+    """The default CPU dispatch and each of its two paths forced on every case (the small path on 512
+    tokens too: its choice is a speed matter, never a correctness one)."""
+    check_case(case, backend)
 
 
 SMALL = {k: CASES[k] for k in ("decode-distinct-qkv-bf16", "t3-down1536-uniform-f16-magnitude-k1",

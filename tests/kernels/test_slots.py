@@ -11,8 +11,9 @@ from flylora_runtime.reference import LayerAdapter, flylora_delta
 from tests.helpers import assert_close
 
 from .cases import make_adapter
+from .check import run_backend
 
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu-small", "cpu-grouped", "reference")
 
 
 def _poison_padding(slots, r: int) -> None:
@@ -36,7 +37,7 @@ def test_padded_ranks_never_selected(backend: str, routing: str) -> None:
     _poison_padding(slots, 8)
     x = torch.randn(5, 64, generator=gen)
     out = torch.zeros(5, 32)
-    flylora_apply(out, x, torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32), slots, backend=backend)
+    run_backend(out, x, torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32), slots, backend)
     assert_close(out, flylora_delta(x, torch.zeros(5, dtype=torch.long), [w]), torch.float32)
 
 
@@ -48,7 +49,7 @@ def test_no_adapter_rows_bit_exact_and_empty_slot_is_zero(backend: str) -> None:
     out0 = torch.randn(6, 48, generator=gen).bfloat16()
     out = out0.clone()
     slot = torch.tensor([-1, 0, -1, 2, 1, -1], dtype=torch.int32)  # slots 1 and 2 are empty
-    flylora_apply(out, x, slot, slots, backend=backend)
+    run_backend(out, x, slot, slots, backend)
     untouched = torch.tensor([True, False, True, True, True, True])
     assert torch.equal(out[untouched], out0[untouched])
     assert not torch.equal(out[1], out0[1])
@@ -63,7 +64,7 @@ def test_plain_lora_equivalence(backend: str) -> None:
     slots = build_slots([[w]], b_dtype=torch.float32)
     x = torch.randn(9, 96, generator=gen)
     out = torch.zeros(9, 40)
-    flylora_apply(out, x, torch.zeros(9, dtype=torch.int64), slots, backend=backend)
+    run_backend(out, x, torch.zeros(9, dtype=torch.int64), slots, backend)
     assert_close(out, 0.5 * (x @ A.T @ B.T), torch.float32)
 
 
@@ -85,6 +86,45 @@ def test_hot_swap_and_clear() -> None:
     flylora_apply(out, x, slot, slots)
     assert torch.equal(out, torch.zeros(4, 32))
     assert slots.k.tolist() == [[0], [0]] and slots.r.tolist() == [[0], [0]]
+    assert slots.host_meta == [((0,), (0,), False), ((0,), (0,), False)]
+
+
+def test_host_meta_mirrors_slot_tensors() -> None:
+    """The CPU backend plans calls from ``host_meta``: it must equal ``k``, ``r``, ``magnitude`` after
+    every load and clear."""
+    gen = torch.Generator().manual_seed(7)
+    slots = allocate_slots(3, 16, 64, (32, 16))
+    mirror = lambda: [(tuple(k), tuple(r), bool(m)) for k, r, m in  # noqa: E731
+                      zip(slots.k.tolist(), slots.r.tolist(), slots.magnitude.tolist())]
+    assert slots.host_meta == mirror() == [((0, 0), (0, 0), False)] * 3
+    load_slot(slots, 1, [make_adapter(gen, 64, 32, 16, 4, "magnitude"), make_adapter(gen, 64, 16, 8, 2, "magnitude")])
+    load_slot(slots, 2, [make_adapter(gen, 64, 32, 4, 1), make_adapter(gen, 64, 16, 16, 16)])
+    assert slots.host_meta == mirror() == [((0, 0), (0, 0), False), ((4, 2), (16, 8), True), ((1, 16), (4, 16), False)]
+    clear_slot(slots, 1)
+    assert slots.host_meta == mirror() == [((0, 0), (0, 0), False)] * 2 + [((1, 16), (4, 16), False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_of_empty_slots_and_none_rows_mixed(backend: str) -> None:
+    """Rows of empty slots and rows with slot -1, interleaved with repeated, non-contiguous adapters:
+    the empty and -1 rows are untouched bit for bit, the others match the reference."""
+    gen = torch.Generator().manual_seed(8)
+    ws = [[make_adapter(gen, 64, 24, 8, 2), make_adapter(gen, 64, 8, 8, 2)] for _ in range(2)]
+    slots = allocate_slots(4, 8, 64, (24, 8), b_dtype=torch.float32)
+    load_slot(slots, 0, ws[0])
+    load_slot(slots, 3, ws[1])
+    x = torch.randn(9, 64, generator=gen)
+    out0 = torch.randn(9, 32, generator=gen)
+    out0[2, 0] = -0.0  # adding a zero delta would turn this into +0.0: untouched rows must not be added to
+    slot = torch.tensor([3, -1, 1, 0, 3, 2, -1, 0, 3], dtype=torch.int32)
+    out = out0.clone()
+    run_backend(out, x, slot, slots, backend)
+    idle = torch.tensor([False, True, True, False, False, True, True, False, False])
+    assert torch.equal(out[idle].view(torch.int32), out0[idle].view(torch.int32))  # bit for bit
+    for t in (~idle).nonzero().flatten().tolist():
+        w = ws[0] if int(slot[t]) == 0 else ws[1]
+        want = torch.cat([flylora_delta(x[t:t + 1], torch.zeros(1, dtype=torch.long), [w[i]]) for i in range(2)], 1)
+        assert_close(out[t:t + 1], out0[t:t + 1] + want, torch.float32)
 
 
 def test_load_slot_rejects_bad_adapters() -> None:
