@@ -127,7 +127,7 @@ class EnginePool:
         """
         self.router.forget(internal_id)
         results = await asyncio.gather(*(self._unload_one(url, internal_id) for url in self.urls))
-        return [url for url, ok in zip(self.urls, results) if not ok]
+        return [url for url, ok in zip(self.urls, results, strict=True) if not ok]
 
     async def _unload_one(self, url: str, internal_id: str) -> bool:
         try:
@@ -146,9 +146,9 @@ class EnginePool:
     async def health(self) -> dict[str, bool]:
         """Each replica: did ``GET /health`` answer 200 within the health timeout?"""
         results = await asyncio.gather(*(self._health_one(url) for url in self.urls))
-        for url, ok in zip(self.urls, results):
+        for url, ok in zip(self.urls, results, strict=True):
             self.metrics.engine_ready.labels(url).set(1 if ok else 0)
-        return dict(zip(self.urls, results))
+        return dict(zip(self.urls, results, strict=True))
 
     async def _health_one(self, url: str) -> bool:
         try:

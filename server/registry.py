@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from .errors import AdapterExists, TenantExists, TenantNotFound
 from .security import hash_key, new_api_key, same_hash
@@ -144,7 +144,7 @@ class Registry:
         self._session = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    def open(cls, url: str) -> "Registry":
+    def open(cls, url: str) -> Registry:
         engine = make_engine(url)
         Base.metadata.create_all(engine)
         return cls(engine)

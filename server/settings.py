@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _derive_paths(self) -> "Settings":
+    def _derive_paths(self) -> Settings:
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'registry.db'}"
         if self.adapter_store is None:

@@ -35,7 +35,7 @@ class Gateway:
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, settings: Settings) -> "Gateway":
+    def build(cls, settings: Settings) -> Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
                                  base_model_id=settings.base_model_id)

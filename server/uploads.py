@@ -86,9 +86,9 @@ class _Receiver:
             raise InvalidRequest(f"Unexpected form field {name!r}; expected name, config and weights.", param=name)
         if name in self.seen:
             raise InvalidRequest(f"Form field {name!r} was sent more than once.", param=name)
-        filename = options.get(b"filename")
-        self.part = _Part(field_name=name, filename=filename.decode("utf-8", "replace") if filename is not None else None,
-                          limit=self.limits[name])
+        raw_filename = options.get(b"filename")
+        filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
+        self.part = _Part(field_name=name, filename=filename, limit=self.limits[name])
         if name in self.paths:
             self.part.sink = open(self.paths[name], "wb")  # noqa: SIM115 - closed in on_part_end / close()
         self.seen[name] = self.part

@@ -18,9 +18,8 @@ from server.settings import Settings
 from server.state import Gateway
 
 from .fake_engine import FakeEngineState, create_fake_engine
-from .helpers import ServerThread, adapter_files, upload_form, write_base_model
+from .helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
 
-ADMIN_KEY = "test-admin-key-not-secret"
 BASE_ID = "SmolLM2-135M-Instruct"
 _names = itertools.count()
 

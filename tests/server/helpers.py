@@ -21,6 +21,9 @@ TINY_BASE_CONFIG = {
 #: Another base model (hidden 128): an adapter made for it does not fit TINY_BASE_CONFIG.
 OTHER_BASE_CONFIG = {**TINY_BASE_CONFIG, "hidden_size": 128, "intermediate_size": 192}
 
+#: The admin key of every test gateway (not a secret).
+ADMIN_KEY = "test-admin-key-not-secret"
+
 PICKLE_BYTES = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s."
 
 
@@ -37,7 +40,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

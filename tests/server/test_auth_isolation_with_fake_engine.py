@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import assert_openai_error
+from .helpers import ADMIN_KEY, assert_openai_error
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TENANT_ROUTES = [
@@ -19,7 +19,7 @@ ADMIN_ROUTES = [("GET", "/admin/tenants", None), ("POST", "/admin/tenants", {"na
 
 
 @pytest.mark.parametrize("method,path,body", TENANT_ROUTES)
-@pytest.mark.parametrize("key", [None, "flk-wrong", "test-admin-key-not-secret"])
+@pytest.mark.parametrize("key", [None, "flk-wrong", ADMIN_KEY])
 def test_tenant_routes_refuse_missing_wrong_or_admin_key(gateway, engine, method, path, body, key):
     before = len(engine.state.requests)
     with gateway.client(key) as c:

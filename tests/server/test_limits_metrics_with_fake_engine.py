@@ -95,19 +95,21 @@ def test_metrics_cover_requests_tokens_latency_ttft_uploads_and_never_keys(gatew
         c.delete("/v1/adapters/m1")
     text = httpx.get(gateway.url + "/metrics").text
     s = _samples(gateway)
-    assert s[("flylora_gateway_requests_total",
-              (("endpoint", "chat.completions"), ("status", "200"), ("tenant", name)))] == 1
-    assert s[("flylora_gateway_requests_total", (("endpoint", "completions"), ("status", "200"), ("tenant", name)))] == 1
-    assert s[("flylora_gateway_requests_total", (("endpoint", "completions"), ("status", "404"), ("tenant", name)))] == 1
-    assert s[("flylora_gateway_completion_tokens_total", (("adapter", "m1"), ("tenant", name)))] == 5
-    assert s[("flylora_gateway_prompt_tokens_total", (("adapter", "m1"), ("tenant", name)))] > 0
-    assert s[("flylora_gateway_request_duration_seconds_count", (("endpoint", "chat.completions"),
-                                                                   ("stream", "false")))] >= 1
-    assert s[("flylora_gateway_time_to_first_token_seconds_count", (("endpoint", "completions"),))] >= 1
-    assert s[("flylora_gateway_in_flight_requests", (("tenant", name),))] == 0
-    assert s[("flylora_gateway_adapter_uploads_total", (("tenant", name),))] == 1
-    assert s[("flylora_gateway_adapter_deletes_total", (("tenant", name),))] == 1
-    assert s[("flylora_gateway_adapter_validation_failures_total", (("reason", "InvalidConfig"), ("tenant", name)))] == 1
+
+    def m(metric: str, **labels: str) -> float:
+        return s[("flylora_gateway_" + metric, tuple(sorted(labels.items())))]
+
+    assert m("requests_total", endpoint="chat.completions", status="200", tenant=name) == 1
+    assert m("requests_total", endpoint="completions", status="200", tenant=name) == 1
+    assert m("requests_total", endpoint="completions", status="404", tenant=name) == 1
+    assert m("completion_tokens_total", adapter="m1", tenant=name) == 5
+    assert m("prompt_tokens_total", adapter="m1", tenant=name) > 0
+    assert m("request_duration_seconds_count", endpoint="chat.completions", stream="false") >= 1
+    assert m("time_to_first_token_seconds_count", endpoint="completions") >= 1
+    assert m("in_flight_requests", tenant=name) == 0
+    assert m("adapter_uploads_total", tenant=name) == 1
+    assert m("adapter_deletes_total", tenant=name) == 1
+    assert m("adapter_validation_failures_total", reason="InvalidConfig", tenant=name) == 1
     assert key not in text and "secret prompt" not in text and "fl-" not in text
 
 
