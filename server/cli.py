@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (FLYLORA_GATEWAY_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (FLYLORA_GATEWAY_PORT, default 8000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                   help="log every request (costs throughput; /metrics counts them anyway)")
     return p
 
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
 
     uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
-                log_level=args.log_level, proxy_headers=False, server_header=False)
+                log_level=args.log_level, access_log=args.access_log, proxy_headers=False, server_header=False)
     return 0
 
 

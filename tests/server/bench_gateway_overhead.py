@@ -83,8 +83,9 @@ def _run_gateway(port: int, upstream: str, data_dir: str) -> None:
     write_base_model(Path(data_dir) / "models" / "SmolLM2-135M-Instruct")
     settings = Settings(_env_file=None, data_dir=data_dir, engine_urls=[upstream], admin_key="bench-admin",
                         max_concurrency_per_tenant=10_000, tokens_per_minute_per_tenant=0)
+    # As `flylora-gateway` runs it (server/cli.py), with uvloop and httptools.
     uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="error", access_log=False,
-                loop="uvloop", http="httptools")
+                loop="uvloop", http="httptools", proxy_headers=False, server_header=False)
 
 
 def _free_port() -> int:
