@@ -63,6 +63,7 @@ class FlyLoRASlots:
             plans a call without reading them (change slots only through those two functions).
         b_rows: ``b_rows[i] = b_view(i).view(S * R, out_i)``, built once: the k selected experts of
             token ``t`` are rows ``slot * R + sel`` of it.
+        a_rows: ``a_rows[s] = a_val[s]``, views built once (saves an indexing call per active slot).
 
     Worked example: S=4, R=32, in=576, qkv of SmolLM2 (576, 192, 192), P=144 (quarter-dense rows),
     bf16 B, fp32 A. ``a_idx`` [4, 96, 144] int32 221 KB; ``a_val`` [4, 96, 144] fp32 221 KB (dense
@@ -84,6 +85,7 @@ class FlyLoRASlots:
     magnitude: torch.Tensor
     host_meta: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = field(default=None, repr=False)  # type: ignore[assignment]
     b_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
+    a_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.host_meta is None:
@@ -91,6 +93,8 @@ class FlyLoRASlots:
             self.host_meta = [(tuple(k), tuple(r), bool(m)) for k, r, m in zip(ks, rs, ms)]
         if self.b_rows is None:
             self.b_rows = tuple(self.b_view(i).view(-1, o) for i, o in enumerate(self.output_slices))
+        if self.a_rows is None:
+            self.a_rows = self.a_val.unbind(0)
 
     @property
     def num_slots(self) -> int:

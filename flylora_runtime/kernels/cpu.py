@@ -155,8 +155,9 @@ def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
 
     # Shrink: one BLAS call per active slot, on a view of its A (no copy of A, absent slots not read).
     y = xa.new_empty(Ta, n * R)
+    x_rows = y_rows = None
     for s, pos in groups.items():
-        a_s = slots.a_val[s]
+        a_s = slots.a_rows[s]
         if a_s.dtype != torch.float32:
             a_s = a_s.float()
         p0, p1 = pos[0], pos[-1] + 1
@@ -168,7 +169,9 @@ def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
             else:
                 y.index_copy_(0, torch.tensor(pos), ys)
         elif len(pos) == 1:
-            torch.mv(a_s, xa[p0], out=y[p0])
+            if x_rows is None:  # one unbind per call instead of two Python-level selects per token
+                x_rows, y_rows = xa.unbind(0), y.unbind(0)
+            torch.mv(a_s, x_rows[p0], out=y_rows[p0])
         elif p1 - p0 == len(pos):
             torch.mm(xa[p0:p1], a_s.t(), out=y[p0:p1])
         else:
