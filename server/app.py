@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(CompletionFastPath)
+    if settings.completion_fast_path:
+        app.add_middleware(CompletionFastPath)
     for module in (openai, adapters, admin, health):
         app.include_router(module.router)
     _declare_bearer_auth(app)

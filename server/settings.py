@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     gateway_port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway listens on.")
     admin_key: SecretStr | None = Field(
         default=None, description="Admin bearer key; when unset, `flylora-gateway` generates and prints one.")
+    completion_fast_path: bool = Field(
+        default=True, description="Serve the completion routes from an ASGI middleware (faster, same behaviour).")
     auth_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="Seconds a key -> tenant or name -> adapter lookup is cached (0: never).")
 

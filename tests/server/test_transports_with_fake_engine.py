@@ -33,3 +33,24 @@ def test_transport_keeps_the_contract_with_fake_engine(make_engine, make_gateway
     while not live.state.aborted and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(live.state.aborted) == 1
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_fast_path_and_fastapi_routes_behave_alike_with_fake_engine(make_engine, make_gateway, tmp_path, fast_path):
+    fake = make_engine()
+    gw = make_gateway([fake.url], completion_fast_path=fast_path)
+    _, key = gw.new_tenant(max_concurrency=1)
+    assert gw.upload(key, "p", tmp_path / "a").status_code == 201
+    client = gw.openai(key)
+    out = client.completions.create(model="p", prompt="x", max_tokens=2)
+    chunks = list(client.chat.completions.create(model="p", messages=[{"role": "user", "content": "x"}],
+                                                 max_tokens=2, stream=True))
+    assert out.model == "p" and {c.model for c in chunks} == {"p"}
+    with gw.client(key) as c:
+        assert c.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}).json() == {
+            "error": {"message": "The request body is not valid JSON.", "type": "invalid_request_error",
+                      "param": None, "code": "invalid_request"}}
+        assert c.post("/v1/chat/completions", json={"model": "q", "messages": [{"role": "user", "content": "x"}]}
+                      ).json()["error"]["code"] == "model_not_found"
+    with gw.client("bad") as c:
+        assert c.post("/v1/completions", json={"model": "p", "prompt": "x"}).status_code == 401
