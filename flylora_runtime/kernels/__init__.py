@@ -12,7 +12,9 @@ the input ``x``. Backends:
 - ``"reference"``: :func:`flylora_runtime.reference.select_ranks` on each token, one at a time (slow; the
   "naive per-token loop" of the benchmark and a debug backend).
 
-Ties in top-k: both fast backends keep the lower rank index among equal scores.
+Ties in top-k (scores exactly equal across the k-th place; measure-zero for real inputs, see
+docs/KERNELS.md): Triton keeps the lowest rank indices; the CPU and reference backends take whatever
+``torch.topk`` returns (deterministic, but not lowest-index first: tested only to be k distinct real ranks).
 """
 
 from __future__ import annotations
@@ -328,7 +330,7 @@ def flylora_apply(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, 
                 y = A @ x[t].float()                                               # [r] fp32
                 score = y + slots.d[s, i*R : i*R + r]
                 if slots.magnitude[s]: score = score.abs()
-                sel = torch.topk(score, k).indices      # ties: the lower rank index
+                sel = torch.topk(score, k).indices      # exact ties: see the module docstring
                 out[t, off:off + out_i] += (y[sel] @ slots.b_view(i)[s, sel].float()).to(out.dtype)
             off += out_i
 

@@ -29,9 +29,11 @@ torch calls to a minimum and never sorts:
 4. Expand: per slice, gather only the k selected rows of ``b`` (``[Ta, k, out_i]``, one
    ``index_select``) and one fp32 ``bmm`` with the k selected ``y``; the sum is rounded once, into ``out``.
 
-Ties in top-k: both paths call ``torch.topk`` on the same fp32 scores (on this build, among equal scores
-the lower rank index comes first); ranks ``>= r`` and positions ``>= k`` are masked out after the
-top-k, so they are never selected. Rows with slot ``-1`` are never read or written.
+Ties in top-k: both paths call ``torch.topk(score, kmax, dim=-1)`` on fp32 ``[Ta, n, R]`` scores. Among
+exactly equal scores ATen's CPU kernel does NOT return the lowest rank index first (on this build, 8
+equal scores with k=2 give ranks 5 and 7); the choice is deterministic for a given input. Padded ranks
+(``>= r``) are set to ``-inf`` before the top-k and positions ``>= k`` are masked after it, so a padded
+rank is never selected. Rows with slot ``-1``, and rows of empty slots, are never written.
 """
 
 from __future__ import annotations

@@ -161,3 +161,35 @@ def test_flylora_apply_validates_inputs() -> None:
         flylora_apply(out, x, torch.tensor([0, 1, -1], dtype=torch.int32), slots)
     with pytest.raises(ValueError, match="backend must be"):
         flylora_apply(out, x, slot, slots, backend="cuda")
+
+
+def _tie_adapter(routing: str) -> LayerAdapter:
+    """r=8, k=2, every real score exactly equal: A's rows are all ``e_0`` (so ``y_j = x[0]`` exactly, in any
+    summation order) and, for magnitude routing, ``d`` alternates 0 and ``-2 x[0]`` (``|y + d| = |x[0]|``).
+    B's columns are distinct powers of two, so the delta names the two selected ranks."""
+    A = torch.zeros(8, 16)
+    A[:, 0] = 1.0
+    d = torch.zeros(8) if routing == "signed" else torch.tensor([0.0, -6.0] * 4)
+    B = torch.stack([torch.full((4,), 2.0 ** j) for j in range(8)], dim=1)  # [4, 8]
+    return LayerAdapter(A=A, B=B, d=d, top_k=2, scaling=1.0, routing=routing)
+
+
+def tie_pairs(out_row: torch.Tensor, x0: float) -> set[tuple[int, ...]]:
+    """The rank pairs whose delta equals ``out_row`` (B column j is ``2**j``; y_j = x0)."""
+    v = float(out_row[0]) / x0
+    return {(i, j) for i in range(8) for j in range(i + 1, 8) if v == 2.0 ** i + 2.0 ** j}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("routing", ["signed", "magnitude"])
+def test_exact_ties_select_k_real_ranks(backend: str, routing: str) -> None:
+    """All real scores tie: the CPU paths (``torch.topk``, no index order promised) and the reference must
+    still select exactly k=2 distinct real ranks, never a padded one (R=32 > r=8)."""
+    slots = build_slots([[_tie_adapter(routing)]], max_rank=32, b_dtype=torch.float32)
+    x = torch.zeros(3, 16)
+    x[:, 0] = 3.0
+    out = torch.zeros(3, 4)
+    run_backend(out, x, torch.zeros(3, dtype=torch.int32), slots, backend)
+    for t in range(3):
+        assert len(tie_pairs(out[t], 3.0)) == 1, f"row {t}: {out[t].tolist()} is not a sum of 2 real ranks"
+        assert torch.equal(out[t], out[t, :1].expand(4))

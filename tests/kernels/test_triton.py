@@ -26,7 +26,7 @@ from tests.helpers import assert_close  # noqa: E402
 from .cases import Case, make_adapter  # noqa: E402
 from .check import check_case  # noqa: E402
 from .test_apply import CASES  # noqa: E402
-from .test_slots import _poison_padding  # noqa: E402
+from .test_slots import _poison_padding, _tie_adapter, tie_pairs  # noqa: E402
 
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: triton cannot run here", allow_module_level=True)
@@ -65,6 +65,18 @@ def test_triton_padded_ranks_never_selected(routing: str) -> None:
     out = torch.zeros(2, 32, device=DEVICE)
     flylora_apply(out, x.to(DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE), slots, backend="triton")
     assert_close(out.cpu(), flylora_delta(x, torch.zeros(2, dtype=torch.long), [w]), F32)
+
+
+@pytest.mark.parametrize("routing", ["signed", "magnitude"])
+def test_triton_exact_ties_take_lowest_ranks(routing: str) -> None:
+    """Triton's top-k is rounds of ``argmax(tie_break_left=True)``: on exact ties, the lowest rank indices."""
+    slots = build_slots([[_tie_adapter(routing)]], max_rank=32, b_dtype=F32, device=DEVICE)
+    x = torch.zeros(2, 16)
+    x[:, 0] = 3.0
+    out = torch.zeros(2, 4, device=DEVICE)
+    flylora_apply(out, x.to(DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE), slots, backend="triton")
+    for t in range(2):
+        assert tie_pairs(out[t].cpu(), 3.0) == {(0, 1)}
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: the full case table is too slow for the interpreter")
