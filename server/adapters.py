@@ -51,7 +51,8 @@ async def upload_adapter(gw: Gateway, tenant: Tenant, request: Request) -> Adapt
     try:
         config_path, weights_path = store.staged_files(staging)
         upload = await receive_adapter_upload(request, staging, config_path, weights_path,
-                                              max_weights_bytes=gw.settings.max_upload_bytes)
+                                              max_weights_bytes=gw.settings.max_upload_bytes,
+                                              check_name=check_adapter_name)
         check_adapter_name(upload.name)
         if await run(registry.has_adapter_name, tenant.id, upload.name):
             raise AdapterExists(upload.name)

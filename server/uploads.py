@@ -9,6 +9,7 @@ limit. The fields are ``name`` (text), ``config`` (adapter_config.json) and ``we
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -54,7 +55,9 @@ def _display_name(filename: str | None, default: str) -> str:
 
 
 class _Receiver:
-    def __init__(self, config_path: Path, weights_path: Path, max_weights_bytes: int):
+    def __init__(self, config_path: Path, weights_path: Path, max_weights_bytes: int,
+                 check_name: Callable[[str], None] | None):
+        self.check_name = check_name
         self.paths = {"config": config_path, "weights": weights_path}
         self.limits = {"name": MAX_NAME_BYTES, "config": MAX_CONFIG_BYTES, "weights": max_weights_bytes}
         self.seen: dict[str, _Part] = {}
@@ -107,6 +110,15 @@ class _Receiver:
     def on_part_end(self) -> None:
         if self.part.sink is not None:
             self.part.sink.close()
+        elif self.part.field_name == "name" and self.check_name is not None:
+            # Refuse a bad name before a large weights part is received (curl sends fields in order).
+            self.check_name(self.name())
+
+    def name(self) -> str:
+        try:
+            return bytes(self.seen["name"].text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("The adapter name is not valid UTF-8.", param="name") from None
 
     def close(self) -> None:
         for part in self.seen.values():
@@ -115,9 +127,11 @@ class _Receiver:
 
 
 async def receive_adapter_upload(request: Request, staging: Path, config_path: Path, weights_path: Path,
-                                 *, max_weights_bytes: int) -> UploadedAdapter:
+                                 *, max_weights_bytes: int, check_name: Callable[[str], None] | None = None
+                                 ) -> UploadedAdapter:
     """Stream the request's multipart body into ``config_path`` and ``weights_path`` (inside ``staging``).
 
+    ``check_name`` is called on the name as soon as its part is complete (and may raise).
     Raises :class:`InvalidRequest` (not multipart, missing/extra/duplicate field) or :class:`PayloadTooLarge`.
     The caller removes ``staging`` on any failure.
     """
@@ -130,7 +144,7 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
     if declared is not None and declared.isdigit() and int(declared) > ceiling:
         raise PayloadTooLarge(f"The upload is {declared} bytes; the weights limit is {max_weights_bytes} bytes.",
                               param="weights")
-    receiver = _Receiver(config_path, weights_path, max_weights_bytes)
+    receiver = _Receiver(config_path, weights_path, max_weights_bytes, check_name)
     callbacks = {k: getattr(receiver, k) for k in (
         "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
         "on_part_data", "on_part_end")}
@@ -151,10 +165,7 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
     missing = [f for f in ("name", "config", "weights") if f not in receiver.seen]
     if missing:
         raise InvalidRequest(f"Missing form field(s): {', '.join(missing)}.", param=missing[0])
-    try:
-        name = bytes(receiver.seen["name"].text).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest("The adapter name is not valid UTF-8.", param="name") from None
+    name = receiver.name()
     for f in ("config", "weights"):
         if not os.path.exists(receiver.paths[f]):
             raise InvalidRequest(f"Form field {f!r} must be a file.", param=f)

@@ -228,3 +228,12 @@ def test_restart_finishes_interrupted_deletions_and_sweeps_leftovers(make_engine
     assert second.gw.registry.list_adapters(None, state=None) == []
     assert second.store_entries() == set()
     assert fake.state.unloads == [internal]
+
+
+def test_bad_name_is_refused_before_the_weights_are_read(gateway, tenant, tmp_path):
+    """The name part comes first: a bad name stops the upload even if the weights would be too large."""
+    _, key = tenant
+    config, _ = adapter_files(tmp_path / "a")
+    too_big = b"\x00" * (gateway.settings.max_upload_bytes + 1)
+    err = assert_openai_error(_post(gateway, key, "Bad/Name", config.read_bytes(), too_big), 400)
+    assert err["param"] == "name"
