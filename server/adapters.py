@@ -54,6 +54,8 @@ async def upload_adapter(gw: Gateway, tenant: Tenant, request: Request) -> Adapt
                                               max_weights_bytes=gw.settings.max_upload_bytes,
                                               check_name=check_adapter_name)
         check_adapter_name(upload.name)
+        if upload.name == gw.settings.base_model_id:
+            raise InvalidRequest(f"`{upload.name}` is the base model's name; choose another.", param="name")
         if await run(registry.has_adapter_name, tenant.id, upload.name):
             raise AdapterExists(upload.name)
         spec = await run(gw.base_spec)

@@ -237,3 +237,18 @@ def test_bad_name_is_refused_before_the_weights_are_read(gateway, tenant, tmp_pa
     too_big = b"\x00" * (gateway.settings.max_upload_bytes + 1)
     err = assert_openai_error(_post(gateway, key, "Bad/Name", config.read_bytes(), too_big), 400)
     assert err["param"] == "name"
+
+
+def test_adapter_may_not_shadow_the_base_model(engine, make_gateway, tmp_path):
+    gw = make_gateway([engine.url], base_model_id="tiny-base")
+    _, key = gw.new_tenant()
+    err = assert_openai_error(gw.upload(key, "tiny-base", tmp_path / "a"), 400)
+    assert err["param"] == "name" and gw.store_entries() == set()
+
+
+def test_upload_without_base_model_config_is_503_and_leaves_nothing(engine, make_gateway, tmp_path):
+    gw = make_gateway([engine.url], base_model_dir=tmp_path / "missing")
+    _, key = gw.new_tenant()
+    err = assert_openai_error(gw.upload(key, "ok", tmp_path / "a"), 503)
+    assert err["code"] == "base_model_unavailable"
+    assert gw.store_entries() == set() and gw.gw.registry.all_internal_ids() == set()
