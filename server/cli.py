@@ -8,6 +8,7 @@ generated and printed once, to stderr.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
                 log_level=args.log_level, access_log=args.access_log, proxy_headers=False, server_header=False)
