@@ -51,17 +51,26 @@ _PAD_SLACK = 16
 #: machine: the small path wins at every decode shape and is on par with the grouped one at 64 tokens.
 SMALL_T = 64
 
+#: Grouped path: expand with each slot's whole ``[R, out_i]`` block of ``b`` (one ``mm`` per segment)
+#: when segments hold at least this many tokens on average, else gather the k selected rows per token.
+_DENSE_EXPAND_MIN_SEG = 8
+
 
 def _group(token_slot: torch.Tensor, num_slots: int):
-    """Active rows sorted by slot, their slots, and the per-slot counts (a Python list)."""
+    """``(order, ss, seg, grouped)``: the permutation that sorts the active rows by slot (``None`` when none
+    is needed), their slots in that order, the per-slot counts (a Python list), and whether rows of one
+    slot are contiguous (always, except when every slot holds at most one row and no sort was done)."""
     slot = token_slot.long()
     counts = torch.bincount(slot + 1, minlength=num_slots + 1).tolist()
     n_none = counts[0]
     seg = counts[1:]
-    if max(seg) <= 1 and n_none == 0:
-        return None, slot, seg  # every token its own slot: already grouped, no reordering needed
+    if n_none == 0:
+        if max(seg) <= 1:
+            return None, slot, seg, False  # every token its own slot: no reordering needed
+        if bool((slot[1:] >= slot[:-1]).all()):
+            return None, slot, seg, True  # already sorted (one prefill request per slot, in slot order)
     order = torch.argsort(slot, stable=True)[n_none:]
-    return order, slot[order], seg
+    return order, slot[order], seg, True
 
 
 def _shrink_rows(x: torch.Tensor, a: torch.Tensor, a_idx: torch.Tensor | None) -> torch.Tensor:
@@ -217,18 +226,42 @@ def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
         out.index_copy_(0, act_t, upd)
 
 
+def _expand_dense(ysel: torch.Tensor, sel: torch.Tensor, seg: list[int], slots: FlyLoRASlots) -> torch.Tensor:
+    """Expand for long segments (rows sorted by slot): scatter the k selected ``y`` into a zero
+    ``[Ta, n, R]`` (unselected ranks exactly 0) and one fp32 ``mm`` per segment and slice with the slot's
+    whole ``[R, out_i]`` block of ``b``: ``R / k`` times the flops of the k-row gather, but no
+    ``[Ta * k, out_i]`` gather and cast, which dominate at prefill. Returns ``[Ta, sum(out_i)]`` fp32."""
+    Ta, n, _ = ysel.shape
+    R = slots.max_rank
+    ym = ysel.new_zeros(Ta, n, R).scatter_(-1, sel, ysel)  # dropped positions carry 0.0 (distinct indices)
+    delta = ysel.new_empty(Ta, sum(slots.output_slices))
+    starts = [0]
+    for c in seg[:-1]:
+        starts.append(starts[-1] + c)
+    off = 0
+    for i, out_i in enumerate(slots.output_slices):
+        b3 = slots.b_view(i)
+        d_i = delta[:, off:off + out_i]
+        for s, (start, c) in enumerate(zip(starts, seg)):
+            if c:
+                b_s = b3[s] if b3.dtype == torch.float32 else b3[s].float()
+                d_i[start:start + c] = ym[start:start + c, i] @ b_s
+        off += out_i
+    return delta
+
+
 def _apply_grouped(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
     """The grouped path: sort by slot, one matmul per segment (or one padded bmm), batched top-k."""
-    order, ss, seg = _group(token_slot, slots.num_slots)
+    order, ss, seg, grouped = _group(token_slot, slots.num_slots)
     empty = [s for s, c in enumerate(seg) if c and not any(slots.host_meta[s][0])]
     if empty:  # rows of empty slots are left alone like rows with slot -1 (not even a zero added)
         token_slot = token_slot.masked_fill(torch.isin(token_slot, torch.tensor(empty)), -1)
-        order, ss, seg = _group(token_slot, slots.num_slots)
+        order, ss, seg, grouped = _group(token_slot, slots.num_slots)
     Ta = ss.shape[0]
     if Ta == 0:
         return
     n, R = slots.num_slices, slots.max_rank
-    y = _shrink(x if order is None else x[order], ss, seg, slots, grouped=order is not None)  # [Ta, n*R] fp32
+    y = _shrink(x if order is None else x[order], ss, seg, slots, grouped=grouped)  # [Ta, n*R] fp32
 
     score = y + slots.d[ss]
     if bool(slots.magnitude.any()):
@@ -241,12 +274,16 @@ def _apply_grouped(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor,
     keep = (torch.arange(kmax) < slots.k[ss].unsqueeze(-1)) & (sel < rr)
     ysel = torch.gather(y.view(Ta, n, R), -1, sel).masked_fill_(~keep, 0.0)  # [Ta, n, kmax] fp32
 
-    rows = (ss * R)[:, None, None] + sel  # [Ta, n, kmax] row of each selected expert in a [S*R, out_i] block
-    deltas = []
-    for i, out_i in enumerate(slots.output_slices):
-        g = slots.b_view(i).view(-1, out_i).index_select(0, rows[:, i].reshape(-1))  # k rows per token
-        deltas.append(torch.bmm(ysel[:, i].unsqueeze(1), g.view(Ta, kmax, out_i).float()).squeeze(1))
-    delta = deltas[0] if n == 1 else torch.cat(deltas, dim=1)  # [Ta, sum(out_i)] fp32
+    n_active = sum(1 for c in seg if c)
+    if grouped and Ta >= _DENSE_EXPAND_MIN_SEG * n_active:
+        delta = _expand_dense(ysel, sel, seg, slots)
+    else:
+        rows = (ss * R)[:, None, None] + sel  # [Ta, n, kmax] row of each selected expert in a [S*R, out_i] block
+        deltas = []
+        for i, out_i in enumerate(slots.output_slices):
+            g = slots.b_rows[i].index_select(0, rows[:, i].reshape(-1))  # k rows per token
+            deltas.append(torch.bmm(ysel[:, i].unsqueeze(1), g.view(Ta, kmax, out_i).float()).squeeze(1))
+        delta = deltas[0] if n == 1 else torch.cat(deltas, dim=1)  # [Ta, sum(out_i)] fp32
     if order is None:
         out += delta  # computed in fp32, rounded once to out's dtype
     else:

@@ -10,7 +10,7 @@ import torch
 from flylora_runtime.kernels import FlyLoRASlots, build_slots
 from flylora_runtime.reference import LayerAdapter, flylora_delta
 
-SPREADS = ("distinct", "uniform", "zipf", "identical", "skewed", "none_rows", "all_none")
+SPREADS = ("distinct", "uniform", "zipf", "identical", "skewed", "runs", "none_rows", "all_none")
 
 
 def make_adapter(gen: torch.Generator, n_in: int, n_out: int, r: int, k: int, routing: str = "signed",
@@ -41,6 +41,8 @@ def spread(gen: torch.Generator, kind: str, T: int, S: int) -> torch.Tensor:
         s = torch.full((T,), int(torch.randint(0, S, (1,), generator=gen)))
     elif kind == "skewed":  # one popular adapter, a long tail
         s = torch.where(torch.rand(T, generator=gen) < 0.9, 0, torch.randint(0, S, (T,), generator=gen))
+    elif kind == "runs":  # prefill: each request's tokens contiguous, requests in slot order (no sort needed)
+        s = torch.randint(0, S, (T,), generator=gen).sort().values
     elif kind == "none_rows":
         s = torch.randint(0, S, (T,), generator=gen)
         s[torch.rand(T, generator=gen) < 0.3] = -1

@@ -1,7 +1,7 @@
 """``flylora_apply`` on the CPU backend (and the naive reference backend) against the reference oracle.
 
 A covering sample, not the full product: every hidden size (576, 1536, 4096), rank (8, 16, 32, 64),
-k in {1, r/4, r}, token count (1, 3, 7, 133, 512), spread, dtype and routing appears at least once, with
+k in {1, r/4, r}, token count (1, 3, 7, 16, 96, 133, 512), spread (sorted runs too), dtype and routing appears at least once, with
 single, qkv-like (3 slices) and gate_up-like (2 slices) layers, dense and compact A.
 """
 
@@ -35,6 +35,8 @@ CASES = {
     "decode16-distinct-gateup-f32-r16-mixed": Case(16, 576, (1536, 1536), ((16, 4), (8, 8)), "distinct", F32,
                                                    "mixed", S=16),
     "t512-skewed-S64-f16": Case(512, 576, (576,), ((32, 8),), "skewed", F16, S=64),
+    "t133-runs-qkv-bf16-mixed-ranks": Case(133, 576, QKV, ((32, 8), (16, 4)), "runs", BF16, "mixed"),
+    "t96-runs-gateup-f32": Case(96, 1536, (576, 576), ((32, 8),), "runs", F32, S=4),
 }
 
 

@@ -28,17 +28,18 @@ def _poison_padding(slots, r: int) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("routing", ["signed", "magnitude"])
-def test_padded_ranks_never_selected(backend: str, routing: str) -> None:
+@pytest.mark.parametrize("T", [5, 40])  # 40: long segments, the grouped path's dense expand
+def test_padded_ranks_never_selected(backend: str, routing: str, T: int) -> None:
     gen = torch.Generator().manual_seed(1)
     w = make_adapter(gen, 64, 32, r=8, k=8, routing=routing)  # k = r: every real rank must fire
     # Signed: all real scores very negative, so a padded rank (score 0 if left unmasked) would win.
     w = LayerAdapter(A=w.A, B=w.B, d=torch.full((8,), -100.0), top_k=8, scaling=w.scaling, routing=routing)
     slots = build_slots([[w], [w]], max_rank=32, b_dtype=torch.float32)
     _poison_padding(slots, 8)
-    x = torch.randn(5, 64, generator=gen)
-    out = torch.zeros(5, 32)
-    run_backend(out, x, torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32), slots, backend)
-    assert_close(out, flylora_delta(x, torch.zeros(5, dtype=torch.long), [w]), torch.float32)
+    x = torch.randn(T, 64, generator=gen)
+    out = torch.zeros(T, 32)
+    run_backend(out, x, torch.tensor([0, 1, 1, 0, 1] * (T // 5), dtype=torch.int32), slots, backend)
+    assert_close(out, flylora_delta(x, torch.zeros(T, dtype=torch.long), [w]), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
