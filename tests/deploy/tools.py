@@ -67,7 +67,10 @@ def grafana_to_promql(expr: str) -> str:
 
 
 PROMQL_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-                   "bool", "offset", "inf", "nan"}
+                   "bool", "offset", "inf", "nan",
+                   # aggregation operators, written before their `by (...)` clause
+                   "sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk", "bottomk", "quantile",
+                   "count_values", "limitk", "limit_ratio"}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -76,7 +79,7 @@ def promql_metric_names(expr: str) -> set[str]:
     e = re.sub(r"\{[^}]*\}", " ", e)                         # label matchers
     e = re.sub(r"\[[^\]]*\]", " ", e)                        # range selectors
     e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r" \1 ", e)  # label lists
-    names = re.findall(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)(?!\s*\()", e)
+    names = re.findall(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()", e)
     return {n for n in names if n.lower() not in PROMQL_KEYWORDS}
 
 
