@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup model serve test clean-venv
+.PHONY: setup model tools serve test clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ model: setup
 serve: model
 	FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo
 
-test: model
+# Prometheus + promtool (Debian package) for the deployment tests; they skip with a reason if absent.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "[setup] installing Debian's prometheus (prometheus + promtool) for the deployment tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "[setup] prometheus/promtool not found and not root: deployment tests that need them will skip"; fi; }
+
+test: model tools
 	FLYLORA_DATA_DIR=$(DATA) $(PY) -m pytest
 
 clean-venv:

