@@ -17,8 +17,9 @@ torch calls to a minimum and never sorts:
 
 **Grouped path** (``T > SMALL_T``: prefill):
 
-1. Group tokens by slot. One host read of the per-slot token counts (free on CPU); no sort when the
-   slots already come in ascending runs (prefill requests in slot order) or are all distinct.
+1. Group tokens by slot. One host read of the per-slot token counts (free on CPU); no sort when each
+   slot's rows already form one contiguous run (prefill: a request's tokens are contiguous) or when
+   every slot holds at most one row.
 2. Shrink ``y = A x`` in fp32, grouped: when the segments are balanced (``S * Lmax`` padded rows at most
    ``_PAD_WASTE`` times the real ones, as in prefill spread evenly over every slot) one ``bmm`` over a
    ``[S, Lmax, in]`` padded copy of ``x`` against all slots' A, no copy of A; otherwise one ``mm`` per
@@ -58,20 +59,29 @@ SMALL_T = 64
 
 
 def _group(token_slot: torch.Tensor, num_slots: int):
-    """``(order, ss, seg, grouped)``: the permutation that sorts the active rows by slot (``None`` when none
-    is needed), their slots in that order, the per-slot counts (a Python list), and whether rows of one
-    slot are contiguous (always, except when every slot holds at most one row and no sort was done)."""
+    """``(order, ss, seg, runs)``: the permutation of the active rows that makes each slot's rows contiguous
+    (``None`` when none is needed), their slots in that order, the per-slot counts (a Python list), and the
+    segments ``[(start, slot, count)]`` in row order (``None`` when every slot holds at most one row)."""
     slot = token_slot.long()
     counts = torch.bincount(slot + 1, minlength=num_slots + 1).tolist()
     n_none = counts[0]
     seg = counts[1:]
+    n_active = sum(1 for c in seg if c)
     if n_none == 0:
         if max(seg) <= 1:
-            return None, slot, seg, False  # every token its own slot: no reordering needed
-        if bool((slot[1:] >= slot[:-1]).all()):
-            return None, slot, seg, True  # already sorted (one prefill request per slot, in slot order)
+            return None, slot, seg, None  # every token its own slot: no reordering needed
+        starts = [0] + (torch.nonzero(slot[1:] != slot[:-1]).view(-1) + 1).tolist()
+        if len(starts) == n_active:  # each slot's rows already form one run (prefill): no sort
+            slot_of = slot[starts].tolist()
+            ends = starts[1:] + [slot.shape[0]]
+            return None, slot, seg, [(st, s, e - st) for st, s, e in zip(starts, slot_of, ends)]
     order = torch.argsort(slot, stable=True)[n_none:]
-    return order, slot[order], seg, True
+    runs, start = [], 0
+    for s, c in enumerate(seg):
+        if c:
+            runs.append((start, s, c))
+            start += c
+    return order, slot[order], seg, runs
 
 
 def _shrink_rows(x: torch.Tensor, a: torch.Tensor, a_idx: torch.Tensor | None) -> torch.Tensor:
@@ -84,32 +94,29 @@ def _shrink_rows(x: torch.Tensor, a: torch.Tensor, a_idx: torch.Tensor | None) -
     return torch.einsum("glrp,grp->glr", g, a)
 
 
-def _shrink(x: torch.Tensor, ss: torch.Tensor, seg: list[int], slots: FlyLoRASlots, grouped: bool) -> torch.Tensor:
-    """``y [Ta, n*R]`` fp32 for active tokens ``x [Ta, in]`` with slots ``ss``: sorted by slot when
-    ``grouped``, else each slot holds at most one token (in any order)."""
+def _shrink(x: torch.Tensor, ss: torch.Tensor, seg: list[int], slots: FlyLoRASlots,
+            runs: list[tuple[int, int, int]] | None) -> torch.Tensor:
+    """``y [Ta, n*R]`` fp32 for active tokens ``x [Ta, in]`` with slots ``ss``, each slot's rows the
+    segment ``runs`` names, or (``runs is None``) each slot holding at most one row, in any order."""
     S, Ta = slots.num_slots, x.shape[0]
     a = slots.a_val if slots.a_val.dtype == torch.float32 else slots.a_val.float()
     x = x.float()
     n_active = sum(1 for c in seg if c)
     lmax = max(seg)
     if S * lmax <= _PAD_WASTE * Ta + _PAD_SLACK * n_active:
-        if lmax == 1:
+        if runs is None:
             pos = ss
         else:
-            starts = torch.tensor([0] + seg[:-1]).cumsum(0)
-            pos = ss * lmax + torch.arange(Ta) - starts[ss]
+            first = [0] * S
+            for start, s, _ in runs:
+                first[s] = start
+            pos = ss * lmax + torch.arange(Ta) - torch.tensor(first)[ss]
         xp = x.new_zeros(S * lmax, x.shape[1])
         xp[pos] = x
         y = _shrink_rows(xp.view(S, lmax, -1), a, slots.a_idx)
         return y.reshape(S * lmax, -1)[pos]
     y = x.new_empty(Ta, a.shape[1])
-    segments = zip(range(Ta), ss.tolist(), [1] * Ta) if not grouped else []
-    if grouped:
-        starts = [0]
-        for c in seg[:-1]:
-            starts.append(starts[-1] + c)
-        segments = [(st, s, c) for s, (st, c) in enumerate(zip(starts, seg)) if c]
-    for start, s, c in segments:
+    for start, s, c in runs if runs is not None else zip(range(Ta), ss.tolist(), [1] * Ta):
         idx = None if slots.a_idx is None else slots.a_idx[s:s + 1]
         y[start:start + c] = _shrink_rows(x[None, start:start + c], a[s:s + 1], idx)[0]
     return y
@@ -227,7 +234,8 @@ def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
         out.index_copy_(0, act_t, upd)
 
 
-def _expand_dense(ysel: torch.Tensor, sel: torch.Tensor, seg: list[int], slots: FlyLoRASlots) -> torch.Tensor:
+def _expand_dense(ysel: torch.Tensor, sel: torch.Tensor, runs: list[tuple[int, int, int]],
+                  slots: FlyLoRASlots) -> torch.Tensor:
     """Expand for long segments (rows sorted by slot): scatter the k selected ``y`` into a zero
     ``[Ta, n, R]`` (unselected ranks exactly 0) and one fp32 ``mm`` per segment and slice with the slot's
     whole ``[R, out_i]`` block of ``b``: ``R / k`` times the flops of the k-row gather, but no
@@ -236,33 +244,29 @@ def _expand_dense(ysel: torch.Tensor, sel: torch.Tensor, seg: list[int], slots: 
     R = slots.max_rank
     ym = ysel.new_zeros(Ta, n, R).scatter_(-1, sel, ysel)  # dropped positions carry 0.0 (distinct indices)
     delta = ysel.new_empty(Ta, sum(slots.output_slices))
-    starts = [0]
-    for c in seg[:-1]:
-        starts.append(starts[-1] + c)
     off = 0
     for i, out_i in enumerate(slots.output_slices):
         b3 = slots.b_view(i)
         d_i = delta[:, off:off + out_i]
-        for s, (start, c) in enumerate(zip(starts, seg)):
-            if c:
-                b_s = b3[s] if b3.dtype == torch.float32 else b3[s].float()
-                d_i[start:start + c] = ym[start:start + c, i] @ b_s
+        for start, s, c in runs:
+            b_s = b3[s] if b3.dtype == torch.float32 else b3[s].float()
+            d_i[start:start + c] = ym[start:start + c, i] @ b_s
         off += out_i
     return delta
 
 
 def _apply_grouped(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots) -> None:
     """The grouped path: sort by slot, one matmul per segment (or one padded bmm), batched top-k."""
-    order, ss, seg, grouped = _group(token_slot, slots.num_slots)
+    order, ss, seg, runs = _group(token_slot, slots.num_slots)
     empty = [s for s, c in enumerate(seg) if c and not any(slots.host_meta[s][0])]
     if empty:  # rows of empty slots are left alone like rows with slot -1 (not even a zero added)
         token_slot = token_slot.masked_fill(torch.isin(token_slot, torch.tensor(empty)), -1)
-        order, ss, seg, grouped = _group(token_slot, slots.num_slots)
+        order, ss, seg, runs = _group(token_slot, slots.num_slots)
     Ta = ss.shape[0]
     if Ta == 0:
         return
     n, R = slots.num_slices, slots.max_rank
-    y = _shrink(x if order is None else x[order], ss, seg, slots, grouped=grouped)  # [Ta, n*R] fp32
+    y = _shrink(x if order is None else x[order], ss, seg, slots, runs)  # [Ta, n*R] fp32
 
     score = y + slots.d[ss]
     if bool(slots.magnitude.any()):
@@ -278,8 +282,8 @@ def _apply_grouped(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor,
     n_active = sum(1 for c in seg if c)
     # Whole [R, out_i] blocks per segment when they are fewer rows of b than k rows per token (at 256
     # tokens: 2x faster at 64 adapters of hidden 4096, 2-4x at 1-8 adapters).
-    if grouped and Ta * kmax >= R * n_active:
-        delta = _expand_dense(ysel, sel, seg, slots)
+    if runs is not None and Ta * kmax >= R * n_active:
+        delta = _expand_dense(ysel, sel, runs, slots)
     else:
         rows = (ss * R)[:, None, None] + sel  # [Ta, n, kmax] row of each selected expert in a [S*R, out_i] block
         deltas = []

@@ -41,8 +41,8 @@ def spread(gen: torch.Generator, kind: str, T: int, S: int) -> torch.Tensor:
         s = torch.full((T,), int(torch.randint(0, S, (1,), generator=gen)))
     elif kind == "skewed":  # one popular adapter, a long tail
         s = torch.where(torch.rand(T, generator=gen) < 0.9, 0, torch.randint(0, S, (T,), generator=gen))
-    elif kind == "runs":  # prefill: each request's tokens contiguous, requests in slot order (no sort needed)
-        s = torch.randint(0, S, (T,), generator=gen).sort().values
+    elif kind == "runs":  # prefill: each request's tokens contiguous, requests in any slot order (no sort)
+        s = torch.randperm(S, generator=gen)[torch.randint(0, S, (T,), generator=gen).sort().values]
     elif kind == "none_rows":
         s = torch.randint(0, S, (T,), generator=gen)
         s[torch.rand(T, generator=gen) < 0.3] = -1
