@@ -28,7 +28,7 @@ model: setup
 	@FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo_model >/dev/null
 
 serve: model
-	FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo
+	FLYLORA_DATA_DIR=$(DATA) $(PY) -m server.stack
 
 # Prometheus + promtool (Debian package) for the deployment tests; they skip with a reason if absent.
 tools:

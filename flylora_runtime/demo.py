@@ -1,16 +1,19 @@
-"""The demo: the demo base model answering with and without a FlyLoRA adapter.
+"""The demo model and adapters, and a quick look at them without the service.
 
-Until the engine and gateway are wired into ``make serve``, this runs the transformers oracle
-(:mod:`flylora_runtime.hf`) on CPU: it obtains the demo model, writes a random FlyLoRA adapter in the
-authors' format (r=32, top_k=8, alpha=64, all seven projections; cached), validates and loads it, and
-generates greedily with and without it.
+``--prepare`` (what ``make serve`` calls) obtains the demo model and the demo adapters and prints them as
+JSON. Without it, this runs the transformers oracle (:mod:`flylora_runtime.hf`) on CPU: the demo model
+answering greedily with and without the demo adapter, no engine or gateway needed.
 
-    python -m flylora_runtime.demo [--prompt TEXT] [--max-new-tokens N]
+The demo adapter is a random FlyLoRA adapter in the authors' format (r=32, top_k=8, alpha=64, all seven
+projections, nonzero routing bias; cached in the data folder).
+
+    python -m flylora_runtime.demo [--prompt TEXT] [--max-new-tokens N] [--prepare]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -36,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flylora-demo", description=__doc__.splitlines()[0])
     p.add_argument("--prompt", default="Write one sentence about the sea.")
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--prepare", action="store_true",
+                   help="only obtain the demo model and adapters; print [{name, path}] as JSON (used by make serve)")
     args = p.parse_args(argv)
     try:
         model_dir = ensure_demo_model()
     except DemoModelUnavailable as exc:
         print(f"flylora-demo: error: {exc}", file=sys.stderr)
         return 1
+
+    if args.prepare:
+        print(json.dumps([{"name": DEMO_ADAPTER, "path": str(ensure_demo_adapter(model_dir))}]))
+        return 0
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
