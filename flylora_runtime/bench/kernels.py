@@ -1,6 +1,7 @@
 """Benchmark of one adapted layer's delta: our kernel vs vLLM's LoRA ops vs a naive per-token loop.
 
-Usage: ``python -m flylora_runtime.bench.kernels [--quick] [--json PATH] [--plot PATH] [--threads N]``
+Usage: ``python -m flylora_runtime.bench.kernels [--quick] [--json PATH] [--plot PATH] [--threads N]
+[--baseline-rev REV]``
 
 One row per backend and shape (``backend, tokens, adapters_in_batch, hidden_in, hidden_out, r, k, dtype,
 median_s, gbps, layer, slots``), all measured in one run so that ratios are comparable on a shared, noisy
@@ -20,6 +21,7 @@ Backends (by the device: CPU here, CUDA when present):
 - ``flylora-cpu-grouped``: the CPU backend forced onto its grouped (prefill) path at ``T <= SMALL_T``,
   i.e. what every shape ran before the small-T path existed (the "before" of that change).
 - ``flylora-cpu-compactA``: the CPU backend on slots holding compact A (the sparse alternative).
+- ``flylora-cpu@REV`` (``--baseline-rev REV``): the CPU backend of an earlier git revision, same slots.
 - ``vllm-cpu-torch-ops``: vLLM's CPU LoRA path (``vllm.lora.ops.torch_ops.bgmv_shrink`` then
   ``bgmv_expand_slice``, as ``PunicaWrapperCPU.add_lora_linear`` calls them; its prefill ``sgmv_*`` ops
   only repeat the indices first), plain LoRA at the same r with dense A, one shrink and one expand per
@@ -98,9 +100,26 @@ def _vllm_ops():
     return bgmv_shrink, bgmv_expand_slice
 
 
+def load_baseline(rev: str):
+    """The CPU backend's ``apply_cpu`` as of git revision ``rev`` (its ``kernels/cpu.py`` run against
+    today's slots), for before/after rows in the same run. Needs a git checkout."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:flylora_runtime/kernels/cpu.py"],
+                         check=True, capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("flylora_runtime.kernels._baseline_cpu", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "flylora_runtime.kernels"
+    exec(compile(src, f"{rev}:kernels/cpu.py", "exec"), mod.__dict__)  # noqa: S102 - our own file
+    return mod.apply_cpu
+
+
 def bench_shape(tokens: int, n_adapters: int, n_in: int, outs: tuple[int, ...], dtype: torch.dtype, device: str,
                 budget_s: float, vllm_ops, *, naive: bool, compact_a: bool, n_slots: int | None = None,
-                layer: str = "single") -> list[Row]:
+                layer: str = "single", baseline: tuple[str, Callable] | None = None) -> list[Row]:
     """Time every backend on one layer shape; ``n_slots`` slots (default: the adapters in the batch)."""
     gen = torch.Generator().manual_seed(0)
     n_adapters = min(n_adapters, tokens)
@@ -130,6 +149,12 @@ def bench_shape(tokens: int, n_adapters: int, n_in: int, outs: tuple[int, ...], 
             apply_cpu(out, x, token_slot, slots, path="grouped")
 
         row("flylora-cpu-grouped", grouped, act_bytes + a_dense + b_fly)
+    if baseline is not None and device == "cpu":
+        def before() -> None:
+            check_inputs(out, x, token_slot, slots, check_indices=False)
+            baseline[1](out, x, token_slot, slots)
+
+        row(f"flylora-cpu@{baseline[0]}", before, act_bytes + a_dense + b_fly)
     if compact_a and device == "cpu":
         slots_c = build_slots(adapters, b_dtype=dtype, compact=True)
         row("flylora-cpu-compactA", lambda: flylora_apply(out, x, token_slot, slots_c, check_indices=False),
@@ -233,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--max-loras", type=int, default=16, help="slots per layer in the decode-step part")
     ap.add_argument("--skip-table", action="store_true", help="only the decode-step part")
+    ap.add_argument("--baseline-rev", metavar="REV", help="also time the CPU backend of git revision REV")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     vllm_ops = _vllm_ops() if device == "cpu" else None
+    baseline = (args.baseline_rev, load_baseline(args.baseline_rev)) if args.baseline_rev else None
     if args.quick:
         shapes = [(t, a, 576) for t in (1, 16, 256) for a in (1, 8)] + [(16, 16, 576), (256, 8, 4096)]
         decode_tokens, budget = (1, 16), 0.2
@@ -257,14 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         for tokens, n_adapters, hidden in shapes:
             naive = tokens <= 16 or (not args.quick and hidden == 576)
             shape_rows = bench_shape(tokens, n_adapters, hidden, (hidden,), dtype, device, budget, vllm_ops,
-                                     naive=naive, compact_a=hidden == 576 and tokens > 1)
+                                     naive=naive, compact_a=hidden == 576 and tokens > 1, baseline=baseline)
             _print_rows(shape_rows)
             rows += shape_rows
         for tokens in decode_tokens:
             for name, n_in, outs in SMOLLM2_LAYERS:
                 shape_rows = bench_shape(tokens, min(tokens, args.max_loras), n_in, outs, dtype, device, budget,
                                          vllm_ops, naive=tokens <= 16, compact_a=False, n_slots=args.max_loras,
-                                         layer=name)
+                                         layer=name, baseline=baseline)
                 _print_rows(shape_rows)
                 rows += shape_rows
     steps = step_summary(rows)

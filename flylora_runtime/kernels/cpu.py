@@ -172,10 +172,28 @@ def _apply_small(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
         xa = xa.float()
     ss = token_slot if act is None else torch.tensor(ts)
 
-    # Shrink: one BLAS call per active slot, on a view of its A (no copy of A, absent slots not read).
-    y = xa.new_empty(Ta, n * R)
+    # Shrink: one BLAS call per active slot, on a view of its A (no copy of A, absent slots not read);
+    # or, when most slots hold several tokens each (scattered), one bmm over all slots with x padded to
+    # [S, Lmax, in], as the grouped path does, with the padded positions computed here in Python.
+    S = slots.num_slots
+    lmax = max(len(p) for p in groups.values())
+    scattered = any(p[-1] - p[0] + 1 != len(p) for p in groups.values())
+    if (lmax > 1 and scattered and slots.a_idx is None and slots.a_val.dtype == torch.float32
+            and S * lmax <= _PAD_WASTE * Ta + _PAD_SLACK * len(groups)):
+        pad_pos = [0] * Ta
+        for s, pos in groups.items():
+            for j, t in enumerate(pos):
+                pad_pos[t] = s * lmax + j
+        pp = torch.tensor(pad_pos)
+        xp = xa.new_zeros(S * lmax, xa.shape[1])
+        xp[pp] = xa
+        y = torch.bmm(xp.view(S, lmax, -1), slots.a_val.transpose(1, 2)).view(S * lmax, -1)[pp]
+        per_slot = {}
+    else:
+        y = xa.new_empty(Ta, n * R)
+        per_slot = groups
     x_rows = y_rows = None
-    for s, pos in groups.items():
+    for s, pos in per_slot.items():
         a_s = slots.a_rows[s]
         if a_s.dtype != torch.float32:
             a_s = a_s.float()
