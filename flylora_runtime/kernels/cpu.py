@@ -9,7 +9,9 @@ torch calls to a minimum and never sorts:
    slot happens in Python on a list of at most ``SMALL_T`` ints, not with ``bincount``/``argsort``.
 2. Shrink ``y = A x`` in fp32 with one BLAS call per *active* slot on a view of that slot's dense A
    (``mv`` for one token, ``mm`` for a run of tokens): only the A of slots present in the batch is read,
-   nothing is copied, empty or absent slots cost nothing.
+   nothing is copied, empty or absent slots cost nothing. Exception: when slots hold several scattered
+   tokens each and most slots are active, one ``bmm`` over all slots with ``x`` padded to
+   ``[S, Lmax, in]`` (positions computed in Python; 0.67-0.84x the per-slot calls at 32-64 tokens).
 3. Scores ``y + d`` for every slice at once, one ``topk`` over a ``[Ta, n, R]`` view. When every active
    slot has ``r == R`` and the same ``k`` (the common case), no rank masks are built at all.
 4. Expand as in the grouped path, but added slice by slice straight into ``out``'s columns (each column
