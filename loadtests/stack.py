@@ -1,0 +1,170 @@
+"""The system under test: an engine and a gateway as child processes, a tenant, adapters uploaded through the API.
+
+As ``make serve`` does (server/stack.py), but on free loopback ports, in a fresh data folder per run (registry
+and adapter store), with the gateway's per-tenant limits lifted so they never shape the load. Adapters are
+generated once per kind into a cache (``<data>/loadtests/adapters/<kind>/<i>``) and uploaded by every run
+through ``POST /v1/adapters``, exactly as a tenant would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from flylora_runtime.engine import EngineConfig
+from flylora_runtime.paths import data_dir, demo_model_dir
+from flylora_runtime.process import EngineProcess, free_port
+
+TENANT = "loadtest"
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """A family of generated adapters: ``top_k=None`` is plain PEFT LoRA (for vLLM's native LoRA)."""
+
+    name: str
+    r: int = 32
+    top_k: int | None = 8
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    d_std: float = 0.01
+
+
+FLYLORA_FULL = AdapterKind("fly-r32k8-all")
+FLYLORA_QV = AdapterKind("fly-r32k8-qv", targets=("q_proj", "v_proj"))
+LORA_FULL = AdapterKind("lora-r32-all", top_k=None, d_std=0.0)
+LORA_QV = AdapterKind("lora-r32-qv", top_k=None, d_std=0.0, targets=("q_proj", "v_proj"))
+
+
+def _log(msg: str) -> None:
+    print(f"[loadtests] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_adapters(kind: AdapterKind, count: int, cache: Path | None = None) -> list[Path]:
+    """Folders of ``count`` adapters of ``kind`` (seeds 0..count-1), generated once and cached."""
+    root = (cache or data_dir() / "loadtests" / "adapters") / kind.name
+    folders = [root / f"{i:04d}" for i in range(count)]
+    missing = [f for f in folders if not (f / "adapter_model.safetensors").is_file()]
+    if missing:
+        import torch
+
+        from flylora_runtime.generate import GenerateSpec, generate_adapter
+        from flylora_runtime.modelspec import BaseModelSpec
+
+        torch.set_num_threads(1)
+        base = BaseModelSpec.from_pretrained(demo_model_dir())
+        _log(f"generating {len(missing)} {kind.name} adapters into {root}")
+        for f in missing:
+            seed = int(f.name)
+            spec = GenerateSpec(r=kind.r, top_k=kind.top_k, targets=kind.targets, d_std=kind.d_std,
+                                seed=10_000 + seed)
+            generate_adapter(base, spec).save(f)
+    return folders
+
+
+class Stack:
+    """Engine + gateway children. ``with Stack(EngineConfig-fields, workdir) as s:`` then ``s.gateway_url``,
+    ``s.tenant_key`` (a fresh tenant), ``await s.upload(...)``."""
+
+    def __init__(self, workdir: Path, *, flylora: bool = True, max_loras: int = 16, max_cpu_loras: int = 64,
+                 max_num_seqs: int = 64, dtype: str = "auto"):
+        self.workdir = workdir
+        self.store = workdir / "store"
+        self.engine_config = EngineConfig(model=str(demo_model_dir()), adapter_store=str(self.store),
+                                          port=free_port(), dtype=dtype, max_loras=max_loras,
+                                          max_cpu_loras=max_cpu_loras, max_num_seqs=max_num_seqs, flylora=flylora)
+        self.admin_key = "flk-admin-" + secrets.token_hex(16)
+        self.gateway_port = free_port()
+        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self.engine: EngineProcess | None = None
+        self.gateway: subprocess.Popen | None = None
+        self.tenant_key = ""
+
+    def describe(self) -> dict:
+        c = self.engine_config
+        return {"flylora": c.flylora, "dtype": c.dtype, "max_loras": c.max_loras, "max_cpu_loras": c.max_cpu_loras,
+                "max_num_seqs": c.max_num_seqs, "max_lora_rank": c.max_lora_rank, "model": Path(c.model).name}
+
+    def __enter__(self) -> Stack:
+        if self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.store.mkdir(parents=True)
+        t0 = time.monotonic()
+        _log(f"starting engine ({'FlyLoRA' if self.engine_config.flylora else 'stock vLLM LoRA'}) "
+             f"on {self.engine_config.host}:{self.engine_config.port}")
+        env = dict(os.environ)
+        env.update({"FLYLORA_DATA_DIR": str(self.workdir), "FLYLORA_ADAPTER_STORE": str(self.store),
+                    "FLYLORA_BASE_MODEL_DIR": str(demo_model_dir()), "FLYLORA_ADMIN_KEY": self.admin_key,
+                    "FLYLORA_ENGINE_URLS": f"http://127.0.0.1:{self.engine_config.port}",
+                    "FLYLORA_GATEWAY_HOST": "127.0.0.1", "FLYLORA_GATEWAY_PORT": str(self.gateway_port),
+                    "FLYLORA_MAX_CONCURRENCY_PER_TENANT": "100000", "FLYLORA_TOKENS_PER_MINUTE_PER_TENANT": "0"})
+        log = open(self.workdir / "gateway.log", "ab")
+        self.gateway = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "warning"], env=env,
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        log.close()
+        try:
+            self.engine = EngineProcess(self.engine_config, self.workdir / "engine.log").start()
+            self._wait_ready()
+            with httpx.Client(base_url=self.gateway_url, timeout=30, trust_env=False,
+                              headers={"Authorization": f"Bearer {self.admin_key}"}) as admin:
+                r = admin.post("/admin/tenants", json={"name": TENANT})
+                r.raise_for_status()
+                self.tenant_key = r.json()["api_key"]
+        except BaseException:
+            self.__exit__()
+            raise
+        _log(f"engine + gateway ready in {time.monotonic() - t0:.0f} s ({self.gateway_url})")
+        return self
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.gateway.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.gateway.returncode}; see {self.workdir}/gateway.log")
+            try:
+                if httpx.get(self.gateway_url + "/ready", timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"gateway not ready after {timeout:.0f} s")
+
+    def __exit__(self, *exc) -> None:
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.terminate()
+            try:
+                self.gateway.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
+        if self.engine is not None:
+            self.engine.stop()
+
+    def rss_bytes(self) -> int:
+        return self.engine.rss_bytes() if self.engine else 0
+
+    async def upload(self, names: list[str], folders: list[Path], parallel: int = 4) -> None:
+        """Upload adapters through the public API (multipart), ``parallel`` at a time; raise on any non-201."""
+        sem = asyncio.Semaphore(parallel)
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(base_url=self.gateway_url, timeout=600, trust_env=False,
+                                     headers={"Authorization": f"Bearer {self.tenant_key}"}) as client:
+            async def one(name: str, folder: Path) -> None:
+                async with sem:
+                    files = {"config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+                             "weights": ("adapter_model.safetensors",
+                                         (folder / "adapter_model.safetensors").read_bytes())}
+                    r = await client.post("/v1/adapters", data={"name": name}, files=files)
+                    if r.status_code != 201:
+                        raise RuntimeError(f"upload of {name!r} failed: {r.status_code} {r.text[:300]}")
+
+            await asyncio.gather(*(one(n, f) for n, f in zip(names, folders, strict=True)))
+        _log(f"uploaded {len(names)} adapters in {time.monotonic() - t0:.1f} s")
