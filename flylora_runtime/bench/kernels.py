@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -70,16 +71,22 @@ class Row:
 
 def _time_interleaved(fns: list[Callable[[], None]], budget_s: float, max_reps: int = 200) -> list[float]:
     """Median seconds of each of ``fns``, timed round-robin (one call of each per round) so that a burst of
-    load from other processes on the shared machine slows every backend alike and ratios stay fair."""
+    load from other processes on the shared machine slows every backend alike and ratios stay fair. The
+    order is shuffled every round (fixed seed): whoever runs right after a cache-thrashing backend (vLLM's
+    per-token weight copies, the naive loop) pays for refilling the caches, so every backend must follow
+    every other one equally often (a fixed or rotating order keeps the same predecessors)."""
     for fn in fns:
         fn()  # warm-up (allocations, lazy imports, BLAS dispatch)
     times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < 3 or (time.perf_counter() - start < budget_s * len(fns) and len(times[0]) < max_reps):
-        for fn, ts in zip(fns, times):
+    start, rnd, rng = time.perf_counter(), 0, random.Random(0)
+    order = list(range(len(fns)))
+    while rnd < max(3, len(fns)) or (time.perf_counter() - start < budget_s * len(fns) and rnd < max_reps):
+        rng.shuffle(order)
+        for i in order:
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+        rnd += 1
     return [statistics.median(ts) for ts in times]
 
 
