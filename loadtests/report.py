@@ -92,7 +92,7 @@ def plot_bars(path: Path, title: str, labels: list[str], values: list[float], yl
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = ax.bar(labels, values, color="#4c72b0")
     for b, v in zip(bars, values, strict=True):
-        ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v),
+        ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
                     ha="center", va="bottom", fontsize=9)
     if reference is not None:
         ax.axhline(reference, color="#c44e52", linestyle="--", label=reference_label)

@@ -4,7 +4,9 @@
     python -m loadtests.run adapters   # issue 8: 1, 10, 100, 1000 adapters, Zipf(1.0), + base reference
     python -m loadtests.run sweep      # open-loop Poisson request-rate sweep, 100 adapters, Zipf(1.0)
     python -m loadtests.run native     # stock vLLM LoRA baselines (16 full adapters, 100 q/v adapters)
-    python -m loadtests.run all        # all of the above with two engine sessions (FlyLoRA, then stock)
+    python -m loadtests.run all        # engine + adapters + sweep in two engine sessions (FlyLoRA, then
+                                       # stock vLLM LoRA with its 16-adapter baseline; the 100 q/v stock run
+                                       # is left to `native` to keep `all` under 30 minutes on 2 cores)
 
 Every measured run uses the same engine settings (bf16, 16 device slots, 64 CPU-cached adapters, 64 seqs)
 and the same closed-loop load unless it says otherwise (16 clients, prompts of 32-96 words, 32 output
@@ -19,22 +21,30 @@ import asyncio
 import gzip
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from flylora_runtime.paths import REPO_ROOT, data_dir
 
 from .generator import LoadSpec, run_load
-from .report import machine, percentile, plot_bars, plot_curve, result_json, summarize, write_json
+from .report import (
+    machine,
+    percentile,
+    plot_bars,
+    plot_curve,
+    result_json,
+    summarize,
+    write_json,
+)
 from .stack import FLYLORA_FULL, FLYLORA_QV, LORA_FULL, LORA_QV, Stack, ensure_adapters
 from .workload import Lengths
 
 BASE = "SmolLM2-135M-Instruct"
 OUT = REPO_ROOT / "docs" / "bench"
 CURVE = (1, 10, 100, 1000)
-SWEEP_RATES = (0.5, 1.0, 2.0, 4.0)
+SWEEP_FRACTIONS = (0.5, 1.0, 1.5)  # offered load, as fractions of the measured closed-loop capacity
 N_ENGINE_ADAPTERS = 16
 N_COLD = 20
 
@@ -47,7 +57,7 @@ def _log(msg: str) -> None:
 class Bench:
     """Shared settings and the results gathered so far (run name -> summary)."""
 
-    duration_s: float = 40.0
+    duration_s: float = 30.0
     concurrency: int = 16
     output_tokens: int = 32
     progress: bool = True
@@ -64,13 +74,16 @@ class Bench:
         return replace(base, **kw)
 
     async def measure(self, stack: Stack, name: str, spec: LoadSpec, warm: list[str] | None = None) -> dict:
+        warmup = None
         if warm:  # one short request per model, not measured: loads them as a long-running service would have
-            await run_load(replace(spec, models=warm, popularity="uniform", mode="closed",
+            warmup = await run_load(replace(spec, models=warm, popularity="uniform", mode="closed",
                                    concurrency=min(len(warm), spec.concurrency), max_requests=len(warm),
                                    duration_s=600, output_tokens=Lengths(2, 2), progress=False, label="warm-up"))
         load_before = os.getloadavg()
         result = await run_load(spec)
         summary = summarize(result)
+        if warmup is not None:
+            summary["warmup"] = {"issued": len(warmup.records), "ok": len(warmup.ok), "failed": len(warmup.failed)}
         summary.update({"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
                         "engine_rss_gib": stack.rss_bytes() / 2**30, "stack": stack.describe(), "spec": result.spec})
         self.results[name] = summary
@@ -104,17 +117,18 @@ async def part_cold(b: Bench, stack: Stack) -> None:
     names = [f"cold-{i:04d}" for i in range(N_COLD)]
     await stack.upload(names, folders)
     warm_name = names[0] if "flylora16" not in b.results else "fly-0000"
-    ttfts, warm_ttfts, failed = [], [], 0
-    for name in names + [warm_name] * 5:  # the 5 repeats of a loaded adapter: the warm reference
+    ttfts, warm_ttfts, failures = [], [], []
+    for i, name in enumerate(names + [warm_name] * 5):  # the 5 repeats of a loaded adapter: the warm reference
         res = await run_load(b.spec(stack, [name], f"cold {name}", popularity="single", max_requests=1,
                                     concurrency=1, duration_s=600, output_tokens=Lengths(1, 1), progress=False))
         rec = res.records[0]
         if not rec.ok or rec.ttft is None:
-            failed += 1
+            failures.append(f"{name}: {rec.status} {rec.error}")
             continue
-        (warm_ttfts if len(ttfts) + failed >= N_COLD else ttfts).append(rec.ttft)
+        (ttfts if i < N_COLD else warm_ttfts).append(rec.ttft)
     b.results["cold_load"] = {
-        "n": N_COLD, "ok": len(ttfts), "failed": failed, "ttft_s": ttfts, "p50_s": percentile(ttfts, 50),
+        "n": N_COLD, "issued": N_COLD + 5, "ok": N_COLD + 5 - len(failures), "failed": len(failures),
+        "failures": failures, "cold_ok": len(ttfts), "warm_ttft_s": warm_ttfts, "ttft_s": ttfts, "p50_s": percentile(ttfts, 50),
         "p99_s": percentile(ttfts, 99), "warm_ttft_p50_s": percentile(warm_ttfts, 50), "loadavg": list(os.getloadavg()),
         "adapter": "FlyLoRA r=32 k=8, all seven projections (~38 MB fp32 file)"}
     _log(f"cold load: p50 {b.results['cold_load']['p50_s']:.2f} s, p99 {b.results['cold_load']['p99_s']:.2f} s "
@@ -132,13 +146,20 @@ async def part_curve(b: Bench, stack: Stack, sizes=CURVE) -> None:
         await b.measure(stack, f"adapters_{n}", spec, warm=models[: min(n, stack.engine_config.max_loras)])
 
 
-async def part_sweep(b: Bench, stack: Stack, rates=SWEEP_RATES) -> None:
+async def part_sweep(b: Bench, stack: Stack) -> None:
+    """Open-loop Poisson arrivals at fractions of the closed-loop capacity measured with the same adapters."""
     names = _names("qv", 100)
     if "adapters_100" not in b.results:
-        await stack.upload(names, ensure_adapters(FLYLORA_QV, 100))
-    for rate in rates:
-        spec = b.spec(stack, names, f"rate {rate}/s", popularity="zipf", mode="open", rate=rate, seed=int(rate * 10))
-        await b.measure(stack, f"rate_{rate:g}", spec, warm=names[:16])
+        await part_curve(b, stack, sizes=(100,))
+    capacity = b.results["adapters_100"]["requests_per_s"]
+    b.meta["sweep_capacity_req_s"] = capacity
+    for frac in SWEEP_FRACTIONS:
+        rate = max(capacity * frac, 0.01)
+        spec = b.spec(stack, names, f"{frac:g}x capacity", popularity="zipf", mode="open", rate=rate,
+                      seed=int(frac * 100))
+        summary = await b.measure(stack, f"rate_{frac:g}", spec, warm=names[:16])
+        summary["offered_rate"] = rate
+        summary["capacity_fraction"] = frac
 
 
 async def part_native(b: Bench, stack: Stack, qv: bool = True) -> None:
@@ -169,6 +190,12 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 
 def write_outputs(b: Bench, partial: bool) -> None:
+    issued = sum(r.get("issued", 0) for r in b.results.values())
+    failed = sum(r.get("failed", 0) for r in b.results.values())
+    w_issued = sum(r.get("warmup", {}).get("issued", 0) for r in b.results.values())
+    w_failed = sum(r.get("warmup", {}).get("failed", 0) for r in b.results.values())
+    b.meta["accounting"] = {"measured_issued": issued, "measured_failed": failed, "warmup_issued": w_issued,
+                            "warmup_failed": w_failed}
     header = {"machine": machine(), "partial": partial, "settings": {
         "duration_s": b.duration_s, "concurrency": b.concurrency, "output_tokens": b.output_tokens,
         "prompt_words": [32, 96], "ignore_eos": True}, "stacks": b.stacks, **b.meta}
@@ -196,8 +223,9 @@ def write_outputs(b: Bench, partial: bool) -> None:
                   f"  base only           {_fmt(base)} output tok/s",
                   f"  FlyLoRA, 16 adapters {_fmt(fly)} output tok/s  ({_fmt(_ratio(fly, base), '.2f')}x base)",
                   f"  vLLM LoRA, 16       {_fmt(nat)} output tok/s  ({_fmt(_ratio(nat, base), '.2f')}x base)",
-                  f"  cold load -> first token: p50 {_fmt(cold and cold['p50_s'], '.2f')} s, "
-                  f"p99 {_fmt(cold and cold['p99_s'], '.2f')} s over {cold and cold['ok']} cold adapters"]
+                  (f"  cold load -> first token: p50 {_fmt(cold and cold['p50_s'], '.2f')} s, "
+                   f"p99 {_fmt(cold and cold['p99_s'], '.2f')} s over {cold and cold['cold_ok']} cold adapters "
+                   f"(warm TTFT p50 {_fmt(cold and cold['warm_ttft_p50_s'], '.2f')} s)")]
     curve = [n for n in CURVE if f"adapters_{n}" in b.results]
     if curve:
         one = _tps(b, "adapters_1")
@@ -223,9 +251,9 @@ def write_outputs(b: Bench, partial: bool) -> None:
         lines += [f"  {r['adapters']:>5} adapters  {_fmt(r['output_tokens_per_s'])} tok/s  "
                   f"{_fmt(r['over_1_adapter'], '.2f')}x of 1 adapter  TTFT p50 {_fmt(r['ttft_p50_s'], '.2f')} s  "
                   f"{r['ok']}/{r['issued']} ok" for r in rows]
-    rates = [r for r in SWEEP_RATES if f"rate_{r:g}" in b.results]
+    rates = [r for r in SWEEP_FRACTIONS if f"rate_{r:g}" in b.results]
     if rates:
-        rows = [{"rate": r, **{k: b.results[f"rate_{r:g}"][k] for k in ("output_tokens_per_s", "requests_per_s",
+        rows = [{"capacity_fraction": r, "rate": b.results[f"rate_{r:g}"]["offered_rate"], **{k: b.results[f"rate_{r:g}"][k] for k in ("output_tokens_per_s", "requests_per_s",
                                                                        "ok", "failed", "issued")},
                  "ttft_p50_s": b.results[f"rate_{r:g}"]["ttft_s"]["p50"],
                  "ttft_p99_s": b.results[f"rate_{r:g}"]["ttft_s"]["p99"],
@@ -234,25 +262,77 @@ def write_outputs(b: Bench, partial: bool) -> None:
         write_json(OUT / "load_sweep.json", {**header, "table": rows,
                                              "runs": {f"rate_{r:g}": b.results[f"rate_{r:g}"] for r in rates}})
         plot_curve(OUT / "load_sweep.png", f"Open-loop Poisson arrivals, 100 adapters Zipf(1.0)"
-                   f"{' (PARTIAL)' if partial else ''}", list(rates),
+                   f"{' (PARTIAL)' if partial else ''}", [r["rate"] for r in rows],
                    {"TTFT p50 (s)": [r["ttft_p50_s"] for r in rows], "TTFT p99 (s)": [r["ttft_p99_s"] for r in rows],
                     "end-to-end p50 (s)": [r["e2e_p50_s"] for r in rows]}, "offered load (requests/s)", "seconds",
                    right={"output tok/s": [r["output_tokens_per_s"] for r in rows]}, right_label="output tokens/s")
         lines.append("request-rate sweep (open loop, 100 adapters Zipf 1.0):")
-        lines += [f"  {r['rate']:>4} req/s offered  {r['requests_per_s']:.2f} served  {_fmt(r['output_tokens_per_s'])} "
+        lines += [f"  {r['capacity_fraction']:>4}x capacity = {r['rate']:.3f} req/s offered  {r['requests_per_s']:.2f} served  {_fmt(r['output_tokens_per_s'])} "
                   f"tok/s  TTFT p50/p99 {_fmt(r['ttft_p50_s'], '.2f')}/{_fmt(r['ttft_p99_s'], '.2f')} s  "
                   f"{r['ok']}/{r['issued']} ok" for r in rows]
     others = {k: v for k, v in b.results.items() if k in ("base", "native16", "native_adapters_100")}
     if others:
         write_json(OUT / "load_baselines.json", {**header, "runs": others})
         lines.append("baselines: " + ", ".join(f"{k} {_fmt(v['output_tokens_per_s'])} tok/s" for k, v in others.items()))
-    issued = sum(r.get("issued", 0) for r in b.results.values())
-    failed = sum(r.get("failed", 0) for r in b.results.values())
-    lines.append(f"requests: {issued} issued, {issued - failed} ok, {failed} failed (every one recorded); "
-                 f"load average now {os.getloadavg()[0]:.1f}")
+    lines.append(f"requests: {issued} measured issued, {issued - failed} ok, {failed} failed; warm-up {w_issued} "
+                 f"issued, {w_failed} failed (every one recorded); load average now {os.getloadavg()[0]:.1f}")
+    (OUT / "load_tables.md").write_text(markdown_tables(b, partial))
     text = "\n".join(lines)
     (OUT / "load_summary.txt").write_text(("PARTIAL RUN\n" if partial else "") + text + "\n")
     print(text, flush=True)
+
+
+def markdown_tables(b: Bench, partial: bool) -> str:
+    """The tables of docs/BENCHMARKS.md, generated from this run's results."""
+    r, base = b.results, _tps(b, "base")
+    out = [f"<!-- generated by {b.meta.get('command', 'loadtests.run')}{' (PARTIAL RUN)' if partial else ''} -->"]
+
+    def row(name: str, label: str, ref: float | None, ref_name: str) -> str:
+        x = r[name]
+        return (f"| {label} | {x['output_tokens_per_s']:.1f} | {_fmt(_ratio(x['output_tokens_per_s'], ref), '.2f')}x "
+                f"{ref_name} | {_fmt(x['ttft_s']['p50'], '.2f')} / {_fmt(x['ttft_s']['p99'], '.2f')} | "
+                f"{_fmt((x['tpot_s']['p50'] or 0) * 1000, '.0f')} | {x['ok']}/{x['issued']} | "
+                f"{x['loadavg_before'][0]:.1f} |")
+
+    head = ("| run | output tok/s | ratio | TTFT p50 / p99 (s) | TPOT p50 (ms) | ok/issued | load avg (1 min) |\n"
+            "|---|---|---|---|---|---|---|")
+    eng = [row(k, lab, base, "base") for k, lab in (("base", "base model only"),
+                                                    ("flylora16", "FlyLoRA, 16 adapters (r=32 k=8, all 7 proj.)"),
+                                                    ("native16", "vLLM native LoRA, 16 adapters (r=32, all 7 proj.)"))
+           if k in r]
+    if eng:
+        out += ["", "### Engine benchmark (issue 3)", "", head, *eng]
+    if "cold_load" in r:
+        c = r["cold_load"]
+        out += ["", (f"Cold load (adapter in the store, never requested -> first token, one request at a time, "
+                     f"max_tokens 1): p50 **{_fmt(c['p50_s'], '.2f')} s**, p99 **{_fmt(c['p99_s'], '.2f')} s** over "
+                     f"{c['cold_ok']} adapters; the same request to a resident adapter: p50 "
+                     f"{_fmt(c['warm_ttft_p50_s'], '.2f')} s; load average {c['loadavg'][0]:.1f}.")]
+    one = _tps(b, "adapters_1")
+    curve = [row(f"adapters_{n}", f"{n} adapter{'s' if n > 1 else ''}", one, "1 adapter") for n in CURVE
+             if f"adapters_{n}" in r]
+    if curve:
+        out += ["", "### Adapters curve (issue 8): Zipf(1.0), q_proj+v_proj adapters r=32 k=8", "", head, *curve]
+        if base:
+            out.append(row("base", "base model only (same session)", one, "1 adapter"))
+        if "native_adapters_100" in r:
+            out.append(row("native_adapters_100", "vLLM native LoRA, 100 q/v adapters (other session)", one,
+                           "1 adapter"))
+    sweep = [f"rate_{f:g}" for f in SWEEP_FRACTIONS if f"rate_{f:g}" in r]
+    if sweep:
+        out += ["", "### Request-rate sweep: open-loop Poisson, 100 q/v adapters, Zipf(1.0)", "",
+                ("| offered (x capacity) | offered req/s | served req/s | output tok/s | TTFT p50 / p99 (s) | "
+                 "e2e p50 (s) | ok/issued | load avg |"), "|---|---|---|---|---|---|---|---|"]
+        for k in sweep:
+            x = r[k]
+            out.append(f"| {x['capacity_fraction']:g}x | {x['offered_rate']:.3f} | {x['requests_per_s']:.3f} | "
+                       f"{x['output_tokens_per_s']:.1f} | {_fmt(x['ttft_s']['p50'], '.2f')} / "
+                       f"{_fmt(x['ttft_s']['p99'], '.2f')} | {_fmt(x['e2e_s']['p50'], '.2f')} | "
+                       f"{x['ok']}/{x['issued']} | {x['loadavg_before'][0]:.1f} |")
+    acc = b.meta.get("accounting", {})
+    out += ["", (f"Requests: {acc.get('measured_issued', 0)} measured, {acc.get('measured_failed', 0)} failed; "
+                 f"warm-up {acc.get('warmup_issued', 0)}, {acc.get('warmup_failed', 0)} failed."), ""]
+    return "\n".join(out)
 
 
 # --- sessions --------------------------------------------------------------------------------------------------
@@ -281,16 +361,21 @@ async def main_async(scenario: str, b: Bench) -> None:
             await session(b, "flylora", True, fly_parts)
             write_outputs(b, partial=native)
         if native:
-            await session(b, "native", False, [lambda bb, s: part_native(bb, s, qv=scenario != "engine")])
+            await session(b, "native", False, [lambda bb, s: part_native(bb, s, qv=scenario == "native")])
         partial = False
     finally:
         write_outputs(b, partial=partial)
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds through the stacks' __exit__: engine and gateway are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _sigterm)
     p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of load per measured run (default 40)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per measured run (default 30)")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")
     p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

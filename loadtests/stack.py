@@ -87,6 +87,7 @@ class Stack:
         self.engine: EngineProcess | None = None
         self.gateway: subprocess.Popen | None = None
         self.tenant_key = ""
+        self._registered: set[str] = set()
 
     def describe(self) -> dict:
         c = self.engine_config
@@ -168,3 +169,22 @@ class Stack:
 
             await asyncio.gather(*(one(n, f) for n, f in zip(names, folders, strict=True)))
         _log(f"uploaded {len(names)} adapters in {time.monotonic() - t0:.1f} s")
+        if not self.engine_config.flylora:
+            await self.register_with_stock_engine()
+
+    async def register_with_stock_engine(self) -> None:
+        """Stock vLLM has no resolver for the store: name every stored adapter to it by its internal id.
+
+        The gateway sends the internal id (the store folder's name) upstream as ``model``; vLLM's
+        ``POST /v1/load_lora_adapter {lora_name, lora_path}`` makes that name known. Already known: skipped.
+        """
+        engine = f"http://{self.engine_config.host}:{self.engine_config.port}"
+        todo = sorted(p for p in self.store.iterdir() if p.name.startswith("fl-") and p.name not in self._registered)
+        async with httpx.AsyncClient(base_url=engine, timeout=300, trust_env=False) as client:
+            for folder in todo:
+                r = await client.post("/v1/load_lora_adapter", json={"lora_name": folder.name,
+                                                                      "lora_path": str(folder)})
+                if r.status_code != 200:
+                    raise RuntimeError(f"stock engine refused {folder.name}: {r.status_code} {r.text[:300]}")
+                self._registered.add(folder.name)
+        _log(f"named {len(todo)} adapters to the stock vLLM engine (load_lora_adapter)")

@@ -66,12 +66,7 @@ class Lengths:
 
 # Common English words: SmolLM2's tokenizer maps each, with its leading space, to one token, so a prompt of
 # n words is about n tokens plus the chat template's ~20.
-_WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be or has had "
-          "not but one new first also after who its they two their her she been other when time all during into "
-          "city school would world can year over many where about most more some there later then up these out "
-          "three may only state part well such both made under people since while being between so film team "
-          "work known what could used before him them series through day war house until member found any each "
-          "four best early high music water light river small great place name long open sea book road").split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "it", "his", "an", "were", "are", "which", "this", "be", "or", "has", "had", "not", "but", "one", "new", "first", "also", "after", "who", "its", "they", "two", "their", "her", "she", "been", "other", "when", "time", "all", "during", "into", "city", "school", "would", "world", "can", "year", "over", "many", "where", "about", "most", "more", "some", "there", "later", "then", "up", "these", "out", "three", "may", "only", "state", "part", "well", "such", "both", "made", "under", "people", "since", "while", "being", "between", "so", "film", "team", "work", "known", "what", "could", "used", "before", "him", "them", "series", "through", "day", "war", "house", "until", "member", "found", "any", "each", "four", "best", "early", "high", "music", "water", "light", "river", "small", "great", "place", "name", "long", "open", "sea", "book", "road"]
 
 
 def prompt(rng: random.Random, words: int) -> str:
