@@ -33,11 +33,9 @@ def three_adapters(oracle, flylora_engine):
 
 def test_mixed_concurrent_batch_equals_oracle_token_for_token(oracle, three_adapters, flylora_engine):
     rows = [*three_adapters, None]
-    calls, expected = [], []
-    for prompt in PROMPTS:
-        ids = oracle.chat_ids(prompt)
-        expected += oracle.generate(ids, rows, three_adapters, MAX_TOKENS)
-        calls += [(name or "SmolLM2-135M-Instruct", ids) for name in rows]
+    prompts = [oracle.chat_ids(p) for p in PROMPTS]
+    expected = oracle.generate_many(prompts, rows, three_adapters, MAX_TOKENS)
+    calls = [(name or "SmolLM2-135M-Instruct", ids) for ids in prompts for name in rows]
     order = list(range(len(calls)))
     random.Random(0).shuffle(order)  # adapters and base rows interleaved in one concurrent batch
     got = complete_many(flylora_engine.url, [calls[i] for i in order], MAX_TOKENS)
