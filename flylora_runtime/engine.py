@@ -48,6 +48,10 @@ class EngineConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "sequences batched together"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "must be 1 (FlyLoRA top-k with TP>1 is refused)"})
     kv_cache_gib: int = field(default=1, metadata={"help": "CPU only: KV cache size in GiB"})
+    enforce_eager: bool = field(default=True, metadata={
+        "help": "GPU: run without CUDA graphs and torch.compile. On by default until the FlyLoRA Triton path has "
+                "been validated under graph capture on a GPU (no effect on CPU, where vLLM disables compilation "
+                "for LoRA anyway)"})
     flylora: bool = field(default=True, metadata={
         "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
 
@@ -98,6 +102,7 @@ class EngineConfig:
             "--max-lora-rank", str(self.max_lora_rank), "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs), "--tensor-parallel-size", str(self.tensor_parallel_size),
             "--generation-config", "vllm", "--disable-uvicorn-access-log",
+            *(["--enforce-eager"] if self.enforce_eager else []),
         ]
 
 
