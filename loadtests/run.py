@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from flylora_runtime.paths import REPO_ROOT, data_dir
 
@@ -42,7 +43,7 @@ from .stack import FLYLORA_FULL, FLYLORA_QV, LORA_FULL, LORA_QV, Stack, ensure_a
 from .workload import Lengths
 
 BASE = "SmolLM2-135M-Instruct"
-OUT = REPO_ROOT / "docs" / "bench"
+DEFAULT_OUT = REPO_ROOT / "docs" / "bench"
 CURVE = (1, 10, 100, 1000)
 SWEEP_FRACTIONS = (0.5, 1.0, 1.5)  # offered load, as fractions of the measured closed-loop capacity
 N_ENGINE_ADAPTERS = 16
@@ -65,6 +66,7 @@ class Bench:
     records: dict[str, list] = field(default_factory=dict)
     stacks: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    out: Path = DEFAULT_OUT
 
     def spec(self, stack: Stack, models: list[str], label: str, **kw) -> LoadSpec:
         base = LoadSpec(url=stack.gateway_url, api_key=stack.tenant_key, models=models, label=label,
@@ -201,6 +203,7 @@ def write_outputs(b: Bench, partial: bool) -> None:
         "prompt_words": [32, 96], "ignore_eos": True}, "stacks": b.stacks, **b.meta}
     last = data_dir() / "loadtests" / "last"
     last.mkdir(parents=True, exist_ok=True)
+    b.out.mkdir(parents=True, exist_ok=True)
     with gzip.open(last / "records.json.gz", "wt") as fh:
         json.dump(b.records, fh)
     lines = []
@@ -211,10 +214,10 @@ def write_outputs(b: Bench, partial: bool) -> None:
                  "flylora16_over_base": _ratio(fly, base), "native16_over_base": _ratio(nat, base),
                  "flylora16_over_native16": _ratio(fly, nat),
                  "cold_load_p50_s": cold and cold["p50_s"], "cold_load_p99_s": cold and cold["p99_s"]}
-        write_json(OUT / "engine_benchmark.json", {**header, "table": table, "runs": {
+        write_json(b.out / "engine_benchmark.json", {**header, "table": table, "runs": {
             k: b.results[k] for k in ("base", "flylora16", "native16", "cold_load") if k in b.results}})
         labels = [lab for lab, v in (("base", base), ("FlyLoRA x16", fly), ("vLLM LoRA x16", nat)) if v is not None]
-        plot_bars(OUT / "engine_benchmark.png",
+        plot_bars(b.out / "engine_benchmark.png",
                   f"Output tokens/s, 16 clients, 32 tokens each{' (PARTIAL)' if partial else ''}\n"
                   f"SmolLM2-135M bf16 on {header['machine']['cpu']}, {header['machine']['cores']} cores",
                   labels, [v for v in (base, fly, nat) if v is not None], "output tokens/s",
@@ -236,7 +239,7 @@ def write_outputs(b: Bench, partial: bool) -> None:
                  "ttft_p50_s": b.results[f"adapters_{n}"]["ttft_s"]["p50"],
                  "ttft_p99_s": b.results[f"adapters_{n}"]["ttft_s"]["p99"],
                  "tpot_p50_s": b.results[f"adapters_{n}"]["tpot_s"]["p50"]} for n in curve]
-        write_json(OUT / "load_adapters.json", {**header, "table": rows, "base_tokens_per_s": base,
+        write_json(b.out / "load_adapters.json", {**header, "table": rows, "base_tokens_per_s": base,
                                                 "native_adapters_100_tokens_per_s": _tps(b, "native_adapters_100"),
                                                 "runs": {f"adapters_{n}": b.results[f"adapters_{n}"] for n in curve}})
         series = {"FlyLoRA (q,v; r=32 k=8)": [_tps(b, f"adapters_{n}") for n in curve]}
@@ -244,7 +247,7 @@ def write_outputs(b: Bench, partial: bool) -> None:
             series["base model only"] = [base] * len(curve)
         if _tps(b, "native_adapters_100"):
             series["vLLM LoRA, 100 adapters"] = [_tps(b, "native_adapters_100")] * len(curve)
-        plot_curve(OUT / "load_adapters.png", f"Throughput vs distinct adapters, Zipf(1.0), 16 clients"
+        plot_curve(b.out / "load_adapters.png", f"Throughput vs distinct adapters, Zipf(1.0), 16 clients"
                    f"{' (PARTIAL)' if partial else ''}", curve, series, "distinct adapters", "output tokens/s",
                    logx=True, right={"TTFT p50 (s)": [r["ttft_p50_s"] for r in rows]}, right_label="TTFT p50 (s)")
         lines.append("adapters curve (Zipf 1.0):")
@@ -259,9 +262,9 @@ def write_outputs(b: Bench, partial: bool) -> None:
                  "ttft_p99_s": b.results[f"rate_{r:g}"]["ttft_s"]["p99"],
                  "tpot_p50_s": b.results[f"rate_{r:g}"]["tpot_s"]["p50"],
                  "e2e_p50_s": b.results[f"rate_{r:g}"]["e2e_s"]["p50"]} for r in rates]
-        write_json(OUT / "load_sweep.json", {**header, "table": rows,
+        write_json(b.out / "load_sweep.json", {**header, "table": rows,
                                              "runs": {f"rate_{r:g}": b.results[f"rate_{r:g}"] for r in rates}})
-        plot_curve(OUT / "load_sweep.png", f"Open-loop Poisson arrivals, 100 adapters Zipf(1.0)"
+        plot_curve(b.out / "load_sweep.png", f"Open-loop Poisson arrivals, 100 adapters Zipf(1.0)"
                    f"{' (PARTIAL)' if partial else ''}", [r["rate"] for r in rows],
                    {"TTFT p50 (s)": [r["ttft_p50_s"] for r in rows], "TTFT p99 (s)": [r["ttft_p99_s"] for r in rows],
                     "end-to-end p50 (s)": [r["e2e_p50_s"] for r in rows]}, "offered load (requests/s)", "seconds",
@@ -272,13 +275,13 @@ def write_outputs(b: Bench, partial: bool) -> None:
                   f"{r['ok']}/{r['issued']} ok" for r in rows]
     others = {k: v for k, v in b.results.items() if k in ("base", "native16", "native_adapters_100")}
     if others:
-        write_json(OUT / "load_baselines.json", {**header, "runs": others})
+        write_json(b.out / "load_baselines.json", {**header, "runs": others})
         lines.append("baselines: " + ", ".join(f"{k} {_fmt(v['output_tokens_per_s'])} tok/s" for k, v in others.items()))
     lines.append(f"requests: {issued} measured issued, {issued - failed} ok, {failed} failed; warm-up {w_issued} "
                  f"issued, {w_failed} failed (every one recorded); load average now {os.getloadavg()[0]:.1f}")
-    (OUT / "load_tables.md").write_text(markdown_tables(b, partial))
+    (b.out / "load_tables.md").write_text(markdown_tables(b, partial))
     text = "\n".join(lines)
-    (OUT / "load_summary.txt").write_text(("PARTIAL RUN\n" if partial else "") + text + "\n")
+    (b.out / "load_summary.txt").write_text(("PARTIAL RUN\n" if partial else "") + text + "\n")
     print(text, flush=True)
 
 
@@ -379,9 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")
     p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON, PNG and tables (docs/bench)")
     args = p.parse_args(argv)
     b = Bench(duration_s=args.duration, concurrency=args.concurrency, output_tokens=args.output_tokens,
-              progress=not args.no_progress)
+              progress=not args.no_progress, out=args.out)
     t0 = time.monotonic()
     b.meta["command"] = "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:])
     b.meta["loadavg_start"] = list(os.getloadavg())

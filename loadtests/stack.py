@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -94,7 +95,7 @@ class Stack:
         return {"flylora": c.flylora, "dtype": c.dtype, "max_loras": c.max_loras, "max_cpu_loras": c.max_cpu_loras,
                 "max_num_seqs": c.max_num_seqs, "max_lora_rank": c.max_lora_rank, "model": Path(c.model).name}
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.store.mkdir(parents=True)

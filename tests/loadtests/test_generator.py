@@ -57,9 +57,9 @@ def upstream():
 
 
 def _spec(url: str, **kw) -> LoadSpec:
-    base = dict(url=url, api_key="k", models=["ok", "err500", "cut", "slow"], popularity="uniform",
-                concurrency=8, duration_s=1.5, max_requests=60, drain_timeout_s=1.0, progress=False,
-                output_tokens=Lengths(3, 6), prompt_words=Lengths(4, 8), seed=3)
+    base = {"url": url, "api_key": "k", "models": ["ok", "err500", "cut", "slow"], "popularity": "uniform",
+            "concurrency": 8, "duration_s": 1.5, "max_requests": 60, "drain_timeout_s": 1.0, "progress": False,
+            "output_tokens": Lengths(3, 6), "prompt_words": Lengths(4, 8), "seed": 3}
     base.update(kw)
     return LoadSpec(**base)
 
