@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def merge_adapters(adapters: Sequence[FlyLoRAAdapter]) -> FlyLoRAAdapter:
             raise ValueError(f"adapter {i} has r={a.config.r}, top_k={a.config.top_k}; adapter 0 has "
                              f"r={first.config.r}, top_k={first.config.top_k}")
     modules = {}
-    for m, w in first.modules.items():
+    for m in first.modules:
         parts = [a.modules[m] for a in adapters]
         for t in ("A", "B", "d"):
             shapes = {tuple(getattr(p, t).shape) for p in parts}

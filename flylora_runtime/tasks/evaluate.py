@@ -77,7 +77,7 @@ def score_jobs(client, jobs: list[tuple[str, str, Example]], concurrency: int) -
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(lambda j: ask(client, j[0], j[2]), jobs))
     hits: dict[tuple[str, str], list[bool]] = {}
-    for (model, task, ex), reply in zip(jobs, replies):
+    for (model, task, ex), reply in zip(jobs, replies, strict=True):
         hits.setdefault((model, task), []).append(get_task(task).score(ex, reply))
     out: dict[str, dict[str, float]] = {}
     for (model, task), h in hits.items():
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         key = r.json()["api_key"]
         with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {key}"}, timeout=600) as c:
             for name, path in paths_all.items():
-                with open(path / "adapter_config.json", "rb") as cfg, open(path / "adapter_model.safetensors", "rb") as w:
+                with open(path / "adapter_config.json", "rb") as cfg, \
+                        open(path / "adapter_model.safetensors", "rb") as w:
                     r = c.post("/v1/adapters", data={"name": name}, files={
                         "config": ("adapter_config.json", cfg), "weights": ("adapter_model.safetensors", w)})
                 r.raise_for_status()

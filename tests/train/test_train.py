@@ -152,20 +152,20 @@ def test_shared_prefix_gives_the_same_loss_gradients_and_bias_update(tiny, token
     batch = collate(encoded, 0)
     layers = attach_trainable(model, TrainConfig(r=8, top_k=2, bias_u=0.01), torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
-    for l in layers.values():
+    for lay in layers.values():
         with torch.no_grad():
-            l.B.copy_(torch.randn(l.B.shape, generator=gen) * 0.05)
-            l.d.copy_(torch.randn(l.d.shape, generator=gen) * 0.01)
-    d0 = {k: l.d.clone() for k, l in layers.items()}
+            lay.B.copy_(torch.randn(lay.B.shape, generator=gen) * 0.05)
+            lay.d.copy_(torch.randn(lay.d.shape, generator=gen) * 0.01)
+    d0 = {k: lay.d.clone() for k, lay in layers.items()}
     results = []
     for p in (0, prefix):
-        for k, l in layers.items():
-            l.d.copy_(d0[k])
-            l.B.grad = None
+        for k, lay in layers.items():
+            lay.d.copy_(d0[k])
+            lay.B.grad = None
         loss = reply_loss(model, batch, layers, p)
         loss.backward()
-        results.append((loss.detach(), {k: l.B.grad.clone() for k, l in layers.items()},
-                        {k: l.d.clone() for k, l in layers.items()}))
+        results.append((loss.detach(), {k: lay.B.grad.clone() for k, lay in layers.items()},
+                        {k: lay.d.clone() for k, lay in layers.items()}))
     (l0, g0, d_full), (l1, g1, d_shared) = results
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     for k in layers:
