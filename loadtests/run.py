@@ -245,6 +245,8 @@ def write_outputs(b: Bench, partial: bool) -> None:
         series = {"FlyLoRA (q,v; r=32 k=8)": [_tps(b, f"adapters_{n}") for n in curve]}
         if base:
             series["base model only"] = [base] * len(curve)
+        if _tps(b, "native16"):
+            series["vLLM LoRA, 16 all-projection adapters"] = [_tps(b, "native16")] * len(curve)
         if _tps(b, "native_adapters_100"):
             series["vLLM LoRA, 100 adapters"] = [_tps(b, "native_adapters_100")] * len(curve)
         plot_curve(b.out / "load_adapters.png", f"Throughput vs distinct adapters, Zipf(1.0), 16 clients"
