@@ -2,12 +2,16 @@
 
 ``--prepare`` (what ``make serve`` calls) obtains the demo model and the demo adapters and prints them as
 JSON. Without it, this runs the transformers oracle (:mod:`flylora_runtime.hf`) on CPU: the demo model
-answering greedily with and without the demo adapter, no engine or gateway needed.
+answering greedily with and without each demo adapter, no engine or gateway needed.
 
-The demo adapter is a random FlyLoRA adapter in the authors' format (r=32, top_k=8, alpha=64, all seven
-projections, nonzero routing bias; cached in the data folder).
+The demo adapters are FlyLoRA adapters trained on the three demo tasks (:mod:`flylora_runtime.tasks`:
+``shout``, ``json-reply``, ``atlas``) with the paper's configuration (r=32, top_k=8, alpha=64, all seven
+projections), plus ``merged``, their element-wise mean (the authors' merging). They are trained on first use
+(a few CPU minutes each) and cached in the data folder, keyed by data, hyperparameters and code.
 
     python -m flylora_runtime.demo [--prompt TEXT] [--max-new-tokens N] [--prepare]
+
+Without ``--prompt`` each adapter gets a held-out prompt of its own task.
 """
 
 from __future__ import annotations
@@ -16,28 +20,34 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from .checkpoint import CONFIG_NAME
 from .demo_model import DemoModelUnavailable, ensure_demo_model
 from .paths import data_dir
 
-DEMO_ADAPTER = "flylora-demo"
+#: The order make serve uploads them in; the first one is used in the printed examples.
+DEMO_TASK_ORDER = ("shout", "json-reply", "atlas")
+MERGED_ADAPTER = "merged"
 
 
-def ensure_demo_adapter(model_dir) -> "object":
-    from .generate import GenerateSpec, generate_adapter
+def ensure_trained_adapters(model_dir) -> dict[str, Path]:
+    """name -> folder of the trained demo adapters (trained now unless cached) and their merge."""
+    from .adapter import FlyLoRAAdapter
+    from .merge import merge_adapters
     from .modelspec import BaseModelSpec
+    from .tasks.adapters import ensure_trained
 
-    path = data_dir() / "demo-adapters" / DEMO_ADAPTER
-    if not (path / CONFIG_NAME).is_file():
-        base = BaseModelSpec.from_pretrained(model_dir)
-        generate_adapter(base, GenerateSpec(d_std=0.01, seed=1), base_name="SmolLM2-135M-Instruct").save(path)
-    return path
+    out = {t: ensure_trained(t, model_dir=model_dir) for t in DEMO_TASK_ORDER}
+    merged = data_dir() / "demo-adapters" / MERGED_ADAPTER
+    spec = BaseModelSpec.from_pretrained(model_dir)
+    merge_adapters([FlyLoRAAdapter.load(out[t], spec) for t in DEMO_TASK_ORDER]).save(merged)
+    out[MERGED_ADAPTER] = merged
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flylora-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", default="Write one sentence about the sea.")
+    p.add_argument("--prompt", default=None, help="one prompt for every adapter (default: one of each task's)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--prepare", action="store_true",
                    help="only obtain the demo model and adapters; print [{name, path}] as JSON (used by make serve)")
@@ -48,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flylora-demo: error: {exc}", file=sys.stderr)
         return 1
 
+    paths = ensure_trained_adapters(model_dir)
     if args.prepare:
-        print(json.dumps([{"name": DEMO_ADAPTER, "path": str(ensure_demo_adapter(model_dir))}]))
+        print(json.dumps([{"name": n, "path": str(p)} for n, p in paths.items()]))
         return 0
 
     import torch
@@ -58,27 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     from .adapter import FlyLoRAAdapter
     from .hf import attach_flylora
     from .modelspec import BaseModelSpec
+    from .tasks import get_task
 
-    adapter_dir = ensure_demo_adapter(model_dir)
-    adapter = FlyLoRAAdapter.load(adapter_dir, BaseModelSpec.from_pretrained(model_dir))
+    spec = BaseModelSpec.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    fly = attach_flylora(model, {DEMO_ADAPTER: adapter})
-    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
-    c = adapter.config
+    fly = attach_flylora(model, {n: FlyLoRAAdapter.load(p, spec) for n, p in paths.items()})
     print(f"base model : {model_dir}")
-    print(f"adapter    : {adapter_dir} (r={c.r}, top_k={c.top_k}, alpha={c.lora_alpha:g}, "
-          f"{len(adapter.modules)} modules, routing={c.routing})")
-    print(f"prompt     : {args.prompt}")
-    for name in (None, DEMO_ADAPTER):
-        t0 = time.perf_counter()
-        with torch.no_grad(), fly.rows([name]):
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        new = out[0, ids["input_ids"].shape[1]:]
-        text = tok.decode(new, skip_special_tokens=True).strip()
-        dt = time.perf_counter() - t0
-        print(f"\n[{name or 'base model'}] ({len(new)} tokens, {dt:.1f} s)\n{text}")
+    for name in DEMO_TASK_ORDER:
+        prompt = args.prompt or get_task(name).heldout()[0].prompt
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        print(f"\nprompt: {prompt}")
+        for row in (None, name):
+            t0 = time.perf_counter()
+            with torch.no_grad(), fly.rows([row]):
+                out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+            text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            print(f"  [{row or 'base model'}] ({time.perf_counter() - t0:.1f} s) {text}")
     return 0
 
 

@@ -79,6 +79,7 @@ def ensure_trained(task: str, *, model_dir: str | os.PathLike, root: Path | None
     result = train(model, tok, examples, cfg, base_name="SmolLM2-135M-Instruct", progress=progress)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is the served adapter
     try:
         result.adapter.save(tmp)
         (tmp / "training.json").write_text(json.dumps({
