@@ -54,25 +54,6 @@ class Oracle:
             fly.detach()
         return [cut_at_eos(seq[len(ids):].tolist(), self.eos) for seq in out]
 
-    def generate_many(self, prompts: list[list[int]], rows: Sequence[str | None],
-                      adapters: dict[str, FlyLoRAAdapter], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of every prompt x row, in that order, as one left-padded batch."""
-        width = max(len(p) for p in prompts)
-        ids, mask, names = [], [], []
-        for p in prompts:
-            for row in rows:
-                ids.append([self.eos] * (width - len(p)) + p)
-                mask.append([0] * (width - len(p)) + [1] * len(p))
-                names.append(row)
-        fly = attach_flylora(self.model, adapters)
-        try:
-            with torch.no_grad(), fly.rows(names):
-                out = self.model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.eos)
-        finally:
-            fly.detach()
-        return [cut_at_eos(seq[width:].tolist(), self.eos) for seq in out]
-
 
 def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
