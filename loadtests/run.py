@@ -72,7 +72,7 @@ class Bench:
         base = LoadSpec(url=stack.gateway_url, api_key=stack.tenant_key, models=models, label=label,
                         concurrency=self.concurrency, duration_s=self.duration_s,
                         output_tokens=Lengths(self.output_tokens, self.output_tokens), progress=self.progress,
-                        max_requests=5000, drain_timeout_s=120.0)
+                        max_requests=5000, drain_timeout_s=240.0)
         return replace(base, **kw)
 
     async def measure(self, stack: Stack, name: str, spec: LoadSpec, warm: list[str] | None = None) -> dict:
