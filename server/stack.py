@@ -26,6 +26,10 @@ import httpx
 from .settings import Settings
 
 DEMO_TENANT = "demo"
+#: A prompt each demo adapter was trained for (docs/DEMO.md); others get a generic one.
+EXAMPLE_PROMPTS = {"shout": "Blue fresh boat.", "json-reply": "Hannah just turned 70 and is based in Bogota.",
+                   "atlas": "Capital of Zorvania?"}
+GENERIC_PROMPT = "Write one sentence about the sea."
 
 
 def _log(msg: str) -> None:
@@ -83,8 +87,9 @@ def wait_for(url: str, children: list[Child], what: str, timeout: float = 600.0)
 
 def prepare_demo_adapters(env: dict[str, str]) -> list[dict]:
     """[{name, path}] of the demo adapters (made once by flylora_runtime, cached in the data folder)."""
+    # stdout carries the JSON; stderr (training progress on a first run) goes to the terminal.
     out = subprocess.run([sys.executable, "-m", "flylora_runtime.demo", "--prepare"], env=env, check=True,
-                         capture_output=True, text=True)
+                         stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout)
 
 
@@ -110,7 +115,8 @@ def ensure_adapter(client: httpx.Client, name: str, path: Path) -> None:
 
 
 def examples(base_url: str, key: str, adapter: str) -> str:
-    body = json.dumps({"model": adapter, "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+    prompt = EXAMPLE_PROMPTS.get(adapter, GENERIC_PROMPT)
+    body = json.dumps({"model": adapter, "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": 40, "temperature": 0})
     return f"""
 The service is up: {base_url}  (tenant {DEMO_TENANT!r}, key below is shown once)
@@ -128,7 +134,7 @@ from openai import OpenAI
 client = OpenAI(base_url="{base_url}/v1", api_key=os.environ["FLYLORA_KEY"])
 for model in ("SmolLM2-135M-Instruct", "{adapter}"):
     r = client.chat.completions.create(model=model, max_tokens=40, temperature=0,
-        messages=[{{"role": "user", "content": "Write one sentence about the sea."}}])
+        messages=[{{"role": "user", "content": {json.dumps(prompt)}}}])
     print(model, "->", r.choices[0].message.content)
 EOF
 """
@@ -146,7 +152,7 @@ def main() -> int:
     logs = settings.data_dir / "logs"
     gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
 
-    _log("preparing the demo adapters")
+    _log("preparing the demo adapters (a first run trains three of them: several minutes on a CPU)")
     demo_adapters = prepare_demo_adapters(env)
     children: list[Child] = []
     try:
@@ -168,7 +174,7 @@ def main() -> int:
                 print(f"  admin key for this run: {admin_key}\n", flush=True)
             r = tenant.post("/v1/chat/completions", json={
                 "model": first, "max_tokens": 40, "temperature": 0,
-                "messages": [{"role": "user", "content": "Write one sentence about the sea."}]})
+                "messages": [{"role": "user", "content": EXAMPLE_PROMPTS.get(first, GENERIC_PROMPT)}]})
             r.raise_for_status()
             _log(f"check: {first} answered: {r.json()['choices'][0]['message']['content']!r}")
         _log("serving; press Ctrl-C to stop")
