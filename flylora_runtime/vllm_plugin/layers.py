@@ -53,9 +53,11 @@ class FlyLoRALayerMixin:
             max_loras, lora_config.max_lora_rank, self.input_size, self.output_slices,
             a_dtype=torch.float32, b_dtype=lora_config.lora_dtype, device=self.device)
         self._flylora_pending: dict[int, tuple[list, list]] = {}
+        self._flylora_weighted: set[int] = set()  # slots holding weights for at least one slice here
 
     def reset_lora(self, index: int) -> None:
         self._flylora_pending.pop(index, None)
+        self._flylora_weighted.discard(index)
         clear_slot(self.flylora_slots, index)
 
     def _slices(self, lora_a, lora_b) -> tuple[list, list]:
@@ -100,8 +102,17 @@ class FlyLoRALayerMixin:
             per_slice.append(LayerAdapter(A=a, B=b, d=torch.zeros(r) if d_i is None else d_i, top_k=k,
                                           scaling=1.0, routing=routing))
         load_slot(slots, index, per_slice)
+        if any(a is not None and b is not None for a, b in zip(lora_a, lora_b)):
+            self._flylora_weighted.add(index)
+        else:
+            self._flylora_weighted.discard(index)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        active = getattr(self.punica_wrapper, "flylora_active_slots", None)
+        if active is not None and x.device.type == "cpu" and not (active & self._flylora_weighted):
+            # No token of this step uses an adapter with weights in this layer (base-only batches, or
+            # adapters that do not target it): the delta is exactly zero, skip the kernel call.
+            return output
         original_shape = output.shape if output.ndim == 3 else None
         if x.ndim == 3 and output.ndim == 3:
             output = output.flatten(0, 1)
@@ -132,7 +143,20 @@ def flylora_classes(base_classes: tuple[type, ...]) -> tuple[type, ...]:
 
 
 def install_layers() -> None:
-    """Swap the FlyLoRA classes into ``vllm.lora.utils._all_lora_classes`` (idempotent)."""
+    """Swap the FlyLoRA classes into ``vllm.lora.utils._all_lora_classes`` (idempotent), and have the
+    punica wrapper note, on the host, which slots the current step's tokens use."""
     import vllm.lora.utils as lora_utils
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
     lora_utils._all_lora_classes = flylora_classes(lora_utils._all_lora_classes)
+    if getattr(PunicaWrapperBase, "_flylora_active", False):
+        return
+    original = PunicaWrapperBase.update_metadata
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        original(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        slot_of = {lora_id: i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
+        self.flylora_active_slots = frozenset(slot_of[i] for i in set(mapping.index_mapping) if i > 0 and i in slot_of)
+
+    PunicaWrapperBase.update_metadata = update_metadata
+    PunicaWrapperBase._flylora_active = True

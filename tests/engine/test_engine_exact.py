@@ -19,11 +19,13 @@ def oracle(demo_model_dir) -> Oracle:
 
 @pytest.fixture(scope="module")
 def three_adapters(oracle, flylora_engine):
-    """Three FlyLoRA adapters (r=32, k=8, alpha=64, nonzero d, all seven projections), one with magnitude routing."""
+    """Three FlyLoRA adapters (r=32, k=8, alpha=64, nonzero d): two on all seven projections, and one with
+    magnitude routing on q, v and down only (slices and layers it does not target must stay exact)."""
     specs = {
         "fl-exact-a": dict(r=32, top_k=8, lora_alpha=64, d_std=0.05, b_std=0.03, seed=11),
         "fl-exact-b": dict(r=32, top_k=8, lora_alpha=64, d_std=0.05, b_std=0.03, seed=12),
-        "fl-exact-c": dict(r=32, top_k=8, lora_alpha=64, d_std=0.05, b_std=0.03, seed=13, routing="magnitude"),
+        "fl-exact-c": dict(r=32, top_k=8, lora_alpha=64, d_std=0.05, b_std=0.06, seed=13, routing="magnitude",
+                           targets=("q_proj", "v_proj", "down_proj")),
     }
     adapters = {name: make_adapter(oracle.base, flylora_engine.store, name, **s) for name, s in specs.items()}
     yield adapters
