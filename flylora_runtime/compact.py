@@ -124,24 +124,36 @@ def index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def compact_rows(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise compaction of ``A [r, in]``: ``(idx [r, P] int64, val [r, P], nnz [r] int64)``.
+
+    Row ``i``'s nonzero columns (decided on the raw bits, so ``-0.0`` is kept) in ascending order, padded
+    with column 0 and value 0.0; ``P`` is the largest row count.
+    """
+    A = A.contiguous()
+    nonzero = A.view(_BITS_VIEW[A.dtype]) != 0
+    nnz = nonzero.sum(dim=1)
+    p = int(nnz.max().item()) if A.shape[0] else 0
+    # Stable sort puts nonzero columns first, in ascending column order.
+    order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :p]
+    real = torch.arange(p, device=A.device).unsqueeze(0) < nnz.unsqueeze(1)
+    idx = torch.where(real, order, torch.zeros_like(order))
+    val = torch.where(real, torch.gather(A, 1, order), torch.zeros((), dtype=A.dtype, device=A.device))
+    return idx, val, nnz
+
+
 def compact_module(w: ModuleWeights) -> CompactModule:
     """Compact one module; falls back to dense A when compact would not be smaller."""
     A = w.A.contiguous()
     r, n_in = A.shape
-    nonzero = A.view(_BITS_VIEW[A.dtype]) != 0
-    nnz = nonzero.sum(dim=1)
-    p = int(nnz.max().item()) if r else 0
     idx_dt = index_dtype(n_in)
+    idx, val, nnz = compact_rows(A)
+    p = idx.shape[1]
     idx_size = torch.empty(0, dtype=idx_dt).element_size()
     if p * (A.element_size() + idx_size) >= n_in * A.element_size():
         return CompactModule(in_features=n_in, a_idx=torch.empty(0, dtype=idx_dt), a_val=A.clone(),
                              a_nnz=torch.full((r,), n_in, dtype=torch.int32), B=w.B, d=w.d)
-    # Stable sort puts nonzero columns first, in ascending column order.
-    order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :p]
-    real = torch.arange(p).unsqueeze(0) < nnz.unsqueeze(1)
-    a_idx = torch.where(real, order, torch.zeros_like(order)).to(idx_dt)
-    a_val = torch.where(real, torch.gather(A, 1, order), torch.zeros((), dtype=A.dtype))
-    return CompactModule(in_features=n_in, a_idx=a_idx.contiguous(), a_val=a_val.contiguous(),
+    return CompactModule(in_features=n_in, a_idx=idx.to(idx_dt).contiguous(), a_val=val.contiguous(),
                          a_nnz=nnz.to(torch.int32), B=w.B, d=w.d)
 
 

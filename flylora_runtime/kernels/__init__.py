@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..compact import compact_rows
 from ..reference import LayerAdapter, select_ranks
 
 __all__ = [
@@ -185,15 +186,11 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
         if slots.a_idx is None:
             slots.a_val[slot, rows] = w.A.to(slots.a_val.dtype)
         else:
-            nz = w.A != 0
-            p = int(nz.sum(dim=1).max())
+            idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
+            p = idx.shape[1]
             if p > slots.a_idx.shape[-1]:
                 raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {slots.a_idx.shape[-1]}")
-            # Stable sort puts the nonzero columns first, in ascending order; padding stays (0, 0.0).
-            order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :p]
-            real = torch.gather(nz, 1, order)
-            vals = torch.where(real, torch.gather(w.A, 1, order), torch.zeros((), dtype=w.A.dtype))
-            slots.a_idx[slot, rows, :p] = torch.where(real, order, 0).to(torch.int32).to(slots.device)
+            slots.a_idx[slot, rows, :p] = idx.to(torch.int32).to(slots.device)
             slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
         slots.b_view(i)[slot, :r] = (w.scaling * w.B.to(torch.float32).T).to(slots.b.dtype)
         slots.d[slot, rows] = w.d.to(torch.float32)
@@ -216,7 +213,7 @@ def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | 
         raise ValueError("need at least one adapter")
     first = adapters[0]
     max_rank = max_rank or max(w.A.shape[0] for ws in adapters for w in ws)
-    max_nnz = max(int((w.A != 0).sum(dim=1).max()) for ws in adapters for w in ws) if compact else None
+    max_nnz = max(int(compact_rows(w.A)[2].max()) for ws in adapters for w in ws) if compact else None
     kwargs.setdefault("max_top_k", max(w.top_k for ws in adapters for w in ws))
     slots = allocate_slots(num_slots or len(adapters), max_rank, first[0].A.shape[1],
                            [w.B.shape[0] for w in first], max_nnz=max_nnz, **kwargs)
