@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from .adapters import finish_interrupted_deletions
@@ -31,7 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if resumed:
                 log.warning("finished %d adapter deletions interrupted by a previous shutdown", resumed)
             await gw.sweep_store()
-            yield
+            async with anyio.create_task_group() as tg:
+                if settings.health_check_interval_s > 0:
+                    tg.start_soon(gw.engines.watch_health)
+                yield
+                tg.cancel_scope.cancel()
         finally:
             await gw.aclose()
 

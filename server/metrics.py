@@ -64,6 +64,12 @@ class GatewayMetrics:
         self.deletes = Counter("flylora_gateway_adapter_deletes", "Adapters deleted.", ["tenant"], registry=r)
         self.validation_failures = Counter("flylora_gateway_adapter_validation_failures",
                                            "Rejected adapter uploads by reason.", ["tenant", "reason"], registry=r)
+        self.routing = Counter("flylora_gateway_routing",
+                               "Routing decisions: affinity_hit (to a replica that served the adapter before), "
+                               "affinity_miss, base (base model), failover (a retry on another replica).",
+                               ["result"], registry=r)
+        for result in ("affinity_hit", "affinity_miss", "base", "failover"):
+            self.routing.labels(result)
         self.engine_ready = Gauge("flylora_gateway_engine_ready", "1 when the engine's /health answered 200.",
                                   ["engine"], registry=r)
 

@@ -249,7 +249,7 @@ class Flight:
         """The client's SSE stream, event by event as the engine sends them."""
         buf = b""
         try:
-            async for chunk in upstream.response.aiter_bytes():
+            async for chunk in upstream.chunks():
                 buf += chunk
                 if b"\r" in buf:
                     buf = buf.replace(b"\r\n", b"\n")
@@ -264,9 +264,8 @@ class Flight:
                     yield out
             self.status = 200
         except httpx.HTTPError as exc:
-            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "stream"
-            self.gw.metrics.upstream_errors.labels(upstream.url, kind).inc()
-            log.warning("stream from %s broke: %s", upstream.url, type(exc).__name__)
+            # The client has had events already: no retry; a clean OpenAI error event ends the stream.
+            kind = upstream.broke(exc, self.gw.metrics)
             self.status = 504 if kind == "timeout" else 502
             error = (EngineTimeout if kind == "timeout" else EngineProtocolError)("The engine stream broke off.")
             yield b"data: " + json.dumps(error_body(error.message, error.type_, code=error.code)).encode() + b"\n\n"
@@ -352,7 +351,7 @@ async def proxy_completion(gw: Gateway, tenant: Tenant, request: Request, endpoi
     flight = Flight(gw, tenant, endpoint, req, adapter, started)
     try:
         upstream = await gw.engines.send(ENDPOINTS[endpoint], json.dumps(req.payload).encode(),
-                                         adapter_id=adapter.internal_id if adapter else None)
+                                         adapter_id=adapter.internal_id if adapter else None, stream=req.stream)
     except GatewayError as exc:
         flight.finish(exc.status)
         raise

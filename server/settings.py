@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     affinity_max_entries: int = Field(default=100_000, ge=1, description="Adapters remembered by the router.")
     engine_cooldown_s: float = Field(
         default=5.0, ge=0, description="After a connection failure, a replica is tried last for this long.")
+    routing_load_factor: float = Field(
+        default=1.5, ge=1.0,
+        description="An adapter's home replica is skipped while it has this many times its fair share in flight.")
+    health_check_interval_s: float = Field(
+        default=2.0, ge=0, description="Seconds between active health checks of every engine (0: off).")
+    health_check_failures: int = Field(
+        default=2, ge=1, description="Consecutive failed health checks that eject an engine until one passes.")
 
     # --- the gateway itself --------------------------------------------------------------------------------
     gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")

@@ -40,6 +40,8 @@ class FakeEngineState:
     completed: list[str] = field(default_factory=list)
     unloads: list[str] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
+    #: make every stream break off (connection dropped): "before_first_chunk" or "after_first_chunk"
+    break_streams: str | None = None
 
     def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
         return [r["body"] for r in self.requests if path is None or r["path"] == path]
@@ -111,7 +113,12 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         async def events() -> Any:
             finished = False
             try:
+                if state.break_streams == "before_first_chunk":
+                    raise ConnectionAbortedError("fake engine: stream broken before its first chunk")
                 for i in range(n):
+                    if i == 0 and state.break_streams == "after_first_chunk" and kind != "chat":
+                        yield chunk([{"index": 0, "text": words[0], "logprobs": None, "finish_reason": None}])
+                        raise ConnectionAbortedError("fake engine: stream broken after its first chunk")
                     if kind == "chat":
                         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])

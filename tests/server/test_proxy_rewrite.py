@@ -70,7 +70,8 @@ def _flight(model: str, internal: str, wants_usage: bool):
 
 def _run_events(flight, body) -> list[bytes]:
     async def main() -> list[bytes]:
-        upstream = Upstream(url="e", response=httpx.Response(200, content=body), router=ReplicaRouter(["e"]))
+        response = httpx.Response(200, content=body)
+        upstream = Upstream(url="e", response=response, router=ReplicaRouter(["e"]), rest=response.aiter_bytes())
         return [out async for out in flight.events(upstream)]
 
     return anyio.run(main)
