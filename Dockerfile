@@ -79,7 +79,8 @@ RUN pip install --no-deps . \
     && python -c "import vllm, flylora_runtime.vllm_plugin; print('vllm', vllm.__version__)"
 
 FROM python-base AS engine-cpu
-# libnuma: vLLM's CPU worker; libtcmalloc: its allocator; gcc: torch.compile's C++ backend.
+# libnuma: vLLM's CPU worker; libtcmalloc: its allocator; gcc: torch.compile's C++ backend and the FlyLoRA
+# compiled CPU kernel (built on first use with -march=native, so for the host that runs it; cached in /data/cache).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 libtcmalloc-minimal4 libgomp1 gcc g++ \

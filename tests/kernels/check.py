@@ -12,12 +12,18 @@ from .cases import Case, build, expected
 
 
 #: Backend names for tests: those of ``flylora_apply`` plus the CPU backend forced onto one of its paths.
-CPU_PATHS = ("cpu-small", "cpu-grouped")
+CPU_PATHS = ("cpu-native", "cpu-small", "cpu-grouped")
 
 
 def run_backend(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots: FlyLoRASlots,
                 backend: str) -> None:
-    """``flylora_apply`` with ``backend``; ``"cpu-small"``/``"cpu-grouped"`` force that CPU path."""
+    """``flylora_apply`` with ``backend``; ``"cpu-native"``/``"cpu-small"``/``"cpu-grouped"`` force that
+    CPU path (``cpu-native`` skips, saying why, when no compiled kernel can be built here)."""
+    if backend == "cpu-native":
+        from flylora_runtime.kernels import native
+        if native.library() is None:
+            import pytest
+            pytest.skip("the compiled CPU kernel is unavailable here (no C compiler, or FLYLORA_CPU_NATIVE=0)")
     if backend in CPU_PATHS:
         check_inputs(out, x, token_slot, slots, check_indices=True)
         apply_cpu(out, x, token_slot, slots, path=backend.removeprefix("cpu-"))

@@ -40,10 +40,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu-small", "cpu-grouped"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu-native", "cpu-small", "cpu-grouped"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_cpu_matches_reference(case: Case, backend: str) -> None:
-    """The default CPU dispatch and each of its two paths forced on every case (the small path on 512
+    """The default CPU dispatch and each of its three paths forced on every case (the small path on 512
     tokens too: its choice is a speed matter, never a correctness one)."""
     check_case(case, backend)
 

@@ -1,0 +1,154 @@
+"""The compiled CPU kernel (``flylora_cpu.c``): one C call per layer, built on first use, loaded with ctypes.
+
+Why: at decode a layer call moves little data, so the grouped-torch backend's ~20 torch calls per layer
+(each a few microseconds of dispatch, allocation and a fp32 cast) cost more than the arithmetic; with
+120 adapted layer calls per forward of a 30-layer model that was most of the FlyLoRA overhead. The C
+kernel groups tokens by slot, runs the shrink, top-k and k-row expand for every slice, and rounds into
+``out`` once, with no allocation per token, on torch's own OpenMP thread pool (the library links
+``libgomp.so.1``, which torch has already loaded, so there is one pool).
+
+Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared``, about a second, cached under
+``<data dir>/cache/kernels`` (``FLYLORA_KERNEL_CACHE`` overrides) by a hash of the source, the flags, the
+compiler and the CPU's flags, written atomically (concurrent first uses are safe). No compiler, or a failed
+build: :func:`library` returns ``None`` once with a warning and the torch backend serves every call.
+``FLYLORA_CPU_NATIVE=0`` turns the compiled kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("flylora_cpu.c")
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+MAX_RANK = 64  # MAX_R in the C source
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_ARGTYPES = [_i64, _i64, _i64, _i64, _i64, _i64, _ptr,  # T, in, n, R, S, P, out_off
+             _ptr, _i64, _int, _ptr, _i64, _int,  # x, stride, dtype; out, stride, dtype
+             _ptr, _int, _ptr, _int, _ptr,  # a_val, a dtype, a_idx, index bytes, a_nnz
+             _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int]  # b, b dtype, d, k, r, magnitude, token_slot, i64
+
+
+def cache_dir() -> Path:
+    from ..paths import data_dir
+    return Path(os.environ.get("FLYLORA_KERNEL_CACHE") or data_dir() / "cache" / "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_flags()]).encode())
+    target = cache_dir() / f"flylora_cpu_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        proc = subprocess.run([cc, *CFLAGS, "-o", str(built), str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent builder's identical file is simply replaced
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; ``None`` when disabled or unavailable."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("FLYLORA_CPU_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+            return None
+        cc = os.environ.get("CC") or "cc"
+        if shutil.which(cc) is None:
+            log.warning("FlyLoRA: no C compiler (%s) found: the CPU kernel runs as grouped torch (slower). "
+                        "Install gcc to enable the compiled kernel.", cc)
+            return None
+        try:
+            path = _build(cc)
+            lib = ctypes.CDLL(str(path))
+            fn = lib.flylora_cpu_apply
+            fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+        except Exception as exc:  # noqa: BLE001 - any build/load failure degrades to the torch backend
+            log.warning("FlyLoRA: the compiled CPU kernel is unavailable (%s); using grouped torch.", exc)
+            return None
+        _lib = lib
+        return _lib
+
+
+def supports(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots) -> bool:
+    """Whether :func:`apply_native` can run this call (dtypes, rank, int32 compact indices)."""
+    return (out.dtype in _DTYPES and x.dtype in _DTYPES and slots.b.dtype in _DTYPES
+            and slots.a_val.dtype in _DTYPES and slots.max_rank <= MAX_RANK
+            and token_slot.dtype in (torch.int32, torch.int64)
+            and (slots.a_idx is None or slots.a_idx.dtype in (torch.int16, torch.int32)))
+
+
+def _static_args(slots) -> tuple:
+    """The slot buffers' part of the call, built once per :class:`FlyLoRASlots` (buffers never move:
+    slots change in place)."""
+    args = getattr(slots, "_native_args", None)
+    if args is None:
+        offs = [0]
+        for o in slots.output_slices:
+            offs.append(offs[-1] + o)
+        out_off = torch.tensor(offs, dtype=torch.int64)
+        for t in (slots.a_val, slots.b, slots.d, slots.k, slots.r, slots.magnitude):
+            assert t.is_contiguous()
+        P = 0 if slots.a_idx is None else slots.a_val.shape[-1]
+        nnz = getattr(slots, "a_nnz", None)
+        args = (out_off,  # keeps the offsets tensor alive
+                (slots.in_features, slots.num_slices, slots.max_rank, slots.num_slots, P, out_off.data_ptr()),
+                (slots.a_val.data_ptr(), _DTYPES[slots.a_val.dtype],
+                 None if slots.a_idx is None else slots.a_idx.data_ptr(),
+                 0 if slots.a_idx is None else slots.a_idx.element_size(),
+                 None if nnz is None else nnz.data_ptr(),
+                 slots.b.data_ptr(), _DTYPES[slots.b.dtype], slots.d.data_ptr(), slots.k.data_ptr(),
+                 slots.r.data_ptr(), slots.magnitude.data_ptr()))
+        slots._native_args = args
+    return args
+
+
+def apply_native(lib: ctypes.CDLL, out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots) -> None:
+    """Run the compiled kernel (same arguments and semantics as ``flylora_apply``; inputs already
+    checked, :func:`supports` true). Ties in top-k: the lower rank index first."""
+    _, head, tail = _static_args(slots)
+    if not token_slot.is_contiguous():
+        token_slot = token_slot.contiguous()
+    rc = lib.flylora_cpu_apply(
+        x.shape[0], *head, x.data_ptr(), x.stride(0), _DTYPES[x.dtype], out.data_ptr(), out.stride(0),
+        _DTYPES[out.dtype], *tail, token_slot.data_ptr(), int(token_slot.dtype == torch.int64))
+    if rc != 0:
+        raise {-1: MemoryError, -3: ValueError}.get(rc, RuntimeError)(
+            f"flylora_cpu_apply returned {rc}" + (
+                f": token_slot values must be in [-1, {slots.num_slots})" if rc == -3 else ""))

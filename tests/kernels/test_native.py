@@ -1,0 +1,133 @@
+"""The compiled CPU kernel (flylora_runtime/kernels/flylora_cpu.c via kernels.native): what the shared case
+table in test_apply.py does not cover: 16-bit compact indices, exact ties, bad slots, build and fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from flylora_runtime.kernels import apply_reference, build_slots, native
+from flylora_runtime.kernels.cpu import apply_cpu
+from flylora_runtime.reference import LayerAdapter
+
+from ..helpers import assert_close
+
+pytestmark = pytest.mark.skipif(native.library() is None,
+                                reason="the compiled CPU kernel is unavailable here (no C compiler?)")
+
+
+def _adapter(in_f: int, outs: tuple[int, ...], r: int, k: int, seed: int, routing: str = "signed"):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for o in outs:
+        a = torch.randn(r, in_f, generator=g) * (torch.rand(r, in_f, generator=g) < 0.25)
+        out.append(LayerAdapter(A=a, B=torch.randn(o, r, generator=g) * 0.05, d=torch.randn(r, generator=g) * 0.1,
+                                top_k=k, scaling=2.0, routing=routing))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_int16_indices_match_reference(dtype: torch.dtype) -> None:
+    """Compact A with 16-bit column indices (what a slot of up to 32767 inputs can use) gives the
+    reference result; rows with no adapter stay bit-for-bit untouched."""
+    adapters = [_adapter(576, (576, 192, 192), 32, 8, s, "magnitude" if s % 2 else "signed") for s in range(4)]
+    slots = build_slots(adapters, compact=True)
+    want_slots = build_slots(adapters, compact=True)
+    slots.a_idx = slots.a_idx.to(torch.int16)
+    x = torch.randn(21, 576).to(dtype)
+    ts = torch.tensor([s % 5 - 1 for s in range(21)])
+    out0 = torch.randn(21, 960).to(dtype)
+    got, want = out0.clone(), out0.clone()
+    apply_cpu(got, x, ts, slots, path="native")
+    apply_reference(want, x, ts, want_slots)
+    assert torch.equal(got[ts < 0], out0[ts < 0])
+    assert_close(got[ts >= 0], want[ts >= 0], dtype)
+
+
+def test_exact_ties_pick_the_lower_ranks() -> None:
+    """Eight ranks with identical A rows tie exactly; with k=3 the kernel takes ranks 0, 1, 2 (as the
+    Triton backend does), which B's distinct rows reveal in the output."""
+    r, k, in_f, out_f = 8, 3, 64, 8
+    a = torch.randn(1, in_f).expand(r, in_f).clone()
+    b = torch.zeros(out_f, r)
+    b[torch.arange(r), torch.arange(r)] = 1.0  # rank j writes only column j
+    slots = build_slots([[LayerAdapter(A=a, B=b, d=torch.zeros(r), top_k=k, scaling=1.0, routing="signed")]])
+    x = torch.randn(1, in_f)
+    out = torch.zeros(1, out_f)
+    apply_cpu(out, x, torch.tensor([0]), slots, path="native")
+    y = float(a[0] @ x[0])
+    expected = torch.zeros(out_f)
+    expected[:k] = y
+    assert torch.allclose(out[0], expected, atol=1e-6), out
+
+
+def test_slot_out_of_range_raises_and_writes_nothing() -> None:
+    slots = build_slots([_adapter(64, (32,), 8, 2, 0)])
+    out = torch.randn(3, 32)
+    before = out.clone()
+    with pytest.raises(ValueError, match=r"\[-1, 1\)"):
+        apply_cpu(out, torch.randn(3, 64), torch.tensor([0, 1, -1]), slots, path="native")
+    assert torch.equal(out, before)
+
+
+def test_rank_above_64_falls_back_to_torch() -> None:
+    """R > 64 is outside the compiled kernel (its stack buffers): ``supports`` says so and the default
+    dispatch still gives the right answer through the torch paths."""
+    adapters = [_adapter(64, (32,), 96, 8, 1)]
+    slots = build_slots(adapters)
+    x, ts = torch.randn(2, 64), torch.tensor([0, 0])
+    assert not native.supports(torch.zeros(2, 32), x, ts, slots)
+    got, want = torch.zeros(2, 32), torch.zeros(2, 32)
+    apply_cpu(got, x, ts, slots)
+    apply_reference(want, x, ts, slots)
+    assert_close(got, want, torch.float32)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A clean build state (the module caches the loaded library) and an empty kernel cache folder."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("FLYLORA_KERNEL_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_build_is_cached_and_reused(fresh_native) -> None:
+    lib = native.library()
+    assert lib is not None
+    built = list(fresh_native.glob("flylora_cpu_*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    native._lib, native._tried = None, False
+    assert native.library() is not None
+    assert built[0].stat().st_mtime_ns == mtime, "the cached library was rebuilt"
+
+
+def test_missing_compiler_falls_back_with_a_warning(fresh_native, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None
+    assert "no C compiler" in caplog.text
+    slots = build_slots([_adapter(64, (32,), 8, 2, 0)])
+    x, ts = torch.randn(2, 64), torch.tensor([0, -1])
+    got, want = torch.zeros(2, 32), torch.zeros(2, 32)
+    apply_cpu(got, x, ts, slots)  # the torch path serves the call
+    apply_reference(want, x, ts, slots)
+    assert_close(got, want, torch.float32)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        apply_cpu(got, x, ts, slots, path="native")
+
+
+def test_failed_build_falls_back_with_the_compiler_error(fresh_native, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None
+    assert "compiled CPU kernel is unavailable" in caplog.text
+    assert not list(fresh_native.glob("*.so"))
+
+
+def test_disabled_by_environment(fresh_native, monkeypatch) -> None:
+    monkeypatch.setenv("FLYLORA_CPU_NATIVE", "0")
+    assert native.library() is None
