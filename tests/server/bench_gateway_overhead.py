@@ -2,11 +2,18 @@
 
 Starts a minimal stand-in upstream (a raw asyncio HTTP/1.1 server that answers every request instantly
 with a fixed chat completion; a benchmark tool, not a test double of vLLM's behaviour) and a real gateway
-(uvicorn + uvloop + httptools, real SQLite registry) in separate processes, then measures with one
-aiohttp client process (httpx's client is too slow to load even the stand-in):
+(uvicorn + uvloop + httptools, real SQLite registry, as ``flylora-gateway`` runs it) in separate processes,
+then measures from this process, with the same client and the same request both ways:
 
 * latency: sequential requests (concurrency 1), p50 / p99, direct vs through the gateway;
-* throughput: ``--concurrency`` requests in flight for ``--seconds``, requests/s through the gateway.
+* throughput: ``--concurrency`` requests in flight for ``--seconds``, requests/s through the gateway and
+  directly, and the CPU time each process spent per request meanwhile (from ``/proc``, Linux).
+
+The client (``--client raw``, the default) is a minimal keep-alive HTTP/1.1 client on uvloop: it sends the
+same request bytes an HTTP client would (method, path, host, bearer key, JSON body with Content-Length)
+over one connection per worker and checks each answer's status and full Content-Length body. On a 2-core
+machine the load generator shares the cores with the gateway, so a lighter client leaves the gateway more
+of them, as a separate load-generator machine would; ``--client aiohttp`` measures with aiohttp instead.
 
 Run: ``.venv/bin/python -m tests.server.bench_gateway_overhead [--json out.json]``.
 Targets on a 2-core machine: at most 2 ms added at p50, at least 1,000 requests/s through the gateway.
@@ -25,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -147,6 +155,118 @@ async def _throughput(url: str, key: str | None, concurrency: int, seconds: floa
         return done / (time.perf_counter() - start)
 
 
+class _RawConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending a fixed request; answers must carry Content-Length."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.waiter: asyncio.Future[int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("the server closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        lines = self.buf[:end].split(b"\r\n")
+        length = next((int(line[15:]) for line in lines[1:] if line[:15].lower() == b"content-length:"), None)
+        if length is None:
+            self.waiter.set_exception(RuntimeError(f"an answer without Content-Length: {lines[0]!r}"))  # type: ignore[union-attr]
+            return
+        if len(self.buf) < end + 4 + length:
+            return
+        self.buf = self.buf[end + 4 + length:]
+        self.waiter.set_result(int(lines[0].split(b" ", 2)[1]))  # type: ignore[union-attr]
+
+    async def call(self) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(self.request)  # type: ignore[union-attr]
+        return await self.waiter
+
+
+def _raw_request(url: str, key: str | None) -> bytes:
+    host = url.split("://", 1)[1]
+    body = json.dumps(BODY).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _raw_connect(url: str, key: str | None) -> _RawConnection:
+    host, port = url.split("://", 1)[1].split(":")
+    request = _raw_request(url, key)
+    _, conn = await asyncio.get_running_loop().create_connection(lambda: _RawConnection(request), host, int(port))
+    return conn
+
+
+async def _sequential_raw(url: str, key: str | None, n: int) -> list[float]:
+    conn = await _raw_connect(url, key)
+    out = []
+    try:
+        for i in range(n + 20):
+            t = time.perf_counter()
+            status = await conn.call()
+            dt = time.perf_counter() - t
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}")
+            if i >= 20:  # warm-up
+                out.append(dt)
+    finally:
+        conn.transport.close()  # type: ignore[union-attr]
+    return out
+
+
+async def _throughput_raw(url: str, key: str | None, concurrency: int, seconds: float) -> float:
+    conns = [await _raw_connect(url, key) for _ in range(concurrency)]
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(conn: _RawConnection) -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            status = await conn.call()
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}")
+            done += 1
+
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in conns))
+        return done / (time.perf_counter() - start)
+    finally:
+        for c in conns:
+            c.transport.close()  # type: ignore[union-attr]
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _measured(run: Any, pids: dict[str, int], coro: Any) -> tuple[float, dict[str, float | None]]:
+    """Run a throughput coroutine; req/s and each process's CPU microseconds per request meanwhile."""
+    before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    t0 = time.perf_counter()
+    rps = run(coro)
+    requests = rps * (time.perf_counter() - t0)
+    after = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    return rps, {name: None if before[name] is None or after[name] is None or not requests
+                 else (after[name] - before[name]) * 1e6 / requests for name in pids}
+
+
 def _pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100)[int(q) - 1] * 1000
 
@@ -156,12 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1000, help="sequential requests per latency run")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--client", choices=("raw", "aiohttp"), default="raw", help="load client (see above)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    sequential, throughput = ((_sequential_raw, _throughput_raw) if args.client == "raw"
+                              else (_sequential, _throughput))
 
     ctx = mp.get_context("spawn")
     up_port, gw_port = _free_port(), _free_port()
     upstream, gateway = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as data_dir:
         procs = [ctx.Process(target=_run_upstream, args=(up_port,), daemon=True),
                  ctx.Process(target=_run_gateway, args=(gw_port, upstream, data_dir), daemon=True)]
@@ -175,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             import uvloop
 
             run = uvloop.run
-            direct = run(_sequential(upstream, None, args.requests))
-            via = run(_sequential(gateway, key, args.requests))
-            rps = run(_throughput(gateway, key, args.concurrency, args.seconds))
-            rps_direct = run(_throughput(upstream, None, args.concurrency, args.seconds))
+            pids = {"gateway": procs[1].pid, "upstream": procs[0].pid, "client": os.getpid()}
+            run(throughput(gateway, key, args.concurrency, 1.0))  # warm-up
+            direct = run(sequential(upstream, None, args.requests))
+            via = run(sequential(gateway, key, args.requests))
+            rps, cpu = _measured(run, pids, throughput(gateway, key, args.concurrency, args.seconds))
+            rps_direct, cpu_direct = _measured(run, pids, throughput(upstream, None, args.concurrency, args.seconds))
         finally:
             for p in procs:
                 p.terminate()
@@ -188,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         "direct_p50_ms": _pct(direct, 50), "direct_p99_ms": _pct(direct, 99),
         "gateway_p50_ms": _pct(via, 50), "gateway_p99_ms": _pct(via, 99),
         "added_p50_ms": _pct(via, 50) - _pct(direct, 50), "added_p99_ms": _pct(via, 99) - _pct(direct, 99),
-        "gateway_rps": rps, "direct_rps": rps_direct, "concurrency": args.concurrency,
+        "gateway_rps": rps, "direct_rps": rps_direct, "concurrency": args.concurrency, "client": args.client,
+        "gateway_cpu_us_per_req": cpu["gateway"], "client_cpu_us_per_req": cpu["client"],
+        "upstream_cpu_us_per_req": cpu["upstream"], "direct_client_cpu_us_per_req": cpu_direct["client"],
+        "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0],
     }
     for k, v in result.items():
-        print(f"{k:>16}: {v:.2f}" if isinstance(v, float) else f"{k:>16}: {v}")
+        print(f"{k:>29}: {v:.2f}" if isinstance(v, float) else f"{k:>29}: {v}")
     ok = result["added_p50_ms"] <= 2.0 and rps >= 1000
     print(f"targets (added p50 <= 2 ms, >= 1000 req/s): {'met' if ok else 'NOT met'}")
     if args.json:
