@@ -87,14 +87,9 @@ async def upload_adapter(gw: Gateway, tenant: Tenant, request: Request) -> Adapt
 
 
 async def resolve_adapter(gw: Gateway, tenant: Tenant, name: str) -> Adapter | None:
-    """The tenant's ready adapter of that name (cached), or None."""
-    key = (tenant.id, name)
-    adapter = gw.adapters_by_name.get(key)
-    if adapter is None:
-        adapter = await run(gw.registry.get_adapter, tenant.id, name)
-        if adapter is not None:
-            gw.adapters_by_name.put(key, adapter)
-    return adapter
+    """The tenant's ready adapter of that name (cached; dropped at once when it is deleted), or None."""
+    load = partial(run, gw.registry.get_adapter, tenant.id, name)
+    return await gw.adapters_by_name.get_or_load((tenant.id, name), load)
 
 
 async def _purge(gw: Gateway, adapter: Adapter) -> None:

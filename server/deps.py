@@ -23,20 +23,25 @@ def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-async def require_tenant(request: Request) -> Tenant:
-    """The caller's tenant, from its bearer key; 401 when the key is missing or unknown."""
-    gw: Gateway = request.app.state.gateway
-    key = parse_bearer(request.headers.get("authorization"))
+async def authenticate(gw: Gateway, authorization: str | None) -> Tenant:
+    """The tenant of an ``Authorization: Bearer <key>`` header; 401 when the key is missing or unknown.
+
+    Keys are looked up by their SHA-256 (the registry compares the stored hash in constant time); known
+    keys are cached by that hash for ``auth_cache_ttl_s``, dropped at once when their tenant is deleted.
+    """
+    key = parse_bearer(authorization)
     if key is None:
         raise Unauthorized()
-    digest = hash_key(key)
-    tenant = gw.tenants_by_key.get(digest)
+    tenant = await gw.tenants_by_key.get_or_load(
+        hash_key(key), lambda: anyio.to_thread.run_sync(gw.registry.tenant_for_key, key))
     if tenant is None:
-        tenant = await anyio.to_thread.run_sync(gw.registry.tenant_for_key, key)
-        if tenant is None:
-            raise Unauthorized()
-        gw.tenants_by_key.put(digest, tenant)
+        raise Unauthorized()
     return tenant
+
+
+async def require_tenant(request: Request) -> Tenant:
+    """The caller's tenant, from its bearer key; 401 when the key is missing or unknown."""
+    return await authenticate(request.app.state.gateway, request.headers.get("authorization"))
 
 
 def require_admin(request: Request) -> None:
