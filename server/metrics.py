@@ -7,6 +7,8 @@ adapters cannot explode the series count. Keys, prompts and internal ids are nev
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 OTHER = "other"
@@ -34,6 +36,22 @@ class AdapterLabels:
             self.known.add((tenant, adapter))
             return adapter
         return OTHER
+
+
+class Children(dict):
+    """``metric.labels(*key)`` per label tuple, looked up once: the hot path's per-request metrics.
+
+    ``labels()`` checks and locks on every call; a child found here is the same object it returns, so
+    the exported series are unchanged. Values in the key are passed through ``str``.
+    """
+
+    def __init__(self, metric: Any):
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, key: tuple) -> Any:
+        child = self[key] = self.metric.labels(*(str(v) for v in key))
+        return child
 
 
 class GatewayMetrics:
@@ -72,10 +90,18 @@ class GatewayMetrics:
             self.routing.labels(result)
         self.engine_ready = Gauge("flylora_gateway_engine_ready", "1 when the engine's /health answered 200.",
                                   ["engine"], registry=r)
+        # Children of the per-request metrics by label values (see Children).
+        self.requests_by = Children(self.requests)
+        self.in_flight_by = Children(self.in_flight)
+        self.latency_by = Children(self.latency)
+        self.ttft_by = Children(self.ttft)
+        self._prompt_tokens_by = Children(self.prompt_tokens)
+        self._completion_tokens_by = Children(self.completion_tokens)
 
     def tokens(self, tenant: str, adapter: str, prompt: int, completion: int) -> None:
-        label = self.adapter_label(tenant, adapter)
-        if prompt:
-            self.prompt_tokens.labels(tenant, label).inc(prompt)
-        if completion:
-            self.completion_tokens.labels(tenant, label).inc(completion)
+        if prompt or completion:
+            key = (tenant, self.adapter_label(tenant, adapter))
+            if prompt:
+                self._prompt_tokens_by[key].inc(prompt)
+            if completion:
+                self._completion_tokens_by[key].inc(completion)
