@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from .adapters import finish_interrupted_deletions
 from .errors import install_error_handlers
-from .fastpath import CompletionFastPath
+from .fastpath import GatewayApp
 from .routes import adapters, admin, health, openai
 from .settings import Settings
 from .state import Gateway
@@ -40,15 +40,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await gw.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="FlyLoRA gateway",
         summary="OpenAI-compatible, multi-tenant serving of FlyLoRA adapters on vLLM.",
         version="0.1.0",
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    if settings.completion_fast_path:
-        app.add_middleware(CompletionFastPath)
+    app.completion_fast_path = settings.completion_fast_path
     for module in (openai, adapters, admin, health):
         app.include_router(module.router)
     _declare_bearer_auth(app)

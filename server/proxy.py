@@ -171,7 +171,7 @@ class Flight:
     public: bytes = field(default=b"", init=False)
 
     def __post_init__(self) -> None:
-        self.gw.metrics.in_flight.labels(self.tenant.name).inc()
+        self.gw.metrics.in_flight_by[(self.tenant.name,)].inc()
         if self.adapter is not None:
             self.internal = self.adapter.internal_id.encode()
             self.public = self.request.model.encode()
@@ -198,9 +198,9 @@ class Flight:
         gw.limiter.release(tenant.id)
         gw.limiter.charge(tenant.id, self.prompt_tokens + self.completion_tokens,
                           tokens_per_minute=tenant.tokens_per_minute)
-        m.in_flight.labels(tenant.name).dec()
-        m.requests.labels(tenant.name, self.endpoint, str(self.status)).inc()
-        m.latency.labels(self.endpoint, "true" if self.request.stream else "false").observe(
+        m.in_flight_by[(tenant.name,)].dec()
+        m.requests_by[(tenant.name, self.endpoint, self.status)].inc()
+        m.latency_by[(self.endpoint, "true" if self.request.stream else "false")].observe(
             time.perf_counter() - self.started)
         m.tokens(tenant.name, self.request.model, self.prompt_tokens, self.completion_tokens)
 
@@ -242,7 +242,7 @@ class Flight:
                     del obj["usage"]
             if not self.first_token_seen and obj.get("choices"):
                 self.first_token_seen = True
-                self.gw.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.started)
+                self.gw.metrics.ttft_by[(self.endpoint,)].observe(time.perf_counter() - self.started)
         return b"data: " + self.sanitize(_dump(obj)) + b"\n\n"
 
     async def events(self, upstream: Upstream) -> AsyncIterator[bytes]:
@@ -333,9 +333,18 @@ class ProxyStream(Response):
 async def proxy_completion(gw: Gateway, tenant: Tenant, request: Request, endpoint: str) -> Response:
     """Serve one completion request for ``tenant``; see the module docstring."""
     started = time.perf_counter()
+    try:
+        body = await read_body(request, gw.settings.max_request_bytes)
+    except GatewayError as exc:
+        gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
+        raise
+    return await forward_completion(gw, tenant, body, endpoint, started)
+
+
+async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint: str, started: float) -> Response:
+    """Serve one completion request whose ``body`` has been read (under the size cap) since ``started``."""
     settings = gw.settings
     try:
-        body = await read_body(request, settings.max_request_bytes)
         req = parse_completion_request(body, endpoint, settings)
         adapter = None
         if req.model != settings.base_model_id:
@@ -346,7 +355,7 @@ async def proxy_completion(gw: Gateway, tenant: Tenant, request: Request, endpoi
         gw.limiter.acquire(tenant.id, max_concurrency=tenant.max_concurrency,
                            tokens_per_minute=tenant.tokens_per_minute)
     except GatewayError as exc:
-        gw.metrics.requests.labels(tenant.name, endpoint, str(exc.status)).inc()
+        gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
         raise
     flight = Flight(gw, tenant, endpoint, req, adapter, started)
     try:
