@@ -16,6 +16,7 @@ from .errors import EngineTimeout, EngineUnavailable
 from .metrics import GatewayMetrics
 from .routing import ReplicaRouter
 from .settings import Settings
+from .transport import EngineClient, EngineTransport, RequestBuilder
 
 log = logging.getLogger("flylora.gateway.engines")
 
@@ -49,9 +50,10 @@ def is_read_timeout(exc: BaseException) -> bool:
 def make_client(settings: Settings) -> httpx.AsyncClient:
     """The one pooled client to all engines.
 
-    Transport ``aiohttp`` (httpx's API over aiohttp's connection pool, from ``httpx-aiohttp``) keeps the
-    gateway near 1,000+ requests/s on two cores; httpx's own pool (``httpcore``) polls every pooled
-    socket on each request and tops out at a few hundred. ``auto`` takes aiohttp when it is installed.
+    Transport ``aiohttp`` (httpx's API over aiohttp's connection pool, from ``httpx-aiohttp``; see
+    :mod:`server.transport`) keeps the gateway above 1,000 requests/s on two cores; httpx's own pool
+    (``httpcore``) polls every pooled socket on each request and tops out at a few hundred. ``auto`` takes
+    aiohttp when it is installed.
     """
     limits = httpx.Limits(max_connections=settings.engine_max_connections,
                           max_keepalive_connections=settings.engine_max_connections, keepalive_expiry=30)
@@ -60,16 +62,13 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
     transport: httpx.AsyncBaseTransport | None = None
     choice = settings.engine_http_transport
     if choice in ("auto", "aiohttp"):
-        try:
-            from httpx_aiohttp import AiohttpTransport
-        except ImportError:
+        if EngineTransport is None:
             if choice == "aiohttp":
                 raise ValueError("engine_http_transport 'aiohttp' needs the httpx-aiohttp package") from None
         else:
-            transport = AiohttpTransport(limits=limits, trust_env=False)
+            transport = EngineTransport(limits=limits, trust_env=False)
     log.info("engine client transport: %s", "aiohttp" if transport is not None else "httpcore")
-    return httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, follow_redirects=False,
-                             trust_env=False)
+    return EngineClient(timeout=timeout, limits=limits, transport=transport, follow_redirects=False, trust_env=False)
 
 
 @dataclass
@@ -130,9 +129,8 @@ class EnginePool:
         self.client = make_client(settings)
         # Hot path: requests are built from pre-parsed URLs and headers (httpx's per-request merging of
         # client defaults costs about a tenth of the gateway's CPU).
-        self._urls: dict[tuple[str, str], httpx.URL] = {}
-        self._request_headers = httpx.Headers({**self.headers, "accept": "*/*", "user-agent": "flylora-gateway"})
-        self._timeout = self.client.timeout.as_dict()
+        self._requests = RequestBuilder({**self.headers, "accept": "*/*", "user-agent": "flylora-gateway"},
+                                        self.client.timeout)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -202,11 +200,7 @@ class EnginePool:
         log.warning("engine %s failed (%s: %s); trying another replica", url, kind, type(exc).__name__)
 
     def _request(self, url: str, path: str, body: bytes) -> httpx.Request:
-        target = self._urls.get((url, path))
-        if target is None:
-            target = self._urls[(url, path)] = httpx.URL(url + path)
-        return httpx.Request("POST", target, content=body, headers=self._request_headers.copy(),
-                             extensions={"timeout": self._timeout})
+        return self._requests.post(url, path, body)
 
     async def unload(self, internal_id: str) -> list[str]:
         """Evict an adapter from every replica; returns the replicas where that failed (logged and counted).
