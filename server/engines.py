@@ -148,7 +148,7 @@ class EnginePool:
         retried = False
         while (decision := self.router.route(adapter_id, exclude=tried)) is not None:
             url = decision.url
-            self.metrics.routing.labels("failover" if tried else decision.result).inc()
+            self.metrics.routing_by[("failover" if tried else decision.result,)].inc()
             tried.append(url)
             self.router.acquire(url)
             response: httpx.Response | None = None

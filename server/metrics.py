@@ -95,6 +95,7 @@ class GatewayMetrics:
         self.in_flight_by = Children(self.in_flight)
         self.latency_by = Children(self.latency)
         self.ttft_by = Children(self.ttft)
+        self.routing_by = Children(self.routing)
         self._prompt_tokens_by = Children(self.prompt_tokens)
         self._completion_tokens_by = Children(self.completion_tokens)
 
