@@ -32,11 +32,11 @@ class _NoCookies(httpx.Cookies):
 
 
 class EngineClient(httpx.AsyncClient):
-    """``httpx.AsyncClient`` that never stores cookies from responses (cookies passed per request still go)."""
+    """``httpx.AsyncClient`` that never stores cookies from responses (cookies it is given are still sent)."""
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, *, cookies: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self._no_cookies = _NoCookies()
+        self._no_cookies = _NoCookies(cookies)
 
     @property
     def cookies(self) -> httpx.Cookies:
