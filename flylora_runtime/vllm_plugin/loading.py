@@ -10,13 +10,13 @@ vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` ten
 - attaches :class:`FlyLoRAInfo` (top_k, routing, d per module) to the ``LoRAModel``.
 
 It also wraps ``LoRAModelManager.activate_adapter``: after vLLM has copied A and B into a slot, the
-FlyLoRA layers of that slot get the adapter's top-k, d and routing. A plain PEFT LoRA adapter (no
+FlyLoRA layers of that slot get the adapter's top-k, d and routing. Both count themselves
+(``flylora_adapter_loads_total``, ``flylora_adapter_activations_total``, :mod:`.metrics`). A plain PEFT LoRA adapter (no
 ``top_k``) is served with ``k = r``, ``d = 0``: exactly LoRA.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
 from ..config import FlyLoRAConfig
+from .metrics import ACTIVATIONS, CACHE_HITS, CACHE_MISSES, LOADS, count, count_many
 
 COMPACT_NAME = "flylora_compact.safetensors"
 BIAS_SUFFIX = ".lora_topk_bias"
@@ -98,6 +99,7 @@ def install_loading() -> None:
             peft_helper=peft_helper, device=device, dtype=dtype, model_vocab_size=model_vocab_size,
             weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
         model.flylora = FlyLoRAInfo(top_k=config.top_k if config.is_flylora else None, routing=config.routing, d=d)
+        count(LOADS)
         return model
 
     original_activate = LoRAModelManager.activate_adapter
@@ -106,6 +108,8 @@ def install_loading() -> None:
         placed = original_activate(self, lora_id)
         if placed:
             apply_routing(self, lora_id)
+            if getattr(self._registered_adapters[lora_id], "flylora", None) is not None:
+                count(ACTIVATIONS)  # a real adapter (vLLM's warm-up dummies are not counted)
         return placed
 
     original_init_ok = PEFTHelper._init_is_supported
@@ -116,6 +120,7 @@ def install_loading() -> None:
         return (isinstance(init, str) and init.lower() == "sparse") or original_init_ok(self)
 
     PEFTHelper._init_is_supported = _init_is_supported
+    _install_request_counting()
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
     LoRAModelManager.activate_adapter = activate_adapter
     LoRAModel._flylora_installed = True
@@ -137,3 +142,54 @@ def apply_routing(manager, lora_id: int) -> None:
             names = (names * module.flylora_slots.num_slices)[: module.flylora_slots.num_slices]
         module.set_flylora_routing(index, [info.d.get(n) for n in names], info.top_k,
                                    info.routing == "magnitude")
+
+
+def _install_request_counting() -> None:
+    """Count each request's adapter as a cache hit or miss when the worker first schedules it.
+
+    A miss: the adapter had to be read from the store for this request, either in the request's first
+    step (it was not in the CPU cache) or just before, when the API server resolved the adapter for it
+    (vLLM's ``add_lora`` on first use: such a load is remembered until its first request is scheduled).
+    A hit: the adapter was in the engine's CPU cache. Requests for the same adapter that arrive while it
+    loads are hits if their first step comes after the load (they waited, but did not load it again).
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    original_add_lora = LoRAModelRunnerMixin.add_lora
+    original_update = GPUModelRunner._update_states
+
+    def add_lora(self, lora_request) -> bool:
+        known = lora_request.lora_int_id in self.lora_manager.list_adapters()
+        added = original_add_lora(self, lora_request)
+        if added and not known:
+            _preloaded(self).add(lora_request.lora_int_id)
+        return added
+
+    def _update_states(self, scheduler_output):
+        manager = getattr(self, "lora_manager", None)
+        new = [r for r in scheduler_output.scheduled_new_reqs
+               if r.lora_request is not None and r.lora_request.lora_int_id > 0 and r.req_id not in self.requests]
+        if manager is not None and new:
+            held, preloaded = manager.list_adapters(), _preloaded(self)
+            hits = misses = 0
+            for req in new:
+                lora_id = req.lora_request.lora_int_id
+                if lora_id in preloaded or lora_id not in held:
+                    preloaded.discard(lora_id)
+                    misses += 1
+                else:
+                    hits += 1
+            count_many({CACHE_HITS: hits, CACHE_MISSES: misses})
+        return original_update(self, scheduler_output)
+
+    LoRAModelRunnerMixin.add_lora = add_lora
+    GPUModelRunner._update_states = _update_states
+
+
+def _preloaded(runner) -> set[int]:
+    """Adapter ids loaded by ``add_lora`` whose first request has not been scheduled yet."""
+    found = getattr(runner, "_flylora_preloaded", None)
+    if found is None:
+        found = runner._flylora_preloaded = set()
+    return found

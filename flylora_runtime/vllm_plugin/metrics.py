@@ -1,0 +1,142 @@
+"""Adapter load counters of the engine, exported on vLLM's own ``/metrics``.
+
+- ``flylora_adapter_loads_total``: adapters read from the adapter store into the engine's CPU cache: the
+  first use of an adapter on this engine, and every reload after the LRU cache (``--max-cpu-loras``)
+  evicted it. Each is a cache miss; every other request for an adapter finds it in memory.
+- ``flylora_adapter_activations_total``: adapters copied from the CPU cache into a device slot
+  (``--max-loras``): slot misses.
+- ``flylora_adapter_requests_total{cache="hit"|"miss"}``: requests for an adapter, by whether the engine
+  held the adapter in its CPU cache when it first scheduled the request (a miss had to read it from the
+  store; see ``loading._install_request_counting``).
+
+All three are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
+CPU, or inside the engine-core process), while ``/metrics`` is served by the API-server process from
+prometheus_client's default registry (vLLM switches to prometheus' multiprocess mode only with several API
+servers, which ``flylora-engine`` does not start). So the worker keeps its counts in a small JSON file,
+``counts-<pid>.json`` (rewritten, then renamed, on every event: loads are rare, and requests are counted
+once per scheduler step), in a folder shared with its API server, and the API server registers
+:class:`EngineCountersCollector`, which adds those files up at every scrape. The folder
+is ``$FLYLORA_ENGINE_METRICS_DIR``; the first process that loads the plugin (the API server) creates a
+fresh one when it is unset and exports it to the processes it starts. ``flylora-engine`` unsets it, so
+two engines started from one shell never share counts. Counts start at zero with every engine start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+
+logger = logging.getLogger("flylora.metrics")
+
+METRICS_DIR_ENV = "FLYLORA_ENGINE_METRICS_DIR"
+LOADS = "flylora_adapter_loads"
+ACTIVATIONS = "flylora_adapter_activations"
+CACHE_HITS = "flylora_adapter_requests:hit"
+CACHE_MISSES = "flylora_adapter_requests:miss"
+#: counter key (name without ``_total``, then ``:`` and the ``cache`` label if any) -> help text
+COUNTERS = {
+    LOADS: "Adapters read from the adapter store into the engine's CPU cache (cache misses: first use on this "
+           "engine, or a reload after LRU eviction).",
+    ACTIVATIONS: "Adapters copied from the engine's CPU cache into a device slot (slot misses).",
+    CACHE_HITS: "Requests for an adapter, by whether the engine held it in its CPU cache when it first scheduled "
+                "the request (miss: read from the store for it).",
+    CACHE_MISSES: "",
+}
+
+_lock = threading.Lock()
+_counts: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+_write_failed = False
+_collector_installed = False
+
+
+def metrics_dir() -> str:
+    """The folder shared by this engine's processes (created and exported when unset)."""
+    path = os.environ.get(METRICS_DIR_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="flylora-engine-metrics-")
+        os.environ[METRICS_DIR_ENV] = path
+        creator = os.getpid()
+        atexit.register(lambda: os.getpid() == creator and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+def count(name: str, amount: float = 1.0) -> None:
+    """Add to one of :data:`COUNTERS` in this process and publish this process's counts (atomic rename)."""
+    count_many({name: amount})
+
+
+def count_many(amounts: dict[str, float]) -> None:
+    """Add to several of :data:`COUNTERS` at once (one file write)."""
+    global _write_failed
+    with _lock:
+        for name, amount in amounts.items():
+            _counts[name] += amount
+        folder = metrics_dir()
+        target = os.path.join(folder, f"counts-{os.getpid()}.json")
+        try:
+            with open(target + ".tmp", "w") as fh:
+                json.dump(_counts, fh)
+            os.replace(target + ".tmp", target)
+        except OSError as exc:
+            if not _write_failed:
+                logger.warning("cannot publish adapter counters in %s: %s", folder, exc)
+            _write_failed = True
+
+
+def read_counts(folder: str) -> dict[str, float]:
+    """The sums of every process's published counts in ``folder``."""
+    totals = dict.fromkeys(COUNTERS, 0.0)
+    for path in glob.glob(os.path.join(folder, "counts-*.json")):
+        try:
+            with open(path) as fh:
+                values = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        for name in totals:
+            value = values.get(name) if isinstance(values, dict) else None
+            if isinstance(value, (int, float)):
+                totals[name] += value
+    return totals
+
+
+class EngineCountersCollector:
+    """A prometheus_client collector: :data:`COUNTERS` summed over the engine's processes at scrape time."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        families: dict[str, CounterMetricFamily] = {}
+        for key, value in read_counts(self.folder).items():
+            name, _, cache = key.partition(":")
+            family = families.get(name)
+            if family is None:
+                family = families[name] = CounterMetricFamily(name, COUNTERS[key], labels=["cache"] if cache else None)
+            family.add_metric([cache] if cache else [], value)
+        yield from families.values()
+
+    def describe(self):
+        return list(self.collect())
+
+
+def install_metrics() -> None:
+    """Create/export the shared folder and register the collector on the default registry (idempotent).
+
+    Registered in every process that loads the plugin; only the API server's registry is ever served.
+    """
+    global _collector_installed
+    folder = metrics_dir()
+    if _collector_installed:
+        return
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(EngineCountersCollector(folder))
+    _collector_installed = True
