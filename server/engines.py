@@ -122,7 +122,8 @@ class EnginePool:
         self.urls = list(settings.engine_urls)
         self.router = router or ReplicaRouter(
             self.urls, affinity_ttl_s=settings.affinity_ttl_s, max_affinity_entries=settings.affinity_max_entries,
-            cooldown_s=settings.engine_cooldown_s, load_factor=settings.routing_load_factor)
+            cooldown_s=settings.engine_cooldown_s, load_factor=settings.routing_load_factor,
+            min_spill_in_flight=settings.routing_min_spill_in_flight)
         self.headers = {"content-type": "application/json"}
         if settings.engine_api_key is not None:
             self.headers["authorization"] = f"Bearer {settings.engine_api_key.get_secret_value()}"

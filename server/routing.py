@@ -8,9 +8,11 @@ Pure policy: no I/O, no torch, an injectable clock, so it is unit-tested alone.
   others, an adapter stays on one engine (where it sits in the CPU cache and, while busy, in a device
   slot), and when a replica leaves or comes back only the adapters whose home it is move.
 * **Load bound**: a replica is skipped while it has ``load_factor`` times its fair share of the requests
-  in flight or more (consistent hashing with bounded loads); the request then goes to the next replica in
-  the adapter's rendezvous order that already served the adapter, else the least loaded one under the
-  bound. A hot adapter therefore spills onto a second engine instead of queueing behind one.
+  in flight or more (consistent hashing with bounded loads), but never while it has fewer than
+  ``min_spill_in_flight`` (an engine batches: one more request costs it little, while a spill costs a
+  cold adapter load elsewhere); the request then goes to the next replica in the adapter's rendezvous
+  order that already served the adapter, else the least loaded one under the bound. A hot adapter
+  therefore spills onto a second engine instead of queueing behind one.
 * **Base-model requests** go to the replica with the fewest requests in flight; ties go to the replica
   picked longest ago, so equal replicas share the load.
 * **Down replicas**: a connection failure puts a replica in cooldown for ``cooldown_s`` (and forgets which
@@ -75,12 +77,14 @@ class ReplicaRouter:
         max_affinity_entries: adapters remembered (least recently used forgotten first).
         cooldown_s: how long a replica is avoided after a connection failure.
         load_factor: a replica is skipped for an adapter while its requests in flight reach this many
-            times the fair share (``ceil(load_factor * (in flight on available replicas + 1) / available)``).
+            times the fair share (``ceil(load_factor * (in flight on available replicas + 1) / available)``)
+        min_spill_in_flight: ... but never while it has fewer requests in flight than this.
         clock: monotonic seconds (tests pass a fake).
     """
 
     def __init__(self, urls: Iterable[str], *, affinity_ttl_s: float = 600.0, max_affinity_entries: int = 100_000,
-                 cooldown_s: float = 5.0, load_factor: float = 1.5, clock: Callable[[], float] = time.monotonic):
+                 cooldown_s: float = 5.0, load_factor: float = 1.5, min_spill_in_flight: int = 8,
+                 clock: Callable[[], float] = time.monotonic):
         self.replicas: dict[str, ReplicaState] = {u: ReplicaState(u) for u in urls}
         if not self.replicas:
             raise ValueError("expected at least one replica URL, found none")
@@ -90,6 +94,7 @@ class ReplicaRouter:
         self.max_affinity_entries = max_affinity_entries
         self.cooldown_s = cooldown_s
         self.load_factor = load_factor
+        self.min_spill_in_flight = min_spill_in_flight
         self.clock = clock
         #: adapter id -> {replica url: time it last served the adapter}; most recently used adapter last.
         self.holders: OrderedDict[str, dict[str, float]] = OrderedDict()
@@ -140,7 +145,8 @@ class ReplicaRouter:
         if len(up) == 1:
             return up[0]
         ranked = sorted(up, key=lambda r: rendezvous_score(adapter_id, r.key), reverse=True)
-        bound = math.ceil(self.load_factor * (sum(r.in_flight for r in up) + 1) / len(up))
+        bound = max(self.min_spill_in_flight,
+                    math.ceil(self.load_factor * (sum(r.in_flight for r in up) + 1) / len(up)))
         if ranked[0].in_flight < bound:
             return ranked[0]
         under = [r for r in ranked[1:] if r.in_flight < bound]  # never empty: the least loaded is under

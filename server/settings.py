@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     routing_load_factor: float = Field(
         default=1.5, ge=1.0,
         description="An adapter's home replica is skipped while it has this many times its fair share in flight.")
+    routing_min_spill_in_flight: int = Field(
+        default=8, ge=1, description="An adapter's home replica with fewer requests in flight is never skipped.")
     health_check_interval_s: float = Field(
         default=2.0, ge=0, description="Seconds between active health checks of every engine (0: off).")
     health_check_failures: int = Field(

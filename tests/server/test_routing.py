@@ -80,7 +80,7 @@ def test_first_request_is_a_miss_then_hits(clock):
 
 
 def test_overloaded_home_spills_to_a_holder_then_least_loaded(clock):
-    r = make(clock, load_factor=1.5)
+    r = make(clock, load_factor=1.5, min_spill_in_flight=1)
     a = adapter_homed_at(r, "e0")
     for _ in range(4):
         r.acquire("e0")
@@ -99,7 +99,7 @@ def test_overloaded_home_spills_to_a_holder_then_least_loaded(clock):
 
 
 def test_spill_starts_exactly_at_the_bound(clock):
-    r = make(clock, n=2, load_factor=1.5)
+    r = make(clock, n=2, load_factor=1.5, min_spill_in_flight=1)
     a = adapter_homed_at(r, "e0")
     for _ in range(3):  # bound ceil(1.5 * (k + 1) / 2) = 1, 2, 3 with k = 0, 1, 2 in flight: home is under
         assert r.pick(a) == "e0"
@@ -107,6 +107,15 @@ def test_spill_starts_exactly_at_the_bound(clock):
     assert r.pick(a) == "e1"  # 3 in flight at home, bound ceil(1.5 * 4 / 2) = 3
     r.acquire("e1")
     assert r.pick(a) == "e0"  # bound ceil(1.5 * 5 / 2) = 4
+
+
+def test_no_spill_below_the_floor(clock):
+    r = make(clock, n=2, load_factor=1.5, min_spill_in_flight=4)
+    a = adapter_homed_at(r, "e0")
+    for _ in range(4):  # the fair-share bound would spill at 3; the floor keeps 4 at home
+        assert r.pick(a) == "e0"
+        r.acquire("e0")
+    assert r.pick(a) == "e1"
 
 
 def test_failure_cools_replica_down_and_forgets_its_adapters(clock):
