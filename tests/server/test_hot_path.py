@@ -97,3 +97,56 @@ def test_engine_client_never_replays_an_engines_cookies():
 
     asyncio.run(main())
     assert seen == [None, None, "given=1", "given=1"]
+
+
+def _serve_once(answers: dict[bytes, bytes]):
+    """An asyncio HTTP/1.1 server answering GET <path> with a fixed raw response (for the transport)."""
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while b"\r\n\r\n" in self.buf:
+                head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+                self.transport.write(answers[head.split(b" ")[1]])  # type: ignore[attr-defined]
+
+    return Answer
+
+
+@pytest.mark.parametrize("path", [b"/json", b"/gzip", b"/sse"])
+def test_engine_transport_passes_json_encoded_and_streamed_answers_over_pooled_connections(path):
+    pytest.importorskip("httpx_aiohttp")
+    import gzip
+    import json
+
+    from server.transport import EngineTransport
+
+    payload = json.dumps({"model": "m", "usage": {"prompt_tokens": 1}}).encode()
+    packed = gzip.compress(payload)
+    sse = b"data: 1\n\n"
+    answers = {
+        b"/json": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(payload), payload),
+        b"/gzip": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(packed), packed),
+        b"/sse": b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                 b"%x\r\n%s\r\n0\r\n\r\n" % (len(sse), sse),
+    }
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(_serve_once(answers), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with EngineClient(transport=EngineTransport(trust_env=False)) as client:
+                for _ in range(2):  # the second over the pooled connection
+                    async with client.stream("GET", f"http://127.0.0.1:{port}{path.decode()}") as r:
+                        body = b"".join([chunk async for chunk in r.aiter_bytes()])
+                    assert r.status_code == 200
+                    assert body == (sse if path == b"/sse" else payload)
+        finally:
+            server.close()
+
+    asyncio.run(main())
