@@ -17,9 +17,10 @@ machine. Everything runs under ``torch.inference_mode()``, as in the engine. Two
 
 Backends (by the device: CPU here, CUDA when present):
 
-- ``flylora-cpu`` / ``flylora-triton``: :func:`flylora_runtime.kernels.flylora_apply`, FlyLoRA (r, k).
-- ``flylora-cpu-grouped``: the CPU backend forced onto its grouped (prefill) path at ``T <= SMALL_T``,
-  i.e. what every shape ran before the small-T path existed (the "before" of that change).
+- ``flylora-cpu`` / ``flylora-triton``: :func:`flylora_runtime.kernels.flylora_apply`, FlyLoRA (r, k); on
+  CPU the compiled kernel (:mod:`flylora_runtime.kernels.native`) when it can be built, as in the engine.
+- ``flylora-cpu-torch``: the CPU backend's torch paths (small path at ``T <= SMALL_T``, grouped above):
+  the fallback without a C compiler, and what the engine ran before the compiled kernel.
 - ``flylora-cpu-compactA``: the CPU backend on slots holding compact A (the sparse alternative).
 - ``flylora-cpu@REV`` (``--baseline-rev REV``): the CPU backend of an earlier git revision, same slots.
 - ``vllm-cpu-torch-ops``: vLLM's CPU LoRA path (``vllm.lora.ops.torch_ops.bgmv_shrink`` then
@@ -150,12 +151,14 @@ def bench_shape(tokens: int, n_adapters: int, n_in: int, outs: tuple[int, ...], 
 
     ours = "flylora-cpu" if device == "cpu" else "flylora-triton"
     row(ours, lambda: flylora_apply(out, x, token_slot, slots, check_indices=False), act_bytes + a_dense + b_fly)
-    if device == "cpu" and tokens <= SMALL_T:
-        def grouped() -> None:
-            check_inputs(out, x, token_slot, slots, check_indices=False)
-            apply_cpu(out, x, token_slot, slots, path="grouped")
+    if device == "cpu":
+        torch_path = "small" if tokens <= SMALL_T else "grouped"
 
-        row("flylora-cpu-grouped", grouped, act_bytes + a_dense + b_fly)
+        def torch_ops() -> None:
+            check_inputs(out, x, token_slot, slots, check_indices=False)
+            apply_cpu(out, x, token_slot, slots, path=torch_path)
+
+        row("flylora-cpu-torch", torch_ops, act_bytes + a_dense + b_fly)
     if baseline is not None and device == "cpu":
         def before() -> None:
             check_inputs(out, x, token_slot, slots, check_indices=False)

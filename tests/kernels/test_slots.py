@@ -13,7 +13,7 @@ from tests.helpers import assert_close
 from .cases import make_adapter
 from .check import run_backend
 
-BACKENDS = ("cpu-small", "cpu-grouped", "reference")
+BACKENDS = ("cpu-native", "cpu-small", "cpu-grouped", "reference")
 
 
 def _poison_padding(slots, r: int) -> None:
