@@ -197,3 +197,25 @@ def test_grafana_query_is_valid_promql_and_its_series_are_ingested(live_stack, p
     _, sampled = live_stack.scrape()
     for name in promql_metric_names(expr) & sampled:
         assert prometheus.wait_for(f'count({{__name__="{name}"}})', timeout=30), f"{name} not ingested"
+
+
+def _samples(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_adapter_loads_and_routing_decisions_are_exported_live(live_stack):
+    """The engine counts the stack's adapter load, slot activation and cache miss then hit (in its worker
+    process) on its own /metrics; the gateway counts its routing decisions: the adapter's first request a
+    miss, the second a hit."""
+    engine = _samples(live_stack.engine_url)
+    # The engine is shared with other tests, so at least the stack's one load and one slot activation.
+    assert engine["flylora_adapter_loads_total{}"] >= 1, engine
+    assert engine["flylora_adapter_activations_total{}"] >= 1, engine
+    assert engine['flylora_adapter_requests_total{"cache": "miss"}'] >= 1, engine  # the adapter's first request
+    assert engine['flylora_adapter_requests_total{"cache": "hit"}'] >= 1, engine  # and its second
+    gateway = _samples(live_stack.gateway_url)
+    routing = {r: gateway[f'flylora_gateway_routing_total{{"result": "{r}"}}']
+               for r in ("affinity_hit", "affinity_miss", "base", "failover")}
+    assert routing == {"affinity_hit": 1, "affinity_miss": 1, "base": 0, "failover": 0}, routing
