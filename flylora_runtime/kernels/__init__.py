@@ -57,6 +57,13 @@ class FlyLoRASlots:
             starting at element ``S * R * off_i``, ``b_view(i)[s, j, o] = scaling * B_i[o, j]``: row ``j``
             is rank-expert ``j``, so the k selected experts are k contiguous rows (one ``index_select``
             on CPU, coalesced loads on GPU).
+        a_nnz: packed compact A only: ``[S, n]`` int32, the entries per row of each slot's slice (its
+            densest row's nonzero count; shorter rows are padded with column 0, value 0.0).
+        a_packed: packed compact A (the compiled CPU kernel's layout, :mod:`.native`): slot ``s``'s slice
+            ``i`` occupies the flat block ``a_idx[s].view(-1)[i*R*P : (i+1)*R*P]`` (same for ``a_val``),
+            and its row ``j`` is the ``a_nnz[s, i]`` entries starting at ``j * a_nnz[s, i]`` of that block:
+            the rows an adapter really has are contiguous, whatever ``P`` was allocated. Only the
+            compiled CPU kernel and the reference backend read it.
         d: ``[S, n*R]`` fp32 routing bias.
         k: ``[S, n]`` int32 ranks selected per token (0 for an empty slot).
         r: ``[S, n]`` int32 real ranks (0 for an empty slot).
@@ -86,6 +93,8 @@ class FlyLoRASlots:
     k: torch.Tensor
     r: torch.Tensor
     magnitude: torch.Tensor
+    a_nnz: torch.Tensor | None = None
+    a_packed: bool = False
     host_meta: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = field(default=None, repr=False)  # type: ignore[assignment]
     b_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
     a_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
@@ -125,9 +134,16 @@ class FlyLoRASlots:
 def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slices: Sequence[int], *,
                    max_nnz: int | None = None, max_top_k: int | None = None,
                    a_dtype: torch.dtype = torch.float32, b_dtype: torch.dtype = torch.bfloat16,
-                   device: torch.device | str = "cpu") -> FlyLoRASlots:
+                   device: torch.device | str = "cpu", packed: bool = False,
+                   index_dtype: torch.dtype = torch.int32) -> FlyLoRASlots:
     """Zeroed slots (every slot empty: ``k = r = 0``). ``max_nnz=None`` stores A dense, else compact
-    with ``P = max_nnz`` entries per row (an adapter whose rows hold more cannot be loaded)."""
+    with ``P = max_nnz`` entries per row (an adapter whose rows hold more cannot be loaded).
+
+    ``packed=True`` (compact only) uses the packed layout of :attr:`FlyLoRASlots.a_packed`; with
+    ``max_nnz = in_features`` any adapter fits (plain LoRA's dense rows too) and the kernel reads only
+    the entries an adapter has. ``index_dtype``: ``torch.int32``, or ``torch.int16`` when
+    ``in_features <= 32767`` (a third less memory traffic per nonzero).
+    """
     output_slices = tuple(int(o) for o in output_slices)
     if num_slots <= 0 or max_rank <= 0 or in_features <= 0 or not output_slices or min(output_slices) <= 0:
         raise ValueError(f"expected positive sizes, got num_slots={num_slots}, max_rank={max_rank}, "
@@ -137,15 +153,21 @@ def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slice
         raise ValueError(f"max_top_k must satisfy 0 < max_top_k <= max_rank = {max_rank}, got {max_top_k}")
     if max_nnz is not None and not 0 < max_nnz <= in_features:
         raise ValueError(f"max_nnz must satisfy 0 < max_nnz <= in_features = {in_features}, got {max_nnz}")
+    if packed and max_nnz is None:
+        raise ValueError("packed=True needs compact A (max_nnz)")
+    if index_dtype not in (torch.int32, torch.int16) or (index_dtype == torch.int16 and in_features > 32767):
+        raise ValueError(f"index_dtype must be torch.int32, or torch.int16 for in_features <= 32767; got "
+                         f"{index_dtype} for in_features={in_features}")
     n, S, R = len(output_slices), num_slots, max_rank
     zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     return FlyLoRASlots(
         output_slices=output_slices, max_rank=R, max_top_k=max_top_k, in_features=in_features,
-        a_idx=None if max_nnz is None else zeros(S, n * R, max_nnz, dtype=torch.int32),
+        a_idx=None if max_nnz is None else zeros(S, n * R, max_nnz, dtype=index_dtype),
         a_val=zeros(S, n * R, in_features if max_nnz is None else max_nnz, dtype=a_dtype),
         b=zeros(S * R * sum(output_slices), dtype=b_dtype), d=zeros(S, n * R, dtype=torch.float32),
         k=zeros(S, n, dtype=torch.int32), r=zeros(S, n, dtype=torch.int32),
-        magnitude=zeros(S, dtype=torch.bool))
+        magnitude=zeros(S, dtype=torch.bool), a_nnz=zeros(S, n, dtype=torch.int32) if packed else None,
+        a_packed=packed)
 
 
 def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
@@ -156,6 +178,8 @@ def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
         slots.b_view(i)[slot].zero_()
     if slots.a_idx is not None:
         slots.a_idx[slot].zero_()
+    if slots.a_nnz is not None:
+        slots.a_nnz[slot].zero_()
     slots.host_meta[slot] = ((0,) * slots.num_slices, (0,) * slots.num_slices, False)
 
 
@@ -187,11 +211,17 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
             slots.a_val[slot, rows] = w.A.to(slots.a_val.dtype)
         else:
             idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
-            p = idx.shape[1]
-            if p > slots.a_idx.shape[-1]:
-                raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {slots.a_idx.shape[-1]}")
-            slots.a_idx[slot, rows, :p] = idx.to(torch.int32).to(slots.device)
-            slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
+            p, P = idx.shape[1], slots.a_idx.shape[-1]
+            if p > P:
+                raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
+            if slots.a_packed:  # rows of p entries back to back from the start of the slice's block
+                block = slice(i * R * P, i * R * P + r * p)
+                slots.a_idx[slot].view(-1)[block] = idx.reshape(-1).to(slots.a_idx.dtype).to(slots.device)
+                slots.a_val[slot].view(-1)[block] = vals.reshape(-1).to(slots.a_val.dtype).to(slots.device)
+                slots.a_nnz[slot, i] = p
+            else:
+                slots.a_idx[slot, rows, :p] = idx.to(slots.a_idx.dtype).to(slots.device)
+                slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
         slots.b_view(i)[slot, :r] = (w.scaling * w.B.to(torch.float32).T).to(slots.b.dtype)
         slots.d[slot, rows] = w.d.to(torch.float32)
         slots.k[slot, i] = w.top_k
@@ -214,6 +244,8 @@ def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | 
     first = adapters[0]
     max_rank = max_rank or max(w.A.shape[0] for ws in adapters for w in ws)
     max_nnz = max(int(compact_rows(w.A)[2].max()) for ws in adapters for w in ws) if compact else None
+    if kwargs.get("packed") and not compact:
+        raise ValueError("packed=True needs compact=True")
     kwargs.setdefault("max_top_k", max(w.top_k for ws in adapters for w in ws))
     slots = allocate_slots(num_slots or len(adapters), max_rank, first[0].A.shape[1],
                            [w.B.shape[0] for w in first], max_nnz=max_nnz, **kwargs)
@@ -250,8 +282,19 @@ def _dense_a(slots: FlyLoRASlots) -> torch.Tensor:
     """``[S, n*R, in]`` fp32 dense A (a copy when stored compact)."""
     if slots.a_idx is None:
         return slots.a_val.float()
-    S, nR, _ = slots.a_val.shape
+    S, nR, P = slots.a_val.shape
     a = torch.zeros(S, nR, slots.in_features, dtype=torch.float32, device=slots.device)
+    if slots.a_packed:  # unpack each (slot, slice) block's rows of a_nnz[s, i] entries
+        R = slots.max_rank
+        for s in range(S):
+            for i in range(slots.num_slices):
+                m = int(slots.a_nnz[s, i])
+                if m:
+                    blk = slice(i * R * P, (i + 1) * R * P)
+                    idx = slots.a_idx[s].view(-1)[blk][:R * m].view(R, m).long()
+                    val = slots.a_val[s].view(-1)[blk][:R * m].view(R, m).float()
+                    a[s, i * R:(i + 1) * R].scatter_add_(1, idx, val)
+        return a
     return a.scatter_add_(2, slots.a_idx.long(), slots.a_val.float())
 
 

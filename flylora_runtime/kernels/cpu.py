@@ -148,10 +148,12 @@ def apply_cpu(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slot
         if lib is not None and native.supports(out, x, token_slot, slots):
             native.apply_native(lib, out, x, token_slot, slots)
             return
-        if path == "native":
+        if path == "native" or slots.a_packed:
             raise RuntimeError("the compiled CPU kernel is unavailable or does not support this call "
-                               "(see flylora_runtime.kernels.native)")
+                               "(see flylora_runtime.kernels.native); packed compact slots need it")
         path = "small" if T <= SMALL_T else "grouped"
+    if slots.a_packed:
+        raise RuntimeError("packed compact slots are read by the compiled CPU kernel only (path 'native')")
     if path == "small":
         _apply_small(out, x, token_slot, slots)
     elif path == "grouped":

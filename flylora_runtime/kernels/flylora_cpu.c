@@ -13,7 +13,9 @@
  *   rows with slot -1, and rows of empty slots (k = 0 for every slice), are never written.
  *
  * A is dense ([S, n*R, in] values) or compact ([S, n*R, P] column indices, uint16 or int32, and values;
- * only the first nnz[s, i] entries of a row are read, the rest is padding).
+ * only the first nnz[s, i] entries of a row are read, the rest is padding), or packed compact (slice
+ * (s, i)'s rows of nnz[s, i] entries back to back from the start of its R*P block: what the engine uses,
+ * so that an adapter's A is one contiguous stream whatever P was allocated).
  *
  * Work items are (slot, block of up to TB of its tokens, slice), run in parallel. Per item:
  *   shrink  one or two tokens: per token, four A rows at a time (dense: 16-wide FMAs along `in`; compact:
@@ -31,6 +33,7 @@
 #define TB 16   /* tokens per block: one 16-float vector in the transposed shrink */
 #define MAX_R 64
 #define SMALL_NT 2  /* blocks of at most this many tokens use the per-token shrink */
+#define PREFETCH 256 /* elements ahead in the compact streams */
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -111,7 +114,14 @@ typedef struct {
     const void *a_idx;       /* compact column indices [S, n*R, P] (idx_bytes 2: uint16, 4: int32) */
     int idx_bytes;
     const int32_t *a_nnz;    /* compact: [S, n] entries used per row (NULL: all P) */
+    int packed;              /* packed compact: slice (s, i)'s row j starts at ((s*n + i)*R)*P + j*nnz[s, i] */
 } Layer;
+
+/* First entry of row j of slot s's slice i in a compact layout with m entries used per row. */
+static inline int64_t row_start(const Layer *L, int64_t s, int64_t i, int64_t j, int64_t m) {
+    const int64_t block = (s * L->n + i) * L->R * L->P;
+    return L->packed ? block + j * m : block + j * L->P;
+}
 
 static inline int64_t col(const Layer *L, int64_t e) {
     return L->idx_bytes == 2 ? (int64_t)((const uint16_t *)L->a_idx)[e] : (int64_t)((const int32_t *)L->a_idx)[e];
@@ -128,6 +138,10 @@ static float dot_compact(const Layer *L, int64_t e0, int64_t m, const float *res
         const float *v = (const float *)L->a_val + e0;
         const uint16_t *ix = (const uint16_t *)L->a_idx + e0;
         for (; p + 4 <= m; p += 4) {
+            if ((p & 15) == 0) {  /* keep the two streams' next lines in flight */
+                __builtin_prefetch(v + p + PREFETCH);
+                __builtin_prefetch(ix + p + PREFETCH);
+            }
             s0 += v[p] * x[ix[p]];
             s1 += v[p + 1] * x[ix[p + 1]];
             s2 += v[p + 2] * x[ix[p + 2]];
@@ -227,14 +241,14 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
     const int64_t m = L->a_nnz ? L->a_nnz[s * L->n + i] : P;
     if (nt <= SMALL_NT) {
         for (int64_t j = 0; j < r; j++)
-            for (int t = 0; t < nt; t++) y[t][j] = dot_compact(L, (row0 + j) * P, m, xs[t]);
+            for (int t = 0; t < nt; t++) y[t][j] = dot_compact(L, row_start(L, s, i, j, m), m, xs[t]);
         return;
     }
     v16 *xv = (v16 *)xT;
     for (int64_t p = 0; p < in; p++)
         for (int t = 0; t < TB; t++) xv[p][t] = t < nt ? xs[t][p] : 0.0f;
     for (int64_t j = 0; j < r; j++) {
-        const int64_t e0 = (row0 + j) * P;
+        const int64_t e0 = row_start(L, s, i, j, m);
         v16 c0 = {0}, c1 = {0};
         int64_t p = 0;
         if (L->a_dt == F32) {
@@ -276,17 +290,18 @@ static void topk(float *score, int64_t r, int64_t k, int *sel) {
  * Entry point. token_slot: [T] int32 (ts_i64 = 0) or int64 (ts_i64 = 1). Tokens are grouped by slot (a
  * counting sort), cut into items (slot, up to TB of its tokens, slice) that run in parallel.
  * Returns 0; -1 when a buffer could not be allocated (`out` may then be partly updated); -2 when
- * R > MAX_R; -3 when a slot is outside [-1, S) (nothing written).
+ * R > MAX_R or a packed layout comes without nnz; -3 when a slot is outside [-1, S) (nothing written).
  */
 int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, int64_t P,
                       const int64_t *out_off, const void *x, int64_t x_stride, int x_dt, void *out,
                       int64_t out_stride, int out_dt, const void *a_val, int a_dt, const void *a_idx,
-                      int idx_bytes, const int32_t *a_nnz, const void *b, int b_dt, const float *d,
+                      int idx_bytes, const int32_t *a_nnz, int packed, const void *b, int b_dt, const float *d,
                       const int32_t *k, const int32_t *r, const uint8_t *magnitude, const void *token_slot,
                       int ts_i64) {
     if (R > MAX_R) return -2;
     if (T <= 0) return 0;
-    const Layer L = {in, n, R, S, P, out_off, a_val, a_dt, a_idx, idx_bytes, a_nnz};
+    if (packed && (P == 0 || a_nnz == NULL)) return -2;
+    const Layer L = {in, n, R, S, P, out_off, a_val, a_dt, a_idx, idx_bytes, a_nnz, packed};
     int64_t *start = (int64_t *)calloc((size_t)S + 1, sizeof(int64_t));
     int64_t *slot_of = (int64_t *)malloc(sizeof(int64_t) * (size_t)T);
     int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)T);

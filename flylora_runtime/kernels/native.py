@@ -42,7 +42,7 @@ _tried = False
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_i64, _i64, _i64, _i64, _i64, _i64, _ptr,  # T, in, n, R, S, P, out_off
              _ptr, _i64, _int, _ptr, _i64, _int,  # x, stride, dtype; out, stride, dtype
-             _ptr, _int, _ptr, _int, _ptr,  # a_val, a dtype, a_idx, index bytes, a_nnz
+             _ptr, _int, _ptr, _int, _ptr, _int,  # a_val, a dtype, a_idx, index bytes, a_nnz, packed
              _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int]  # b, b dtype, d, k, r, magnitude, token_slot, i64
 
 
@@ -132,7 +132,7 @@ def _static_args(slots) -> tuple:
                 (slots.a_val.data_ptr(), _DTYPES[slots.a_val.dtype],
                  None if slots.a_idx is None else slots.a_idx.data_ptr(),
                  0 if slots.a_idx is None else slots.a_idx.element_size(),
-                 None if nnz is None else nnz.data_ptr(),
+                 None if nnz is None else nnz.data_ptr(), int(getattr(slots, "a_packed", False)),
                  slots.b.data_ptr(), _DTYPES[slots.b.dtype], slots.d.data_ptr(), slots.k.data_ptr(),
                  slots.r.data_ptr(), slots.magnitude.data_ptr()))
         slots._native_args = args

@@ -132,6 +132,9 @@ def apply_triton(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, s
     if sel_idx.shape[1:] != (n, kp) or sel_val.shape[1:] != (n, kp) or sel_idx.shape[0] < T \
             or sel_val.shape[0] < T or sel_idx.dtype != torch.int32 or sel_val.dtype != torch.float32:
         raise ValueError(f"sel_idx/sel_val must be int32/fp32 [>= {T}, {n}, {kp}]")
+    if slots.a_packed:
+        raise ValueError("packed compact slots are read by the compiled CPU kernel only; allocate the "
+                         "Triton backend's slots dense or compact (packed=False)")
     dense = slots.a_idx is None
     P = slots.a_val.shape[2]
     a_idx = slots.a_val if dense else slots.a_idx  # unused when dense

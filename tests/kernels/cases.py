@@ -64,6 +64,7 @@ class Case:
     routing: str = "signed"  # "signed", "magnitude" or "mixed" (alternating per slot)
     compact: bool = False
     S: int = 8
+    packed: bool = False  # packed compact A with 16-bit indices (the engine's CPU layout); implies compact
     seed: int = 0
 
 
@@ -76,7 +77,9 @@ def build(case: Case, device: str = "cpu"):
         routing = case.routing if case.routing != "mixed" else ("signed", "magnitude")[s % 2]
         adapters.append([make_adapter(gen, case.n_in, o, r, k, routing) for o in case.outs])
     max_rank = max(r for r, _ in case.ranks)
-    slots = build_slots(adapters, compact=case.compact, max_rank=max_rank, b_dtype=case.dtype, device=device)
+    extra = {"packed": True, "index_dtype": torch.int16} if case.packed else {}
+    slots = build_slots(adapters, compact=case.compact or case.packed, max_rank=max_rank, b_dtype=case.dtype,
+                        device=device, **extra)
     x = torch.randn(case.T, case.n_in, generator=gen).to(case.dtype)
     token_slot = spread(gen, case.spread, case.T, case.S)
     out0 = torch.randn(case.T, sum(case.outs), generator=gen).to(case.dtype)

@@ -55,3 +55,33 @@ SMALL = {k: CASES[k] for k in ("decode-distinct-qkv-bf16", "t3-down1536-uniform-
 @pytest.mark.parametrize("case", SMALL.values(), ids=SMALL.keys())
 def test_naive_backend_matches_reference(case: Case) -> None:
     check_case(case, "reference")
+
+
+#: The engine's CPU layout: packed compact A, 16-bit indices, read only by the compiled kernel.
+PACKED = {
+    "packed-decode16-qkv-bf16-S16": Case(16, 576, QKV, ((32, 8),), "distinct", BF16, S=16, packed=True),
+    "packed-t133-gateup-mixed-ranks-f32": Case(133, 576, (1536, 1536), ((32, 8), (16, 16), (8, 2)), "runs", F32,
+                                               "mixed", packed=True),
+    "packed-t7-down1536-f16-none-rows": Case(7, 1536, (576,), ((64, 16),), "none_rows", F16, packed=True),
+    "packed-t512-h4096-zipf-bf16-k=r": Case(512, 4096, (1024,), ((32, 32),), "zipf", BF16, S=4, packed=True),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu-native", "reference"])
+@pytest.mark.parametrize("case", PACKED.values(), ids=PACKED.keys())
+def test_packed_slots_match_reference(case: Case, backend: str) -> None:
+    """Packed compact A (what the plugin allocates on CPU when the compiled kernel is available), rows of
+    different lengths per slice and plain-LoRA dense rows (k = r) included."""
+    check_case(case, backend)
+
+
+@pytest.mark.parametrize("path", ["small", "grouped"])
+def test_torch_paths_refuse_packed_slots(path: str) -> None:
+    from flylora_runtime.kernels.cpu import apply_cpu
+
+    from .cases import build
+    _, slots, x, token_slot, out = build(PACKED["packed-t7-down1536-f16-none-rows"])
+    before = out.clone()
+    with pytest.raises(RuntimeError, match="compiled CPU kernel"):
+        apply_cpu(out, x, token_slot, slots, path=path)
+    assert torch.equal(out, before)
