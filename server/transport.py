@@ -4,7 +4,8 @@
   cookies on the gateway, and a jar shared by every tenant's requests would replay one answer's cookies on
   all later ones; skipping the jar also saves parsing each answer's headers for ``Set-Cookie``.
 * :class:`EngineTransport`: httpx-aiohttp's transport (aiohttp's connection pool, the same exception
-  mapping) with the per-request conversions cached: the URL string, the timeout object, the headers.
+  mapping) with the per-request conversions cached: the URL string, the timeout object, the headers; a
+  small whole answer (a completion's JSON) is read at once, streams and encoded answers stay streamed.
 * :class:`RequestBuilder`: engine requests with their headers (``Host``, ``Content-Length``...) built
   once per replica and path rather than merged and normalised per request.
 """
@@ -24,6 +25,10 @@ except ImportError:  # pragma: no cover - the gateway extra installs httpx-aioht
     AiohttpTransport = None  # type: ignore[assignment,misc]
 
 EngineTransport: Any = None
+
+
+#: Answers with a Content-Length up to this, no Content-Encoding and not SSE are read in the transport.
+EAGER_BODY_BYTES = 1 << 20
 
 
 class _NoCookies(httpx.Cookies):
@@ -126,5 +131,14 @@ if AiohttpTransport is not None:
             extensions = {"http_version": b"HTTP/1.1"}
             if response.reason:
                 extensions["reason_phrase"] = response.reason.encode()
+            length = response.content_length
+            if (length is not None and length <= EAGER_BODY_BYTES and "content-encoding" not in response.headers
+                    and not response.content_type.startswith("text/event-stream")):
+                # A small whole answer (a completion's JSON, an error): read it now, in one call, and skip
+                # httpx's per-chunk iterator layers. The caller reads or streams it as ever.
+                with map_aiohttp_exceptions():
+                    body = await response.read()  # the connection goes back to the pool at its end
+                return httpx.Response(status_code=response.status, headers=response.raw_headers, content=body,
+                                      request=request, extensions=extensions)
             return httpx.Response(status_code=response.status, headers=response.raw_headers,
                                   stream=AiohttpResponseStream(response), request=request, extensions=extensions)
