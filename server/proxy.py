@@ -213,8 +213,15 @@ class Flight:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise EngineProtocolError("The engine answered with invalid JSON.") from None
         if isinstance(obj, dict):
-            obj["model"] = self.request.model
             self.take_usage(obj.get("usage"))
+            model = obj.get("model")
+            # The engine's bytes can go back as they are (with the internal id replaced) when `model` comes out
+            # right that way and no string in them uses a \u escape, the only way a JSON string could spell
+            # the internal id other than literally. Otherwise re-serialise with `model` set.
+            if (model == self.request.model or (self.adapter is not None and model == self.adapter.internal_id)) \
+                    and b"\\u" not in raw:
+                return Response(self.sanitize(raw), status_code=200, media_type="application/json")
+            obj["model"] = self.request.model
         return Response(self.sanitize(_dump(obj)), status_code=200,
                         media_type="application/json")
 

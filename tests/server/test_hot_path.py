@@ -150,3 +150,47 @@ def test_engine_transport_passes_json_encoded_and_streamed_answers_over_pooled_c
             server.close()
 
     asyncio.run(main())
+
+
+def _answer_flight(model: str, internal: str | None):
+    import time
+
+    from server.metrics import GatewayMetrics
+    from server.proxy import CompletionRequest, Flight
+    from server.registry import Adapter, Tenant
+
+    class Gw:
+        metrics = GatewayMetrics(max_adapter_labels=10, base_model_id=BASE)
+
+    adapter = None if internal is None else Adapter(
+        tenant_id=1, name=model, internal_id=internal, base_model=BASE, r=4, top_k=2, routing="signed", bytes=1,
+        sha256="0", created=0)
+    req = CompletionRequest(payload={}, model=model, stream=False, wants_usage=False)
+    return Flight(Gw(), Tenant(id=1, name="t", created=0), "completions", req, adapter, time.perf_counter())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", ["adapter", "base", "escaped", "other_model", "non_ascii"])
+def test_non_streamed_answer_carries_the_callers_model_and_never_the_internal_id(case):
+    import json
+
+    internal = "fl-" + "c" * 32
+    model, engine_model, text = {
+        "adapter": ("mine", internal, f"I am {internal}."),  # the engine echoes the id it was sent
+        "base": (BASE, BASE, "plain"),
+        "escaped": ("mine", internal, f"\u00e9 {internal}"),  # below: sent with \u escapes only
+        "other_model": (BASE, "served-name", "plain"),  # an engine naming its model otherwise
+        "non_ascii": ("mine", internal, "日本 é"),
+    }[case]
+    answer = {"id": "x", "model": engine_model, "choices": [{"index": 0, "text": text}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    if case == "escaped":  # every character of the id spelled as \uXXXX: only parsing finds it
+        raw = json.dumps(answer, ensure_ascii=True).replace(internal, "".join(f"\\u{ord(c):04x}" for c in internal))
+        raw = raw.encode()
+    else:
+        raw = json.dumps(answer, ensure_ascii=False).encode()
+    flight = _answer_flight(model, None if engine_model == BASE or case == "other_model" else internal)
+    out = flight.json_response(200, raw, "application/json").body
+    got = json.loads(out)
+    assert got["model"] == model and internal.encode() not in out and internal not in json.dumps(got)
+    assert got["choices"][0]["text"] == text.replace(internal, model)
+    assert (flight.prompt_tokens, flight.completion_tokens) == (3, 2)
