@@ -54,7 +54,6 @@ def test_misses_are_not_cached_and_entries_expire():
 
         async def missing() -> None:
             loads.append("missing")
-            return None
 
         async def found() -> str:
             loads.append("found")
