@@ -4,8 +4,9 @@ vLLM keeps its LoRA layer classes in ``vllm.lora.utils._all_lora_classes`` and p
 layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`install_layers`
 replaces each linear entry with a subclass (same order) that mixes in :class:`FlyLoRALayerMixin`:
 
-- the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (dense A in
-  fp32, ``B^T`` with ``lora_alpha / r`` folded in, d, k, r and the routing flag per slot and slice);
+- the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (A in fp32:
+  packed compact on CPU when the compiled kernel is available, dense otherwise; ``B^T`` with
+  ``lora_alpha / r`` folded in, d, k, r and the routing flag per slot and slice);
 - ``set_lora`` (called by vLLM) notes an adapter's A and B for a slot;
   :meth:`FlyLoRALayerMixin.set_flylora_routing` (called right after by the model manager hook in
   :mod:`.loading`, in the engine's loop, before any forward uses the slot) copies A, B, d, top-k and
@@ -34,6 +35,19 @@ def _zero_view(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
+def _a_layout(device, in_features: int) -> dict:
+    """How the slots store A. On CPU with the compiled kernel: packed compact (fp32 values, 16-bit column
+    indices when they fit), room for dense rows (``max_nnz = in``) so plain LoRA loads too; the kernel
+    reads only an adapter's real nonzeros, contiguously: a quarter of the values for the authors' sparse
+    A (measured 26 vs 43 ms per 16-adapter decode step against dense fp32). Elsewhere: dense fp32."""
+    from ..kernels import native
+
+    if torch.device(device).type != "cpu" or native.library() is None:
+        return {}
+    return {"max_nnz": in_features, "packed": True,
+            "index_dtype": torch.int16 if in_features <= 32767 else torch.int32}
+
+
 class FlyLoRALayerMixin:
     """Mixed in front of a vLLM ``BaseLinearLayerWithLoRA`` subclass (see the module docstring)."""
 
@@ -51,7 +65,8 @@ class FlyLoRALayerMixin:
         self.lora_b_stacked = tuple(_zero_view(t) for t in self.lora_b_stacked)
         self.flylora_slots = allocate_slots(
             max_loras, lora_config.max_lora_rank, self.input_size, self.output_slices,
-            a_dtype=torch.float32, b_dtype=lora_config.lora_dtype, device=self.device)
+            a_dtype=torch.float32, b_dtype=lora_config.lora_dtype, device=self.device,
+            **_a_layout(self.device, self.input_size))
         # Resolved once: the per-call dispatch (environment lookup, argument checks) is measurable at
         # 120 layer calls per decode step. The first call is checked in full (see _apply_lora_to_output).
         self._flylora_backend = get_backend(self.device)
