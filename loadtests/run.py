@@ -1,6 +1,8 @@
 """Benchmark scenarios, one command each; ``all`` reproduces every table and plot of docs/BENCHMARKS.md.
 
     python -m loadtests.run engine     # issue 3: base vs 16 FlyLoRA adapters vs vLLM native LoRA; cold loads
+    python -m loadtests.run decode --output-tokens 256 --out docs/bench/decode256
+                                       # base vs 16 FlyLoRA adapters only, decode-dominated (long outputs)
     python -m loadtests.run adapters   # issue 8: 1, 10, 100, 1000 adapters, Zipf(1.0), + base reference
     python -m loadtests.run sweep      # open-loop Poisson request-rate sweep, 100 adapters, Zipf(1.0)
     python -m loadtests.run native     # stock vLLM LoRA baselines (16 full adapters, 100 q/v adapters)
@@ -342,7 +344,7 @@ def markdown_tables(b: Bench, partial: bool) -> str:
 
 # --- sessions --------------------------------------------------------------------------------------------------
 
-SCENARIOS = ("engine", "adapters", "sweep", "native", "base", "all")
+SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "all")
 
 
 async def session(b: Bench, name: str, flylora: bool, parts) -> None:
@@ -356,7 +358,8 @@ async def session(b: Bench, name: str, flylora: bool, parts) -> None:
 
 
 async def main_async(scenario: str, b: Bench) -> None:
-    fly_parts = {"engine": [part_base, part_flylora16, part_cold], "adapters": [part_base, part_curve],
+    fly_parts = {"engine": [part_base, part_flylora16, part_cold], "decode": [part_base, part_flylora16],
+                 "adapters": [part_base, part_curve],
                  "sweep": [part_sweep], "base": [part_base], "native": [],
                  "all": [part_base, part_flylora16, part_cold, part_curve, part_sweep]}[scenario]
     native = scenario in ("engine", "native", "all")
