@@ -117,6 +117,15 @@ typedef struct {
     int packed;              /* packed compact: slice (s, i)'s row j starts at ((s*n + i)*R)*P + j*nnz[s, i] */
 } Layer;
 
+/* Value of compact entry e, as fp32. */
+static inline float a_value(const Layer *L, int64_t e) {
+    switch (L->a_dt) {
+    case BF16: return bf16_to_f32(((const uint16_t *)L->a_val)[e]);
+    case F16: return (float)((const _Float16 *)L->a_val)[e];
+    default: return ((const float *)L->a_val)[e];
+    }
+}
+
 /* First entry of row j of slot s's slice i in a compact layout with m entries used per row. */
 static inline int64_t row_start(const Layer *L, int64_t s, int64_t i, int64_t j, int64_t m) {
     const int64_t block = (s * L->n + i) * L->R * L->P;
@@ -159,13 +168,7 @@ static float dot_compact(const Layer *L, int64_t e0, int64_t m, const float *res
     }
     for (; p < m; p++) {
         const int64_t e = e0 + p;
-        float a;
-        switch (L->a_dt) {
-        case BF16: a = bf16_to_f32(((const uint16_t *)L->a_val)[e]); break;
-        case F16: a = (float)((const _Float16 *)L->a_val)[e]; break;
-        default: a = ((const float *)L->a_val)[e];
-        }
-        s0 += a * x[col(L, e)];
+        s0 += a_value(L, e) * x[col(L, e)];
     }
     return (s0 + s1) + (s2 + s3);
 }
@@ -260,13 +263,7 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
         }
         for (; p < m; p++) {
             const int64_t e = e0 + p;
-            float a;
-            switch (L->a_dt) {
-            case BF16: a = bf16_to_f32(((const uint16_t *)L->a_val)[e]); break;
-            case F16: a = (float)((const _Float16 *)L->a_val)[e]; break;
-            default: a = ((const float *)L->a_val)[e];
-            }
-            c0 += a * xv[col(L, e)];
+            c0 += a_value(L, e) * xv[col(L, e)];
         }
         c0 += c1;
         for (int t = 0; t < nt; t++) y[t][j] = c0[t];
