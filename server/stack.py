@@ -140,7 +140,12 @@ EOF
 """
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill`, systemd, a container stop: stop the engine and gateway as Ctrl-C does
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _sigterm)
     settings = Settings()
     env = dict(os.environ)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else "flk-admin-" + secrets.token_hex(24)
