@@ -318,13 +318,17 @@ def test_two_replicas_affinity_failover_and_readmission(demo_model_dir, tmp_path
         victim, survivor = 1, 0
         before_kill = engine_counters(stack.urls[survivor])
         kill_at: list[float] = []
+        kill_claimed: list[bool] = []
 
         victim_url = stack.urls[victim]
 
         async def maybe_kill(done: int, live: list[Outcome]) -> None:
-            """After the 12th answer, as soon as a stream on the victim has delivered events: kill it."""
-            if done < 12 or kill_at:
+            """After the 12th answer, as soon as a stream on the victim has delivered events: kill it.
+            Exactly once: the first worker past the 12th answer claims the kill before its first await
+            (several workers finishing while it waits must not kill an already dead process group)."""
+            if done < 12 or kill_claimed:
                 return
+            kill_claimed.append(True)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(
                     o.stream and o.events > 0 and not o.ended and stack.router.home(internal[o.model]) == victim_url
