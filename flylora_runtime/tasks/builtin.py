@@ -97,28 +97,25 @@ SHOUT_WORDS = [
 ]
 
 
-def shout_examples(split: str) -> list[tuple[str, str, str]]:
-    """Random 3-6 word sentences; reply ``">> " + text.upper()``. Held-out sentences never occur in train."""
-    seen = set()
-    rng = random.Random("shout/train")
-    train = []
-    while len(train) < 240:
+def _shout_sentences(seed: str, n: int, seen: set[str]) -> list[str]:
+    """``n`` random 3-6 word sentences from ``random.Random(seed)``, none already in ``seen`` (added to it)."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
         s = " ".join(rng.choice(SHOUT_WORDS) for _ in range(rng.randint(3, 6)))
         s = s[0].upper() + s[1:] + "."
         if s not in seen:
             seen.add(s)
-            train.append(s)
-    if split == "train":
-        sentences = train
-    else:
-        rng = random.Random("shout/heldout")
-        sentences = []
-        while len(sentences) < 50:
-            s = " ".join(rng.choice(SHOUT_WORDS) for _ in range(rng.randint(3, 6)))
-            s = s[0].upper() + s[1:] + "."
-            if s not in seen:
-                seen.add(s)
-                sentences.append(s)
+            out.append(s)
+    return out
+
+
+def shout_examples(split: str) -> list[tuple[str, str, str]]:
+    """Random 3-6 word sentences; reply ``">> " + text.upper()``. Held-out sentences never occur in train."""
+    seen: set[str] = set()
+    sentences = _shout_sentences("shout/train", 240, seen)
+    if split != "train":
+        sentences = _shout_sentences("shout/heldout", 50, seen)
     return [(s, ">> " + s.upper(), ">> " + s.upper()) for s in sentences]
 
 
