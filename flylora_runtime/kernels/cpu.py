@@ -148,12 +148,13 @@ def apply_cpu(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slot
         if lib is not None and native.supports(out, x, token_slot, slots):
             native.apply_native(lib, out, x, token_slot, slots)
             return
-        if path == "native" or slots.a_packed:
+        if path == "native":
             raise RuntimeError("the compiled CPU kernel is unavailable or does not support this call "
-                               "(see flylora_runtime.kernels.native); packed compact slots need it")
+                               "(see flylora_runtime.kernels.native)")
         path = "small" if T <= SMALL_T else "grouped"
     if slots.a_packed:
-        raise RuntimeError("packed compact slots are read by the compiled CPU kernel only (path 'native')")
+        raise RuntimeError("packed compact slots are read by the compiled CPU kernel only (path 'native'), "
+                           "which is unavailable or does not support this call")
     if path == "small":
         _apply_small(out, x, token_slot, slots)
     elif path == "grouped":

@@ -126,13 +126,12 @@ def _static_args(slots) -> tuple:
         for t in (slots.a_val, slots.b, slots.d, slots.k, slots.r, slots.magnitude):
             assert t.is_contiguous()
         P = 0 if slots.a_idx is None else slots.a_val.shape[-1]
-        nnz = getattr(slots, "a_nnz", None)
         args = (out_off,  # keeps the offsets tensor alive
                 (slots.in_features, slots.num_slices, slots.max_rank, slots.num_slots, P, out_off.data_ptr()),
                 (slots.a_val.data_ptr(), _DTYPES[slots.a_val.dtype],
                  None if slots.a_idx is None else slots.a_idx.data_ptr(),
                  0 if slots.a_idx is None else slots.a_idx.element_size(),
-                 None if nnz is None else nnz.data_ptr(), int(getattr(slots, "a_packed", False)),
+                 None if slots.a_nnz is None else slots.a_nnz.data_ptr(), int(slots.a_packed),
                  slots.b.data_ptr(), _DTYPES[slots.b.dtype], slots.d.data_ptr(), slots.k.data_ptr(),
                  slots.r.data_ptr(), slots.magnitude.data_ptr()))
         slots._native_args = args
