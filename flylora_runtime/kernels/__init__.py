@@ -64,6 +64,11 @@ class FlyLoRASlots:
             and its row ``j`` is the ``a_nnz[s, i]`` entries starting at ``j * a_nnz[s, i]`` of that block:
             the rows an adapter really has are contiguous, whatever ``P`` was allocated. Only the
             compiled CPU kernel and the reference backend read it.
+        a_mask: packed compact A only: ``[S, n*R, ceil(in/16)]`` int16 (read as unsigned) column bitmasks,
+            bit ``c`` of word ``w`` of row ``j`` set when the row has an entry at column ``16*w + c``. The
+            row's entries are in column order, so word ``w``'s are its next ``popcount`` values: the
+            compiled kernel's decode shrink expands them into 16 columns at a time (no gathers, and the
+            indices are not read).
         d: ``[S, n*R]`` fp32 routing bias.
         k: ``[S, n]`` int32 ranks selected per token (0 for an empty slot).
         r: ``[S, n]`` int32 real ranks (0 for an empty slot).
@@ -95,6 +100,7 @@ class FlyLoRASlots:
     magnitude: torch.Tensor
     a_nnz: torch.Tensor | None = None
     a_packed: bool = False
+    a_mask: torch.Tensor | None = None
     host_meta: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = field(default=None, repr=False)  # type: ignore[assignment]
     b_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
     a_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
@@ -167,7 +173,7 @@ def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slice
         b=zeros(S * R * sum(output_slices), dtype=b_dtype), d=zeros(S, n * R, dtype=torch.float32),
         k=zeros(S, n, dtype=torch.int32), r=zeros(S, n, dtype=torch.int32),
         magnitude=zeros(S, dtype=torch.bool), a_nnz=zeros(S, n, dtype=torch.int32) if packed else None,
-        a_packed=packed)
+        a_packed=packed, a_mask=zeros(S, n * R, (in_features + 15) // 16, dtype=torch.int16) if packed else None)
 
 
 def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
@@ -180,13 +186,16 @@ def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
         slots.a_idx[slot].zero_()
     if slots.a_nnz is not None:
         slots.a_nnz[slot].zero_()
+    if slots.a_mask is not None:
+        slots.a_mask[slot].zero_()
     slots.host_meta[slot] = ((0,) * slots.num_slices, (0,) * slots.num_slices, False)
 
 
 def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) -> None:
     """Copy one adapter's weights for every slice (``adapters[i]`` for slice ``i``) into ``slot``, in place.
 
-    All slices must share the routing (it is per adapter). Raises ``ValueError`` on any size mismatch.
+    All slices must share the routing (it is per adapter). Raises ``ValueError`` on any size mismatch, and on
+    non-finite weights (nothing is written then).
     """
     if not 0 <= slot < slots.num_slots:
         raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
@@ -204,13 +213,18 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
         if r > R or not 0 < w.top_k <= min(r, slots.max_top_k):
             raise ValueError(f"slice {i}: need r <= {R} and 0 < top_k <= min(r, {slots.max_top_k}), "
                              f"got r={r}, top_k={w.top_k}")
+        # The kernels may multiply an unselected rank's B row by zero (the CPU block expand does): finite
+        # weights keep that an exact zero. Stored adapters are finite already (checkpoint validation).
+        for name, t in (("A", w.A), ("B", w.B), ("d", w.d)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"slice {i}: {name} holds non-finite values (inf or NaN)")
     clear_slot(slots, slot)
     for i, w in enumerate(adapters):
         r, out, rows = w.A.shape[0], slots.output_slices[i], slice(i * R, i * R + w.A.shape[0])
         if slots.a_idx is None:
             slots.a_val[slot, rows] = w.A.to(slots.a_val.dtype)
         else:
-            idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
+            idx, vals, nnz = compact_rows(w.A)  # padding stays (column 0, value 0.0)
             p, P = idx.shape[1], slots.a_idx.shape[-1]
             if p > P:
                 raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
@@ -219,6 +233,7 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
                 slots.a_idx[slot].view(-1)[block] = idx.reshape(-1).to(slots.a_idx.dtype).to(slots.device)
                 slots.a_val[slot].view(-1)[block] = vals.reshape(-1).to(slots.a_val.dtype).to(slots.device)
                 slots.a_nnz[slot, i] = p
+                slots.a_mask[slot, rows] = _column_words(idx, nnz, n_in).to(slots.device)
             else:
                 slots.a_idx[slot, rows, :p] = idx.to(slots.a_idx.dtype).to(slots.device)
                 slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
@@ -229,6 +244,16 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter]) 
     slots.magnitude[slot] = adapters[0].routing == "magnitude"
     slots.host_meta[slot] = (tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters),
                              adapters[0].routing == "magnitude")
+
+
+def _column_words(idx: torch.Tensor, nnz: torch.Tensor, n_in: int) -> torch.Tensor:
+    """``[r, ceil(n_in/16)]`` int16 bitmasks of each row's real entries (the first ``nnz[j]`` of ``idx[j]``)."""
+    r, words = idx.shape[0], (n_in + 15) // 16
+    bits = torch.zeros(r, words * 16, dtype=torch.bool)
+    real = torch.arange(idx.shape[1]).unsqueeze(0) < nnz.unsqueeze(1)
+    bits[torch.arange(r).unsqueeze(1).expand_as(idx)[real], idx.cpu()[real]] = True
+    w = (bits.view(r, words, 16).to(torch.int32) << torch.arange(16, dtype=torch.int32)).sum(-1)
+    return torch.where(w >= 32768, w - 65536, w).to(torch.int16)  # the same 16 bits, as int16
 
 
 def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | None = None,

@@ -15,20 +15,33 @@
  * A is dense ([S, n*R, in] values) or compact ([S, n*R, P] column indices, uint16 or int32, and values;
  * only the first nnz[s, i] entries of a row are read, the rest is padding), or packed compact (slice
  * (s, i)'s rows of nnz[s, i] entries back to back from the start of its R*P block: what the engine uses,
- * so that an adapter's A is one contiguous stream whatever P was allocated).
+ * so that an adapter's A is one contiguous stream whatever P was allocated). Packed slots may also carry
+ * a_mask ([S, n*R, ceil(in/16)] 16-bit words): bit c of word w is set when the row has an entry at column
+ * 16w + c. A row's values are in column order, so word w's entries are its next popcount(w) values.
  *
- * Work items are (slot, block of up to TB of its tokens, slice), run in parallel. Per item:
- *   shrink  one or two tokens: per token, four A rows at a time (dense: 16-wide FMAs along `in`; compact:
- *           16-wide gathers of x at the row's columns), so A is streamed once and each FMA chain has
- *           independent neighbours. Three or more: x transposed to [in][TB] once per item, then each
- *           A element (or nonzero) is one broadcast and one TB-wide FMA: A is read once per block.
- *   top-k   k passes of argmax over at most 64 scores.
- *   expand  the k selected rows of B^T (contiguous rows of `b`) accumulated in fp32, rounded once.
+ * Work items are (slot, block of up to TB of its tokens, a range of slices), run in parallel: all slices
+ * of the block when there are enough blocks to keep every thread busy (x is then converted, and
+ * transposed, once per block), one slice each otherwise (so that a lone decode token still uses every
+ * thread). Per item and slice:
+ *   shrink  one or two tokens: per token, four A rows at a time, so each FMA chain has independent
+ *           neighbours and four streams are in flight. Dense A: 16-wide FMAs along `in`. Packed A with
+ *           a_mask, on AVX-512: 16 columns per step, the row's next values expanded into the word's set
+ *           lanes (4 bytes per entry and 2 bits per column streamed, no gathers). Other compact A: scalar
+ *           loads of x at the row's columns. Three or more tokens: x transposed to [in][TB] once per
+ *           item, then each A element (or entry) is one broadcast and one TB-wide FMA: A is read once per
+ *           block, and each row's TB results are one vector store.
+ *   top-k   AVX-512: k passes of a masked vector argmax; elsewhere branch-free rank counting.
+ *   expand  per token, the k selected rows of B^T (contiguous rows of `b`) accumulated 16 columns at a
+ *           time in registers, in selection order (k streams in flight), added to out and rounded once.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define TB 16   /* tokens per block: one 16-float vector in the transposed shrink */
 #define MAX_R 64
@@ -36,6 +49,8 @@
 #define PREFETCH 256 /* elements ahead in the compact streams */
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -115,7 +130,104 @@ typedef struct {
     int idx_bytes;
     const int32_t *a_nnz;    /* compact: [S, n] entries used per row (NULL: all P) */
     int packed;              /* packed compact: slice (s, i)'s row j starts at ((s*n + i)*R)*P + j*nnz[s, i] */
+    const uint16_t *a_mask;  /* packed only, or NULL: [S, n*R, ceil(in/16)] column bitmasks */
 } Layer;
+
+/* 16 elements of b (bf16 or fp32) from b[offset], as fp32. */
+static inline v16 load16_b(const void *b, int64_t offset, int dt) {
+    if (dt == BF16) {
+        v16h h;
+        memcpy(&h, (const uint16_t *)b + offset, sizeof h);
+        const v16u u = __builtin_convertvector(h, v16u) << 16;
+        v16 f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    return load16((const float *)b + offset);
+}
+
+/* out[0:16] (bf16 or fp32) = round(float(out[0:16]) + acc): f32_to_bf16 on 16 lanes. */
+static inline void add16(void *out, int64_t offset, v16 acc, int dt) {
+    if (dt == F32) {
+        float *o = (float *)out + offset;
+        const v16 sum = load16(o) + acc;
+        memcpy(o, &sum, sizeof sum);
+        return;
+    }
+    uint16_t *o = (uint16_t *)out + offset;
+    const v16 sum = load16_b(o, 0, BF16) + acc;
+    v16u u;
+    memcpy(&u, &sum, sizeof u);
+    const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN: quiet it as the scalar path */
+    const v16u bits = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    const v16h h = __builtin_convertvector(bits, v16h);
+    memcpy(o, &h, sizeof h);
+}
+
+/* out[o_off : o_off + oi] = round(float(out[...]) + sum_q w[q] * b[bbase + sel[q]*oi : ...]), the sum in
+ * q order from zero (bit for bit what acc[] += w*b; out += acc computes). acc: scratch of oi floats, for
+ * the fp16 fallback only. */
+static void expand_add(void *out, int64_t o_off, int out_dt, const void *b, int b_dt, int64_t bbase, int64_t oi,
+                       const int *sel, const float *w, int64_t k, float *acc) {
+    if (b_dt == F16 || out_dt == F16) {
+        memset(acc, 0, sizeof(float) * (size_t)oi);
+        for (int64_t q = 0; q < k; q++) axpy_row(acc, w[q], b, bbase + (int64_t)sel[q] * oi, oi, b_dt);
+        add_row(out, o_off, acc, oi, out_dt);
+        return;
+    }
+    int64_t rows[MAX_R];
+    const int esz = b_dt == BF16 ? 2 : 4;
+    for (int64_t q = 0; q < k; q++) {
+        rows[q] = bbase + (int64_t)sel[q] * oi;
+        const char *row = (const char *)b + rows[q] * esz;
+        for (int64_t c = 0; c < oi * esz; c += 64) __builtin_prefetch(row + c);
+    }
+    int64_t c = 0;
+    for (; c + 16 <= oi; c += 16) {
+        v16 a = {0};
+        for (int64_t q = 0; q < k; q++) a += w[q] * load16_b(b, rows[q] + c, b_dt);
+        add16(out, o_off + c, a, out_dt);
+    }
+    for (; c < oi; c++) {
+        float a = 0.0f;
+        for (int64_t q = 0; q < k; q++)
+            a += w[q] * (b_dt == BF16 ? bf16_to_f32(((const uint16_t *)b)[rows[q] + c]) : ((const float *)b)[rows[q] + c]);
+        add_row(out, o_off + c, &a, 1, out_dt);
+    }
+}
+
+/* The expand of a block of nt (<= NT) tokens of one slot: out[orow[t] + c] = round(float(out[...]) +
+ * sum_{j < r} W[t][j] * b[bbase + j*oi + c]), W[t] the token's selected y at their ranks and zero at the
+ * others (rows nt..NT-1 zero too). Dense over the r ranks, 16 columns of all NT tokens at a time in
+ * registers: each B element is loaded and widened once per block instead of once per token that selected
+ * it. The sum runs in rank order (the per-token path sums in selection order: the same up to fp32 rounding);
+ * the unselected ranks add exact zeros because B is finite (load_slot refuses other weights). */
+#define EXPAND_BLOCK(NT)                                                                                     \
+    static void expand_block_##NT(void *out, const int64_t *orow, int out_dt, const void *b, int b_dt,     \
+                                  int64_t bbase, int64_t oi, int64_t r, int nt, float W[][MAX_R]) {        \
+        int64_t c = 0;                                                                                     \
+        for (; c + 16 <= oi; c += 16) {                                                                    \
+            v16 acc[NT];                                                                                   \
+            _Pragma("GCC unroll 16") for (int t = 0; t < NT; t++) acc[t] = (v16){0};                       \
+            for (int64_t j = 0; j < r; j++) {                                                              \
+                const v16 bj = load16_b(b, bbase + j * oi + c, b_dt);                                      \
+                _Pragma("GCC unroll 16") for (int t = 0; t < NT; t++) acc[t] += W[t][j] * bj;              \
+            }                                                                                              \
+            for (int t = 0; t < nt; t++) add16(out, orow[t] + c, acc[t], out_dt);                          \
+        }                                                                                                  \
+        for (; c < oi; c++)                                                                                \
+            for (int t = 0; t < nt; t++) {                                                                 \
+                float a = 0.0f;                                                                            \
+                for (int64_t j = 0; j < r; j++)                                                            \
+                    a += W[t][j] * (b_dt == BF16 ? bf16_to_f32(((const uint16_t *)b)[bbase + j * oi + c])  \
+                                                 : ((const float *)b)[bbase + j * oi + c]);                \
+                add_row(out, orow[t] + c, &a, 1, out_dt);                                                  \
+            }                                                                                              \
+    }
+EXPAND_BLOCK(4)
+EXPAND_BLOCK(8)
+EXPAND_BLOCK(16)
 
 /* Value of compact entry e, as fp32. */
 static inline float a_value(const Layer *L, int64_t e) {
@@ -173,13 +285,66 @@ static float dot_compact(const Layer *L, int64_t e0, int64_t m, const float *res
     return (s0 + s1) + (s2 + s3);
 }
 
-/* y[t][j], j < r, for the nt tokens xs[t] (fp32 rows), rows row0.. of A; xT: scratch of TB*in floats. */
-static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, float *const *xs, float *xT,
-                   float y[][MAX_R]) {
+#ifdef __AVX512F__
+/* Four packed rows (values from v[q], column words m[q]) dotted with one token x0, or two (x1 when nt == 2):
+ * y0[q], y1[q]. Per 16 columns: each row's next popcount(word) values expanded into the word's set lanes
+ * (zeros elsewhere) and one FMA with the dense x columns. */
+/* The next popcount(k) values at *p (fp32, or bf16 when bf16), expanded into the set lanes of k, as fp32. */
+static inline __m512 expand_values(__mmask16 k, const void *p, int bf16) {
+#ifdef __AVX512VBMI2__
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_expandloadu_epi16(k, p)), 16));
+#else
+    (void)bf16;
+#endif
+    return _mm512_maskz_expandloadu_ps(k, p);
+}
+
+static void dot_mask4(const void *const v[4], const uint16_t *const m[4], int64_t in, const float *x0,
+                      const float *x1, int nt, float *y0, float *y1, int bf16) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const char *p0 = v[0], *p1 = v[1], *p2 = v[2], *p3 = v[3];
+    const int esz = bf16 ? 2 : 4;
+    const int64_t words = (in + 15) / 16;
+    for (int64_t w = 0; w < words; w++) {
+        const int64_t c = 16 * w;
+        const __mmask16 lanes = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1u);
+        if ((w & 3) == 0) { /* keep the four value streams' next lines in flight */
+            _mm_prefetch(p0 + 4 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch(p1 + 4 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch(p2 + 4 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch(p3 + 4 * PREFETCH, _MM_HINT_T0);
+        }
+        const __mmask16 k0 = m[0][w], k1 = m[1][w], k2 = m[2][w], k3 = m[3][w];
+        const __m512 e0 = expand_values(k0, p0, bf16), e1 = expand_values(k1, p1, bf16);
+        const __m512 e2 = expand_values(k2, p2, bf16), e3 = expand_values(k3, p3, bf16);
+        p0 += esz * __builtin_popcount(k0), p1 += esz * __builtin_popcount(k1);
+        p2 += esz * __builtin_popcount(k2), p3 += esz * __builtin_popcount(k3);
+        const __m512 xa = _mm512_maskz_loadu_ps(lanes, x0 + c);
+        a0 = _mm512_fmadd_ps(e0, xa, a0), a1 = _mm512_fmadd_ps(e1, xa, a1);
+        a2 = _mm512_fmadd_ps(e2, xa, a2), a3 = _mm512_fmadd_ps(e3, xa, a3);
+        if (nt == 2) {
+            const __m512 xb = _mm512_maskz_loadu_ps(lanes, x1 + c);
+            b0 = _mm512_fmadd_ps(e0, xb, b0), b1 = _mm512_fmadd_ps(e1, xb, b1);
+            b2 = _mm512_fmadd_ps(e2, xb, b2), b3 = _mm512_fmadd_ps(e3, xb, b3);
+        }
+    }
+    y0[0] = _mm512_reduce_add_ps(a0), y0[1] = _mm512_reduce_add_ps(a1);
+    y0[2] = _mm512_reduce_add_ps(a2), y0[3] = _mm512_reduce_add_ps(a3);
+    if (nt == 2) {
+        y1[0] = _mm512_reduce_add_ps(b0), y1[1] = _mm512_reduce_add_ps(b1);
+        y1[2] = _mm512_reduce_add_ps(b2), y1[3] = _mm512_reduce_add_ps(b3);
+    }
+}
+#endif
+
+/* yT[j][t] (j < r, t < nt) for the nt tokens xs[t] (fp32 rows), rows row0.. of A. xT: the block transposed
+ * to [in][TB] by the caller when nt > SMALL_NT; conv: scratch of `in` floats (a converted A row). */
+static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, float *const *xs, const float *xT,
+                   float *conv, float yT[][TB]) {
     const int64_t in = L->in, row0 = (s * L->n + i) * L->R;
     if (L->P == 0) { /* ---------------- dense A ---------------- */
         if (nt <= SMALL_NT || L->a_dt != F32) {
-            float *conv = xT; /* a converted row when A is not fp32 */
             int64_t j = 0;
             if (L->a_dt == F32) {
                 for (; j + 4 <= r; j += 4) { /* four rows at a time: independent FMA chains, x loaded once */
@@ -202,7 +367,7 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
                             s2 += a0[2 * in + p] * x[p];
                             s3 += a0[3 * in + p] * x[p];
                         }
-                        y[t][j] = s0, y[t][j + 1] = s1, y[t][j + 2] = s2, y[t][j + 3] = s3;
+                        yT[j][t] = s0, yT[j + 1][t] = s1, yT[j + 2][t] = s2, yT[j + 3][t] = s3;
                     }
                 }
             }
@@ -217,14 +382,12 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
                 for (int t = 0; t < nt; t++) {
                     float acc = 0.0f;
                     for (int64_t p = 0; p < in; p++) acc += a[p] * xs[t][p];
-                    y[t][j] = acc;
+                    yT[j][t] = acc;
                 }
             }
             return;
         }
-        v16 *xv = (v16 *)xT;
-        for (int64_t p = 0; p < in; p++)
-            for (int t = 0; t < TB; t++) xv[p][t] = t < nt ? xs[t][p] : 0.0f;
+        const v16 *xv = (const v16 *)xT;
         for (int64_t j = 0; j < r; j++) {
             const float *a = (const float *)L->a_val + (row0 + j) * in;
             v16 c0 = {0}, c1 = {0};
@@ -235,7 +398,7 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
             }
             if (p < in) c0 += a[p] * xv[p];
             c0 += c1;
-            for (int t = 0; t < nt; t++) y[t][j] = c0[t];
+            memcpy(yT[j], &c0, sizeof c0);
         }
         return;
     }
@@ -243,13 +406,38 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
     const int64_t P = L->P;
     const int64_t m = L->a_nnz ? L->a_nnz[s * L->n + i] : P;
     if (nt <= SMALL_NT) {
+#ifdef __AVX512F__
+#ifdef __AVX512VBMI2__
+        const int mask_ok = L->a_dt == F32 || L->a_dt == BF16;
+#else
+        const int mask_ok = L->a_dt == F32;
+#endif
+        if (L->a_mask != NULL && mask_ok) {
+            const int64_t words = (in + 15) / 16;
+            const int esz = L->a_dt == F32 ? 4 : 2;
+            for (int64_t j = 0; j < r; j += 4) {
+                const void *v[4];
+                const uint16_t *mk[4];
+                for (int q = 0; q < 4; q++) { /* past the last row: repeat it, results dropped */
+                    const int64_t jj = j + q < r ? j + q : r - 1;
+                    v[q] = (const char *)L->a_val + esz * row_start(L, s, i, jj, m);
+                    mk[q] = L->a_mask + (row0 + jj) * words;
+                }
+                float y0[4], y1[4];
+                dot_mask4(v, mk, in, xs[0], nt == 2 ? xs[1] : xs[0], nt, y0, y1, L->a_dt == BF16);
+                for (int q = 0; q < 4 && j + q < r; q++) {
+                    yT[j + q][0] = y0[q];
+                    if (nt == 2) yT[j + q][1] = y1[q];
+                }
+            }
+            return;
+        }
+#endif
         for (int64_t j = 0; j < r; j++)
-            for (int t = 0; t < nt; t++) y[t][j] = dot_compact(L, row_start(L, s, i, j, m), m, xs[t]);
+            for (int t = 0; t < nt; t++) yT[j][t] = dot_compact(L, row_start(L, s, i, j, m), m, xs[t]);
         return;
     }
-    v16 *xv = (v16 *)xT;
-    for (int64_t p = 0; p < in; p++)
-        for (int t = 0; t < TB; t++) xv[p][t] = t < nt ? xs[t][p] : 0.0f;
+    const v16 *xv = (const v16 *)xT;
     for (int64_t j = 0; j < r; j++) {
         const int64_t e0 = row_start(L, s, i, j, m);
         v16 c0 = {0}, c1 = {0};
@@ -260,49 +448,75 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
                 c0 += v[p] * xv[col(L, e0 + p)];
                 c1 += v[p + 1] * xv[col(L, e0 + p + 1)];
             }
+        } else if (L->a_dt == BF16) {
+            const uint16_t *v = (const uint16_t *)L->a_val + e0;
+            for (; p + 2 <= m; p += 2) {
+                c0 += bf16_to_f32(v[p]) * xv[col(L, e0 + p)];
+                c1 += bf16_to_f32(v[p + 1]) * xv[col(L, e0 + p + 1)];
+            }
         }
         for (; p < m; p++) {
             const int64_t e = e0 + p;
             c0 += a_value(L, e) * xv[col(L, e)];
         }
         c0 += c1;
-        for (int t = 0; t < nt; t++) y[t][j] = c0[t];
+        memcpy(yT[j], &c0, sizeof c0);
     }
 }
 
-/* The k largest of score[0..r) into sel, in rank order (ties: the lower index first; NaN counts as
- * +inf). Branch-free: the place of j is the number of scores that beat it, r*r compares (<= 4096). */
+/* The k largest of score[0..r) into sel, in rank order (ties: the lower index first; NaN counts as +inf). */
 static void topk(float *score, int64_t r, int64_t k, int *sel) {
     for (int64_t j = 0; j < r; j++)
         if (isnan(score[j])) score[j] = INFINITY;
+#ifdef __AVX512F__
+    /* k passes: the largest score among the ranks not yet taken, then its lowest index among equals. */
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const int nv = (int)((r + 15) / 16);
+    uint64_t avail = r == 64 ? ~0ull : (1ull << r) - 1ull;
+    __m512 v[MAX_R / 16];
+    for (int c = 0; c < nv; c++) v[c] = _mm512_maskz_loadu_ps((__mmask16)(avail >> (16 * c)), score + 16 * c);
+    for (int64_t q = 0; q < k; q++) {
+        __m512 mx = ninf;
+        for (int c = 0; c < nv; c++) mx = _mm512_max_ps(mx, _mm512_mask_blend_ps((__mmask16)(avail >> (16 * c)), ninf, v[c]));
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        uint64_t eq = 0;
+        for (int c = 0; c < nv; c++)
+            eq |= (uint64_t)_mm512_mask_cmp_ps_mask((__mmask16)(avail >> (16 * c)), v[c], top, _CMP_EQ_OQ) << (16 * c);
+        const int j = __builtin_ctzll(eq);
+        sel[q] = j;
+        avail &= ~(1ull << j);
+    }
+#else
+    /* the place of j is the number of scores that beat it: r*r compares (<= 4096), no branches */
     for (int64_t j = 0; j < r; j++) {
         const float sj = score[j];
         int place = 0;
         for (int64_t i = 0; i < r; i++) place += (score[i] > sj) | ((score[i] == sj) & (i < j));
         if (place < k) sel[place] = (int)j;
     }
+#endif
 }
 
 /*
  * Entry point. token_slot: [T] int32 (ts_i64 = 0) or int64 (ts_i64 = 1). Tokens are grouped by slot (a
- * counting sort), cut into items (slot, up to TB of its tokens, slice) that run in parallel.
+ * counting sort), cut into items (slot, up to TB of its tokens, slices) that run in parallel.
  * Returns 0; -1 when a buffer could not be allocated (`out` may then be partly updated); -2 when
  * R > MAX_R or a packed layout comes without nnz; -3 when a slot is outside [-1, S) (nothing written).
  */
 int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, int64_t P,
                       const int64_t *out_off, const void *x, int64_t x_stride, int x_dt, void *out,
                       int64_t out_stride, int out_dt, const void *a_val, int a_dt, const void *a_idx,
-                      int idx_bytes, const int32_t *a_nnz, int packed, const void *b, int b_dt, const float *d,
-                      const int32_t *k, const int32_t *r, const uint8_t *magnitude, const void *token_slot,
-                      int ts_i64) {
+                      int idx_bytes, const int32_t *a_nnz, int packed, const uint16_t *a_mask, const void *b,
+                      int b_dt, const float *d, const int32_t *k, const int32_t *r, const uint8_t *magnitude,
+                      const void *token_slot, int ts_i64) {
     if (R > MAX_R) return -2;
     if (T <= 0) return 0;
     if (packed && (P == 0 || a_nnz == NULL)) return -2;
-    const Layer L = {in, n, R, S, P, out_off, a_val, a_dt, a_idx, idx_bytes, a_nnz, packed};
+    const Layer L = {in, n, R, S, P, out_off, a_val, a_dt, a_idx, idx_bytes, a_nnz, packed, packed ? a_mask : NULL};
     int64_t *start = (int64_t *)calloc((size_t)S + 1, sizeof(int64_t));
     int64_t *slot_of = (int64_t *)malloc(sizeof(int64_t) * (size_t)T);
     int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)T);
-    int64_t *items = NULL, n_items = 0, max_out = 0;
+    int64_t *items = NULL, n_items = 0, n_blocks = 0, max_out = 0;
     int rc = 0;
     if (!start || !slot_of || !order) { rc = -1; goto done; }
     for (int64_t t = 0; t < T; t++) { /* counting sort by slot; empty slots are dropped */
@@ -314,17 +528,21 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
         if (live) start[s + 1]++;
     }
     for (int64_t s = 0; s < S; s++) {
-        n_items += (start[s + 1] + TB - 1) / TB * n;
+        n_blocks += (start[s + 1] + TB - 1) / TB;
         start[s + 1] += start[s]; /* start[s]: position of slot s's first token in `order` */
     }
-    if (n_items == 0) goto done;
-    if (!(items = (int64_t *)malloc(sizeof(int64_t) * 3 * (size_t)n_items))) { rc = -1; goto done; }
+    if (n_blocks == 0) goto done;
+    /* Fewer blocks than threads: one slice per item, so that every thread has work. */
+    const int per_slice = n > 1 && n_blocks < omp_get_max_threads();
+    n_items = per_slice ? n_blocks * n : n_blocks;
+    if (!(items = (int64_t *)malloc(sizeof(int64_t) * 4 * (size_t)n_items))) { rc = -1; goto done; }
     for (int64_t s = 0, w = 0; s < S; s++)
         for (int64_t st = start[s]; st < start[s + 1]; st += TB)
-            for (int64_t i = 0; i < n; i++, w++) {
-                items[3 * w] = st;
-                items[3 * w + 1] = start[s + 1] - st < TB ? start[s + 1] - st : TB;
-                items[3 * w + 2] = i;
+            for (int64_t i = 0; i < (per_slice ? n : 1); i++, w++) {
+                items[4 * w] = st;
+                items[4 * w + 1] = start[s + 1] - st < TB ? start[s + 1] - st : TB;
+                items[4 * w + 2] = per_slice ? i : 0;
+                items[4 * w + 3] = per_slice ? i + 1 : n;
             }
     for (int64_t t = 0; t < T; t++)
         if (slot_of[t] >= 0) order[start[slot_of[t]]++] = t;
@@ -334,8 +552,9 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
     int failed = 0;
 #pragma omp parallel if (n_items > 1)
     {
-        /* per thread: TB fp32 x rows, the transposed block (or a converted A row), one output row */
-        float *buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)((2 * TB * in + max_out + 15) / 16 * 16));
+        /* per thread: TB fp32 x rows, the transposed block, a converted A row, an fp16 expand row */
+        const size_t floats = (size_t)((2 * TB * in + in + max_out + 15) / 16 * 16);
+        float *buf = (float *)aligned_alloc(64, sizeof(float) * floats);
         if (buf == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -343,28 +562,55 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items; w++) {
             if (buf == NULL) continue;
-            const int64_t st = items[3 * w], nt = items[3 * w + 1], i = items[3 * w + 2];
+            const int64_t st = items[4 * w], nt = items[4 * w + 1], i0 = items[4 * w + 2], i1 = items[4 * w + 3];
             const int64_t s = slot_of[order[st]];
-            const int64_t ri = r[s * n + i], ki = k[s * n + i];
-            if (ki <= 0 || ri <= 0) continue;
-            float *xs[TB], *xT = buf + TB * in, *acc = buf + 2 * TB * in;
-            for (int t = 0; t < nt; t++) {
-                xs[t] = buf + t * in;
-                load_row(xs[t], x, order[st + t] * x_stride, in, x_dt);
-            }
-            float y[TB][MAX_R];
-            shrink(&L, s, i, ri, (int)nt, xs, xT, y);
-            const float *ds = d + (s * n + i) * R;
-            const int64_t o0 = out_off[i], oi = out_off[i + 1] - out_off[i];
-            const int64_t bbase = S * R * o0 + s * R * oi; /* row j of this slot's B^T block: bbase + j*oi */
-            for (int t = 0; t < nt; t++) {
-                float score[MAX_R];
-                int sel[MAX_R];
-                for (int64_t j = 0; j < ri; j++) score[j] = magnitude[s] ? fabsf(y[t][j] + ds[j]) : y[t][j] + ds[j];
-                topk(score, ri, ki, sel);
-                memset(acc, 0, sizeof(float) * (size_t)oi);
-                for (int64_t q = 0; q < ki; q++) axpy_row(acc, y[t][sel[q]], b, bbase + (int64_t)sel[q] * oi, oi, b_dt);
-                add_row(out, order[st + t] * out_stride + o0, acc, oi, out_dt);
+            float *xs[TB], *xT = buf + TB * in, *conv = buf + 2 * TB * in, *acc = conv + in;
+            int loaded = 0;
+            for (int64_t i = i0; i < i1; i++) {
+                const int64_t ri = r[s * n + i], ki = k[s * n + i];
+                if (ki <= 0 || ri <= 0) continue;
+                if (!loaded) { /* x of the block, as fp32 (and transposed), once for all its slices */
+                    for (int t = 0; t < nt; t++) {
+                        xs[t] = buf + t * in;
+                        load_row(xs[t], x, order[st + t] * x_stride, in, x_dt);
+                    }
+                    if (nt > SMALL_NT) {
+                        v16 *xv = (v16 *)xT;
+                        for (int64_t p = 0; p < in; p++)
+                            for (int t = 0; t < TB; t++) xv[p][t] = t < nt ? xs[t][p] : 0.0f;
+                    }
+                    loaded = 1;
+                }
+                float yT[MAX_R][TB];
+                shrink(&L, s, i, ri, (int)nt, xs, xT, conv, yT);
+                const float *ds = d + (s * n + i) * R;
+                const int64_t o0 = out_off[i], oi = out_off[i + 1] - out_off[i];
+                const int64_t bbase = S * R * o0 + s * R * oi; /* row j of this slot's B^T block: bbase + j*oi */
+                const int dense = nt > SMALL_NT && b_dt != F16 && out_dt != F16;
+                const int NT = nt <= 4 ? 4 : nt <= 8 ? 8 : TB;
+                float W[TB][MAX_R];
+                int64_t orow[TB];
+                for (int t = 0; t < nt; t++) {
+                    float score[MAX_R], wsel[MAX_R];
+                    int sel[MAX_R];
+                    for (int64_t j = 0; j < ri; j++)
+                        score[j] = magnitude[s] ? fabsf(yT[j][t] + ds[j]) : yT[j][t] + ds[j];
+                    topk(score, ri, ki, sel);
+                    if (dense) {
+                        memset(W[t], 0, sizeof(float) * (size_t)ri);
+                        for (int64_t q = 0; q < ki; q++) W[t][sel[q]] = yT[sel[q]][t];
+                        orow[t] = order[st + t] * out_stride + o0;
+                        continue;
+                    }
+                    for (int64_t q = 0; q < ki; q++) wsel[q] = yT[sel[q]][t];
+                    expand_add(out, order[st + t] * out_stride + o0, out_dt, b, b_dt, bbase, oi, sel, wsel, ki, acc);
+                }
+                if (dense) {
+                    for (int t = (int)nt; t < NT; t++) memset(W[t], 0, sizeof(float) * (size_t)ri);
+                    if (NT == 4) expand_block_4(out, orow, out_dt, b, b_dt, bbase, oi, ri, (int)nt, W);
+                    else if (NT == 8) expand_block_8(out, orow, out_dt, b, b_dt, bbase, oi, ri, (int)nt, W);
+                    else expand_block_16(out, orow, out_dt, b, b_dt, bbase, oi, ri, (int)nt, W);
+                }
             }
         }
         free(buf);

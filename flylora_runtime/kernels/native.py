@@ -42,7 +42,7 @@ _tried = False
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_i64, _i64, _i64, _i64, _i64, _i64, _ptr,  # T, in, n, R, S, P, out_off
              _ptr, _i64, _int, _ptr, _i64, _int,  # x, stride, dtype; out, stride, dtype
-             _ptr, _int, _ptr, _int, _ptr, _int,  # a_val, a dtype, a_idx, index bytes, a_nnz, packed
+             _ptr, _int, _ptr, _int, _ptr, _int, _ptr,  # a_val, a dtype, a_idx, index bytes, a_nnz, packed, a_mask
              _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int]  # b, b dtype, d, k, r, magnitude, token_slot, i64
 
 
@@ -123,7 +123,8 @@ def _static_args(slots) -> tuple:
         for o in slots.output_slices:
             offs.append(offs[-1] + o)
         out_off = torch.tensor(offs, dtype=torch.int64)
-        for t in (slots.a_val, slots.b, slots.d, slots.k, slots.r, slots.magnitude):
+        for t in (slots.a_val, slots.b, slots.d, slots.k, slots.r, slots.magnitude, *(
+                [] if slots.a_mask is None else [slots.a_mask])):
             assert t.is_contiguous()
         P = 0 if slots.a_idx is None else slots.a_val.shape[-1]
         args = (out_off,  # keeps the offsets tensor alive
@@ -132,6 +133,7 @@ def _static_args(slots) -> tuple:
                  None if slots.a_idx is None else slots.a_idx.data_ptr(),
                  0 if slots.a_idx is None else slots.a_idx.element_size(),
                  None if slots.a_nnz is None else slots.a_nnz.data_ptr(), int(slots.a_packed),
+                 None if slots.a_mask is None else slots.a_mask.data_ptr(),
                  slots.b.data_ptr(), _DTYPES[slots.b.dtype], slots.d.data_ptr(), slots.k.data_ptr(),
                  slots.r.data_ptr(), slots.magnitude.data_ptr()))
         slots._native_args = args

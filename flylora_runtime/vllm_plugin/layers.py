@@ -4,8 +4,9 @@ vLLM keeps its LoRA layer classes in ``vllm.lora.utils._all_lora_classes`` and p
 layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`install_layers`
 replaces each linear entry with a subclass (same order) that mixes in :class:`FlyLoRALayerMixin`:
 
-- the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (A in fp32:
-  packed compact on CPU when the compiled kernel is available, dense otherwise; ``B^T`` with
+- the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (A packed
+  compact on CPU when the compiled kernel is available, in fp32 or, in bf16 engines, bf16; dense fp32
+  otherwise; ``B^T`` with
   ``lora_alpha / r`` folded in, d, k, r and the routing flag per slot and slice);
 - ``set_lora`` (called by vLLM) notes an adapter's A and B for a slot;
   :meth:`FlyLoRALayerMixin.set_flylora_routing` (called right after by the model manager hook in
@@ -35,17 +36,22 @@ def _zero_view(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
-def _a_layout(device, in_features: int) -> dict:
-    """How the slots store A. On CPU with the compiled kernel: packed compact (fp32 values, 16-bit column
-    indices when they fit), room for dense rows (``max_nnz = in``) so plain LoRA loads too; the kernel
-    reads only an adapter's real nonzeros, contiguously: a quarter of the values for the authors' sparse
-    A (measured 26 vs 43 ms per 16-adapter decode step against dense fp32). Elsewhere: dense fp32."""
+def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
+    """How the slots store A. On CPU with the compiled kernel: packed compact (16-bit column indices when
+    they fit, and per-row column bitmasks), room for dense rows (``max_nnz = in``) so plain LoRA loads too;
+    the kernel reads only an adapter's real nonzeros, contiguously: a quarter of the values for the
+    authors' sparse A (measured 26 vs 43 ms per 16-adapter decode step against dense fp32). The values are
+    fp32, or bf16 in a bf16 engine: vLLM's own LoRA holds A in the engine's dtype too, x is already bf16
+    there, and at decode the A stream is most of the kernel's memory traffic (bf16 values: 0.79x the
+    kernel time of a 16-adapter decode step). An fp32 engine keeps fp32 A, exact against the reference.
+    Elsewhere: dense fp32."""
     from ..kernels import native
 
     if torch.device(device).type != "cpu" or native.library() is None:
-        return {}
+        return {"a_dtype": torch.float32}
     return {"max_nnz": in_features, "packed": True,
-            "index_dtype": torch.int16 if in_features <= 32767 else torch.int32}
+            "index_dtype": torch.int16 if in_features <= 32767 else torch.int32,
+            "a_dtype": torch.bfloat16 if lora_dtype == torch.bfloat16 else torch.float32}
 
 
 class FlyLoRALayerMixin:
@@ -65,8 +71,8 @@ class FlyLoRALayerMixin:
         self.lora_b_stacked = tuple(_zero_view(t) for t in self.lora_b_stacked)
         self.flylora_slots = allocate_slots(
             max_loras, lora_config.max_lora_rank, self.input_size, self.output_slices,
-            a_dtype=torch.float32, b_dtype=lora_config.lora_dtype, device=self.device,
-            **_a_layout(self.device, self.input_size))
+            b_dtype=lora_config.lora_dtype, device=self.device,
+            **_a_layout(self.device, self.input_size, lora_config.lora_dtype))
         # Resolved once: the per-call dispatch (environment lookup, argument checks) is measurable at
         # 120 layer calls per decode step. The first call is checked in full (see _apply_lora_to_output).
         self._flylora_backend = get_backend(self.device)

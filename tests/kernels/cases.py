@@ -66,6 +66,7 @@ class Case:
     S: int = 8
     packed: bool = False  # packed compact A with 16-bit indices (the engine's CPU layout); implies compact
     seed: int = 0
+    a_dtype: torch.dtype = torch.float32  # A's values in the slots (bf16: the engine's layout in bf16 engines)
 
 
 def build(case: Case, device: str = "cpu"):
@@ -79,7 +80,7 @@ def build(case: Case, device: str = "cpu"):
     max_rank = max(r for r, _ in case.ranks)
     extra = {"packed": True, "index_dtype": torch.int16} if case.packed else {}
     slots = build_slots(adapters, compact=case.compact or case.packed, max_rank=max_rank, b_dtype=case.dtype,
-                        device=device, **extra)
+                        a_dtype=case.a_dtype, device=device, **extra)
     x = torch.randn(case.T, case.n_in, generator=gen).to(case.dtype)
     token_slot = spread(gen, case.spread, case.T, case.S)
     out0 = torch.randn(case.T, sum(case.outs), generator=gen).to(case.dtype)

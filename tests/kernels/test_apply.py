@@ -64,6 +64,14 @@ PACKED = {
                                                "mixed", packed=True),
     "packed-t7-down1536-f16-none-rows": Case(7, 1536, (576,), ((64, 16),), "none_rows", F16, packed=True),
     "packed-t512-h4096-zipf-bf16-k=r": Case(512, 4096, (1024,), ((32, 32),), "zipf", BF16, S=4, packed=True),
+    # bf16 A values (bf16 engines): the decode shrink expands 16-bit values; blocks of 3+ and odd sizes too
+    "packed-bf16A-decode16-qkv-S16": Case(16, 576, QKV, ((32, 8),), "distinct", BF16, S=16, packed=True,
+                                          a_dtype=BF16),
+    "packed-bf16A-t2-identical-r16": Case(2, 576, (576,), ((16, 4),), "identical", BF16, packed=True, a_dtype=BF16),
+    "packed-bf16A-t133-runs-gateup-mixed-ranks": Case(133, 576, (1536, 1536), ((32, 8), (16, 16), (8, 2)), "runs",
+                                                      BF16, "mixed", packed=True, a_dtype=BF16),
+    "packed-bf16A-t9-in100-out40-k=r": Case(9, 100, (40, 24), ((8, 8), (4, 2)), "uniform", F32, packed=True,
+                                            a_dtype=BF16),
 }
 
 

@@ -128,6 +128,21 @@ def test_failed_build_falls_back_with_the_compiler_error(fresh_native, monkeypat
     assert not list(fresh_native.glob("*.so"))
 
 
+def test_portable_build_without_avx512_matches_reference(fresh_native, monkeypatch) -> None:
+    """The kernel built for a CPU without AVX-512 (``-mno-avx512f``: the scalar compact shrink and the
+    rank-counting top-k instead of the expand-load shrink and the vector argmax) gives the same answers."""
+    from .cases import Case
+    from .check import check_case
+    from .test_apply import PACKED
+
+    monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-mno-avx512f"])
+    assert native.library() is not None
+    for name in ("packed-decode16-qkv-bf16-S16", "packed-bf16A-t133-runs-gateup-mixed-ranks",
+                 "packed-bf16A-t9-in100-out40-k=r"):
+        check_case(PACKED[name], "cpu-native")
+    check_case(Case(16, 576, (576, 192), ((32, 8), (16, 16)), "uniform", torch.bfloat16, "mixed"), "cpu-native")
+
+
 def test_disabled_by_environment(fresh_native, monkeypatch) -> None:
     monkeypatch.setenv("FLYLORA_CPU_NATIVE", "0")
     assert native.library() is None

@@ -146,6 +146,15 @@ def test_load_slot_rejects_bad_adapters() -> None:
         load_slot(slots, 0, good)  # rows hold 16 nonzeros, slots allow 8
     with pytest.raises(ValueError, match="B \\[32, r\\]"):
         load_slot(slots, 0, [good[1], good[0]])
+    wide = allocate_slots(2, 16, 64, (32, 16), max_nnz=64, max_top_k=4, packed=True)
+    load_slot(wide, 0, good)
+    before = [t.clone() for t in (wide.a_val, wide.a_mask, wide.b, wide.d, wide.k)]
+    for name in ("A", "B", "d"):
+        bad = make_adapter(gen, 64, 32, 16, 4)
+        getattr(bad, name).view(-1)[3] = float("inf") if name != "d" else float("nan")
+        with pytest.raises(ValueError, match=f"{name} holds non-finite"):
+            load_slot(wide, 0, [bad, good[1]])
+    assert all(torch.equal(a, b) for a, b in zip(before, (wide.a_val, wide.a_mask, wide.b, wide.d, wide.k)))
 
 
 def test_flylora_apply_validates_inputs() -> None:
