@@ -30,9 +30,10 @@
  *           loads of x at the row's columns. Three or more tokens: x transposed to [in][TB] once per
  *           item, then each A element (or entry) is one broadcast and one TB-wide FMA: A is read once per
  *           block, and each row's TB results are one vector store.
- *   top-k   AVX-512: k passes of a masked vector argmax; elsewhere branch-free rank counting.
+ *   top-k   the place of each rank is the number of scores that beat it (vector compares on AVX-512).
  *   expand  per token, the k selected rows of B^T (contiguous rows of `b`) accumulated 16 columns at a
  *           time in registers, in selection order (k streams in flight), added to out and rounded once.
+ *           Blocks of 4+ tokens first widen the slice's bf16 B rows to fp32 once.
  */
 #include <math.h>
 #include <omp.h>
@@ -176,58 +177,49 @@ static void expand_add(void *out, int64_t o_off, int out_dt, const void *b, int 
         add_row(out, o_off, acc, oi, out_dt);
         return;
     }
-    int64_t rows[MAX_R];
-    const int esz = b_dt == BF16 ? 2 : 4;
+    const float *rf[MAX_R];
+    const uint16_t *rh[MAX_R];
     for (int64_t q = 0; q < k; q++) {
-        rows[q] = bbase + (int64_t)sel[q] * oi;
-        const char *row = (const char *)b + rows[q] * esz;
-        for (int64_t c = 0; c < oi * esz; c += 64) __builtin_prefetch(row + c);
+        const int64_t row = bbase + (int64_t)sel[q] * oi;
+        rf[q] = (const float *)b + row, rh[q] = (const uint16_t *)b + row;
     }
     int64_t c = 0;
+    /* 64 columns per step: the per-rank work (row pointer, weight broadcast) is shared by four vectors */
+    if (b_dt == F32) {
+        for (; c + 64 <= oi; c += 64) {
+            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t q = 0; q < k; q++) {
+                const float wq = w[q], *p = rf[q] + c;
+                a0 += wq * load16(p), a1 += wq * load16(p + 16), a2 += wq * load16(p + 32), a3 += wq * load16(p + 48);
+            }
+            add16(out, o_off + c, a0, out_dt), add16(out, o_off + c + 16, a1, out_dt);
+            add16(out, o_off + c + 32, a2, out_dt), add16(out, o_off + c + 48, a3, out_dt);
+        }
+    } else {
+        for (; c + 64 <= oi; c += 64) {
+            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t q = 0; q < k; q++) {
+                const float wq = w[q];
+                const uint16_t *p = rh[q] + c;
+                a0 += wq * load16_b(p, 0, BF16), a1 += wq * load16_b(p, 16, BF16);
+                a2 += wq * load16_b(p, 32, BF16), a3 += wq * load16_b(p, 48, BF16);
+            }
+            add16(out, o_off + c, a0, out_dt), add16(out, o_off + c + 16, a1, out_dt);
+            add16(out, o_off + c + 32, a2, out_dt), add16(out, o_off + c + 48, a3, out_dt);
+        }
+    }
     for (; c + 16 <= oi; c += 16) {
         v16 a = {0};
-        for (int64_t q = 0; q < k; q++) a += w[q] * load16_b(b, rows[q] + c, b_dt);
+        for (int64_t q = 0; q < k; q++) a += w[q] * (b_dt == F32 ? load16(rf[q] + c) : load16_b(rh[q], c, BF16));
         add16(out, o_off + c, a, out_dt);
     }
     for (; c < oi; c++) {
         float a = 0.0f;
-        for (int64_t q = 0; q < k; q++)
-            a += w[q] * (b_dt == BF16 ? bf16_to_f32(((const uint16_t *)b)[rows[q] + c]) : ((const float *)b)[rows[q] + c]);
+        for (int64_t q = 0; q < k; q++) a += w[q] * (b_dt == F32 ? rf[q][c] : bf16_to_f32(rh[q][c]));
         add_row(out, o_off + c, &a, 1, out_dt);
     }
 }
 
-/* The expand of a block of nt (<= NT) tokens of one slot: out[orow[t] + c] = round(float(out[...]) +
- * sum_{j < r} W[t][j] * b[bbase + j*oi + c]), W[t] the token's selected y at their ranks and zero at the
- * others (rows nt..NT-1 zero too). Dense over the r ranks, 16 columns of all NT tokens at a time in
- * registers: each B element is loaded and widened once per block instead of once per token that selected
- * it. The sum runs in rank order (the per-token path sums in selection order: the same up to fp32 rounding);
- * the unselected ranks add exact zeros because B is finite (load_slot refuses other weights). */
-#define EXPAND_BLOCK(NT)                                                                                     \
-    static void expand_block_##NT(void *out, const int64_t *orow, int out_dt, const void *b, int b_dt,     \
-                                  int64_t bbase, int64_t oi, int64_t r, int nt, float W[][MAX_R]) {        \
-        int64_t c = 0;                                                                                     \
-        for (; c + 16 <= oi; c += 16) {                                                                    \
-            v16 acc[NT];                                                                                   \
-            _Pragma("GCC unroll 16") for (int t = 0; t < NT; t++) acc[t] = (v16){0};                       \
-            for (int64_t j = 0; j < r; j++) {                                                              \
-                const v16 bj = load16_b(b, bbase + j * oi + c, b_dt);                                      \
-                _Pragma("GCC unroll 16") for (int t = 0; t < NT; t++) acc[t] += W[t][j] * bj;              \
-            }                                                                                              \
-            for (int t = 0; t < nt; t++) add16(out, orow[t] + c, acc[t], out_dt);                          \
-        }                                                                                                  \
-        for (; c < oi; c++)                                                                                \
-            for (int t = 0; t < nt; t++) {                                                                 \
-                float a = 0.0f;                                                                            \
-                for (int64_t j = 0; j < r; j++)                                                            \
-                    a += W[t][j] * (b_dt == BF16 ? bf16_to_f32(((const uint16_t *)b)[bbase + j * oi + c])  \
-                                                 : ((const float *)b)[bbase + j * oi + c]);                \
-                add_row(out, orow[t] + c, &a, 1, out_dt);                                                  \
-            }                                                                                              \
-    }
-EXPAND_BLOCK(4)
-EXPAND_BLOCK(8)
-EXPAND_BLOCK(16)
 
 /* Value of compact entry e, as fp32. */
 static inline float a_value(const Layer *L, int64_t e) {
@@ -442,23 +434,16 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
         const int64_t e0 = row_start(L, s, i, j, m);
         v16 c0 = {0}, c1 = {0};
         int64_t p = 0;
-        if (L->a_dt == F32) {
-            const float *v = (const float *)L->a_val + e0;
-            for (; p + 2 <= m; p += 2) {
-                c0 += v[p] * xv[col(L, e0 + p)];
-                c1 += v[p + 1] * xv[col(L, e0 + p + 1)];
-            }
-        } else if (L->a_dt == BF16) {
-            const uint16_t *v = (const uint16_t *)L->a_val + e0;
-            for (; p + 2 <= m; p += 2) {
-                c0 += bf16_to_f32(v[p]) * xv[col(L, e0 + p)];
-                c1 += bf16_to_f32(v[p + 1]) * xv[col(L, e0 + p + 1)];
-            }
+        const float *v = (const float *)L->a_val + e0;
+        if (L->a_dt != F32) { /* the row's values widened once (vectorised), then broadcast from memory */
+            load_row(conv, L->a_val, e0, m, L->a_dt);
+            v = conv;
         }
-        for (; p < m; p++) {
-            const int64_t e = e0 + p;
-            c0 += a_value(L, e) * xv[col(L, e)];
+        for (; p + 2 <= m; p += 2) {
+            c0 += v[p] * xv[col(L, e0 + p)];
+            c1 += v[p + 1] * xv[col(L, e0 + p + 1)];
         }
+        if (p < m) c0 += v[p] * xv[col(L, e0 + p)];
         c0 += c1;
         memcpy(yT[j], &c0, sizeof c0);
     }
@@ -469,22 +454,22 @@ static void topk(float *score, int64_t r, int64_t k, int *sel) {
     for (int64_t j = 0; j < r; j++)
         if (isnan(score[j])) score[j] = INFINITY;
 #ifdef __AVX512F__
-    /* k passes: the largest score among the ranks not yet taken, then its lowest index among equals. */
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    /* The place of j is the number of scores that beat it (greater, or equal at a lower index): two vector
+     * compares per 16 scores, independent across j. */
     const int nv = (int)((r + 15) / 16);
-    uint64_t avail = r == 64 ? ~0ull : (1ull << r) - 1ull;
+    const uint64_t valid = r == 64 ? ~0ull : (1ull << r) - 1ull;
     __m512 v[MAX_R / 16];
-    for (int c = 0; c < nv; c++) v[c] = _mm512_maskz_loadu_ps((__mmask16)(avail >> (16 * c)), score + 16 * c);
-    for (int64_t q = 0; q < k; q++) {
-        __m512 mx = ninf;
-        for (int c = 0; c < nv; c++) mx = _mm512_max_ps(mx, _mm512_mask_blend_ps((__mmask16)(avail >> (16 * c)), ninf, v[c]));
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        uint64_t eq = 0;
-        for (int c = 0; c < nv; c++)
-            eq |= (uint64_t)_mm512_mask_cmp_ps_mask((__mmask16)(avail >> (16 * c)), v[c], top, _CMP_EQ_OQ) << (16 * c);
-        const int j = __builtin_ctzll(eq);
-        sel[q] = j;
-        avail &= ~(1ull << j);
+    for (int c = 0; c < nv; c++) v[c] = _mm512_maskz_loadu_ps((__mmask16)(valid >> (16 * c)), score + 16 * c);
+    for (int64_t j = 0; j < r; j++) {
+        const __m512 sj = _mm512_set1_ps(score[j]);
+        const uint64_t below = valid & ((1ull << j) - 1ull);
+        int place = 0;
+        for (int c = 0; c < nv; c++) {
+            const __mmask16 gt = _mm512_mask_cmp_ps_mask((__mmask16)(valid >> (16 * c)), v[c], sj, _CMP_GT_OQ);
+            const __mmask16 eq = _mm512_mask_cmp_ps_mask((__mmask16)(below >> (16 * c)), v[c], sj, _CMP_EQ_OQ);
+            place += __builtin_popcount((unsigned)(gt | eq));
+        }
+        if (place < k) sel[place] = (int)j;
     }
 #else
     /* the place of j is the number of scores that beat it: r*r compares (<= 4096), no branches */
@@ -552,8 +537,9 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
     int failed = 0;
 #pragma omp parallel if (n_items > 1)
     {
-        /* per thread: TB fp32 x rows, the transposed block, a converted A row, an fp16 expand row */
-        const size_t floats = (size_t)((2 * TB * in + in + max_out + 15) / 16 * 16);
+        /* per thread: TB fp32 x rows, the transposed block, a converted A row, an fp16 expand row, and one
+         * slice's B rows widened to fp32 */
+        const size_t floats = (size_t)((2 * TB * in + in + max_out + R * max_out + 15) / 16 * 16);
         float *buf = (float *)aligned_alloc(64, sizeof(float) * floats);
         if (buf == NULL) {
 #pragma omp atomic write
@@ -564,7 +550,7 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
             if (buf == NULL) continue;
             const int64_t st = items[4 * w], nt = items[4 * w + 1], i0 = items[4 * w + 2], i1 = items[4 * w + 3];
             const int64_t s = slot_of[order[st]];
-            float *xs[TB], *xT = buf + TB * in, *conv = buf + 2 * TB * in, *acc = conv + in;
+            float *xs[TB], *xT = buf + TB * in, *conv = buf + 2 * TB * in, *acc = conv + in, *bconv = acc + max_out;
             int loaded = 0;
             for (int64_t i = i0; i < i1; i++) {
                 const int64_t ri = r[s * n + i], ki = k[s * n + i];
@@ -586,30 +572,23 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
                 const float *ds = d + (s * n + i) * R;
                 const int64_t o0 = out_off[i], oi = out_off[i + 1] - out_off[i];
                 const int64_t bbase = S * R * o0 + s * R * oi; /* row j of this slot's B^T block: bbase + j*oi */
-                const int dense = nt > SMALL_NT && b_dt != F16 && out_dt != F16;
-                const int NT = nt <= 4 ? 4 : nt <= 8 ? 8 : TB;
-                float W[TB][MAX_R];
-                int64_t orow[TB];
+                /* A block of 4+ tokens: B's rows of this slot and slice widened to fp32 once, then read by
+                 * every token's expand (each row is used nt*k/r >= 1 times on average). */
+                const void *bs = b;
+                int bs_dt = b_dt;
+                int64_t bs_base = bbase;
+                if (nt >= 4 && b_dt == BF16 && out_dt != F16) {
+                    load_row(bconv, b, bbase, ri * oi, BF16);
+                    bs = bconv, bs_dt = F32, bs_base = 0;
+                }
                 for (int t = 0; t < nt; t++) {
                     float score[MAX_R], wsel[MAX_R];
                     int sel[MAX_R];
                     for (int64_t j = 0; j < ri; j++)
                         score[j] = magnitude[s] ? fabsf(yT[j][t] + ds[j]) : yT[j][t] + ds[j];
                     topk(score, ri, ki, sel);
-                    if (dense) {
-                        memset(W[t], 0, sizeof(float) * (size_t)ri);
-                        for (int64_t q = 0; q < ki; q++) W[t][sel[q]] = yT[sel[q]][t];
-                        orow[t] = order[st + t] * out_stride + o0;
-                        continue;
-                    }
                     for (int64_t q = 0; q < ki; q++) wsel[q] = yT[sel[q]][t];
-                    expand_add(out, order[st + t] * out_stride + o0, out_dt, b, b_dt, bbase, oi, sel, wsel, ki, acc);
-                }
-                if (dense) {
-                    for (int t = (int)nt; t < NT; t++) memset(W[t], 0, sizeof(float) * (size_t)ri);
-                    if (NT == 4) expand_block_4(out, orow, out_dt, b, b_dt, bbase, oi, ri, (int)nt, W);
-                    else if (NT == 8) expand_block_8(out, orow, out_dt, b, b_dt, bbase, oi, ri, (int)nt, W);
-                    else expand_block_16(out, orow, out_dt, b, b_dt, bbase, oi, ri, (int)nt, W);
+                    expand_add(out, order[st + t] * out_stride + o0, out_dt, bs, bs_dt, bs_base, oi, sel, wsel, ki, acc);
                 }
             }
         }
