@@ -439,12 +439,15 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
             load_row(conv, L->a_val, e0, m, L->a_dt);
             v = conv;
         }
-        for (; p + 2 <= m; p += 2) {
+        v16 c2 = {0}, c3 = {0};  /* four chains: the FMA latency, not the loads, bounded two */
+        for (; p + 4 <= m; p += 4) {
             c0 += v[p] * xv[col(L, e0 + p)];
             c1 += v[p + 1] * xv[col(L, e0 + p + 1)];
+            c2 += v[p + 2] * xv[col(L, e0 + p + 2)];
+            c3 += v[p + 3] * xv[col(L, e0 + p + 3)];
         }
-        if (p < m) c0 += v[p] * xv[col(L, e0 + p)];
-        c0 += c1;
+        for (; p < m; p++) c0 += v[p] * xv[col(L, e0 + p)];
+        c0 = (c0 + c1) + (c2 + c3);
         memcpy(yT[j], &c0, sizeof c0);
     }
 }
@@ -577,7 +580,10 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
                 const void *bs = b;
                 int bs_dt = b_dt;
                 int64_t bs_base = bbase;
-                if (nt >= 4 && b_dt == BF16 && out_dt != F16) {
+#ifndef CONV_MIN_NT
+#define CONV_MIN_NT 4
+#endif
+                if (nt >= CONV_MIN_NT && b_dt == BF16 && out_dt != F16) {
                     load_row(bconv, b, bbase, ri * oi, BF16);
                     bs = bconv, bs_dt = F32, bs_base = 0;
                 }
