@@ -1,0 +1,150 @@
+"""The compiled CPU kernel on whole SmolLM2-135M steps, in the engine's slot layout, against an earlier kernel.
+
+Usage: ``python -m flylora_runtime.bench.step [--baseline-rev REV] [--threads N] [--rounds N] [--json PATH]``
+
+What the vLLM plugin runs on CPU: 30 layers x 4 adapted calls (``qkv`` 576 -> 576+192+192, ``o``,
+``gate_up`` 576 -> 1536+1536, ``down`` 1536 -> 576), 16 slots of r=32, k=8 adapters with the authors' sparse
+A (a quarter of each row), packed compact A with 16-bit indices and column bitmasks, bf16 ``x``, ``out`` and
+B. A is timed both ways the plugin stores it: fp32 values (fp32 engines) and bf16 values (bf16 engines).
+
+Steps (tokens -> slots): ``decode16`` 16 tokens of 16 distinct adapters; ``decode1`` one token;
+``prefill96`` 96 tokens of one adapter; ``mixed`` 16 decode tokens plus prompts of 60 and 57 tokens of two
+of those adapters (what a closed-loop load's steps look like).
+
+``--baseline-rev REV`` also builds ``flylora_cpu.c`` as of git revision ``REV`` (same flags) and times it on
+the same fp32-A slots (kernels from before the bitmasks ignore them). Every round runs every variant once,
+in a shuffled order; the table gives medians: thread CPU time with one thread (the default, steadier on a
+shared machine), wall time with more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..generate import sparse_A
+from ..kernels import allocate_slots, load_slot, native
+from ..paths import REPO_ROOT
+from ..reference import LayerAdapter
+from .kernels import SMOLLM2_LAYERS, SMOLLM2_NUM_LAYERS
+
+S, R, K = 16, 32, 8
+STEPS = {
+    "decode16": list(range(16)),
+    "decode1": [0],
+    "prefill96": [0] * 96,
+    "mixed": list(range(16)) + [0] * 60 + [1] * 57,
+}
+
+
+def build_layers(a_dtypes: tuple[torch.dtype, ...], seed: int = 0) -> dict[torch.dtype, list]:
+    """Per A dtype, the 120 layer calls' slots (the same adapters in each)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[torch.dtype, list] = {dt: [] for dt in a_dtypes}
+    for _ in range(SMOLLM2_NUM_LAYERS):
+        for _name, n_in, outs in SMOLLM2_LAYERS:
+            slots = {dt: allocate_slots(S, R, n_in, outs, max_nnz=n_in, packed=True, index_dtype=torch.int16,
+                                        a_dtype=dt, b_dtype=torch.bfloat16) for dt in a_dtypes}
+            for s in range(S):
+                adapter = [LayerAdapter(A=sparse_A(R, K, n_in, gen), B=torch.randn(o, R, generator=gen) * 0.05,
+                                        d=torch.randn(R, generator=gen) * 0.01, top_k=K, scaling=2.0) for o in outs]
+                for dt in a_dtypes:
+                    load_slot(slots[dt], s, adapter)
+            for dt in a_dtypes:
+                out[dt].append(slots[dt])
+    return out
+
+
+def baseline_call(rev: str):
+    """``call(out, x, token_slot, slots)`` running ``flylora_cpu.c`` of git revision ``rev``."""
+    src = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{rev}:flylora_runtime/kernels/flylora_cpu.c"],
+                         capture_output=True, text=True, check=True).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="flylora-baseline-"))
+    (tmp / "k.c").write_text(src)
+    subprocess.run(["cc", *native.CFLAGS, "-o", str(tmp / "k.so"), str(tmp / "k.c"), "-lm"], check=True)
+    fn = ctypes.CDLL(str(tmp / "k.so")).flylora_cpu_apply
+    has_mask = "a_mask" in src
+    argtypes = list(native._ARGTYPES)
+    if not has_mask:
+        del argtypes[19]  # the argument after `packed`
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+
+    def call(out, x, token_slot, slots):
+        _, head, tail = native._static_args(slots)
+        if not has_mask:
+            tail = tail[:6] + tail[7:]
+        rc = fn(x.shape[0], *head, x.data_ptr(), x.stride(0), native._DTYPES[x.dtype], out.data_ptr(),
+                out.stride(0), native._DTYPES[out.dtype], *tail, token_slot.data_ptr(), 0)
+        if rc != 0:
+            raise RuntimeError(f"baseline kernel returned {rc}")
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline-rev", metavar="REV", help="also time flylora_cpu.c of this git revision (fp32 A)")
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP/torch threads (default 1)")
+    ap.add_argument("--rounds", type=int, default=9, help="timed rounds per variant (default 9)")
+    ap.add_argument("--json", metavar="PATH", help="also write the medians as JSON to PATH")
+    args = ap.parse_args(argv)
+    lib = native.library()
+    if lib is None:
+        print("the compiled CPU kernel is unavailable here (no C compiler, or FLYLORA_CPU_NATIVE=0)", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    print(f"building 120 layer calls x {S} slots (r={R}, k={K}, authors' sparse A) ...", file=sys.stderr, flush=True)
+    layers = build_layers((torch.float32, torch.bfloat16))
+    variants = {"fp32 A": (lambda o, x, t, s: native.apply_native(lib, o, x, t, s), torch.float32),
+                "bf16 A": (lambda o, x, t, s: native.apply_native(lib, o, x, t, s), torch.bfloat16)}
+    if args.baseline_rev:
+        variants[f"{args.baseline_rev} (fp32 A)"] = (baseline_call(args.baseline_rev), torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    rng = random.Random(0)
+    results: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for step, slot_list in STEPS.items():
+            ts = torch.tensor(slot_list, dtype=torch.int32)
+            T = len(slot_list)
+            xs = [torch.randn(T, s.in_features, generator=gen).to(torch.bfloat16) for s in layers[torch.float32][:4]]
+            outs = [torch.zeros(T, sum(s.output_slices), dtype=torch.bfloat16) for s in layers[torch.float32][:4]]
+
+            def run(call, dt):
+                for j, slots in enumerate(layers[dt]):
+                    call(outs[j % 4], xs[j % 4], ts, slots)
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for v, (call, dt) in variants.items():
+                run(call, dt)  # warm-up
+            for _ in range(args.rounds):
+                order = list(variants)
+                rng.shuffle(order)
+                for v in order:
+                    call, dt = variants[v]
+                    t0 = clock()
+                    run(call, dt)
+                    times[v].append(clock() - t0)
+            results[step] = {v: sorted(t)[len(t) // 2] * 1e3 for v, t in times.items()}
+            print(f"{step:10s} " + "  ".join(f"{v}: {ms:7.2f} ms" for v, ms in results[step].items()), flush=True)
+    if args.baseline_rev:
+        base = f"{args.baseline_rev} (fp32 A)"
+        print("\nratios against the baseline kernel (same fp32-A slots; bf16 A is what a bf16 engine runs):")
+        for step, r in results.items():
+            print(f"{step:10s} fp32 A {r['fp32 A'] / r[base]:.2f}x   bf16 A {r['bf16 A'] / r[base]:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "unit": "ms per step",
+                                               "steps": list(STEPS),
+                                               "medians_ms": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
