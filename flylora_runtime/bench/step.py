@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             xs = [torch.randn(T, s.in_features, generator=gen).to(torch.bfloat16) for s in layers[torch.float32][:4]]
             outs = [torch.zeros(T, sum(s.output_slices), dtype=torch.bfloat16) for s in layers[torch.float32][:4]]
 
-            def run(call, dt):
+            def run(call, dt, outs=outs, xs=xs, ts=ts):
                 for j, slots in enumerate(layers[dt]):
                     call(outs[j % 4], xs[j % 4], ts, slots)
             times: dict[str, list[float]] = {v: [] for v in variants}

@@ -257,7 +257,6 @@ def _column_words(A: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 32768, w - 65536, w).to(torch.int16)  # the same 16 bits, as int16
 
 
-
 def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | None = None,
                 max_rank: int | None = None, compact: bool = False, **kwargs) -> FlyLoRASlots:
     """Allocate slots and load ``adapters[s]`` (one LayerAdapter per slice) into slot ``s``.
