@@ -146,3 +146,32 @@ def test_portable_build_without_avx512_matches_reference(fresh_native, monkeypat
 def test_disabled_by_environment(fresh_native, monkeypatch) -> None:
     monkeypatch.setenv("FLYLORA_CPU_NATIVE", "0")
     assert native.library() is None
+
+
+def test_random_shapes_match_reference() -> None:
+    """Sizes the case table does not pin down: `in` and outputs off the 16-column grid, ranks 1-64 (rows
+    past a multiple of four), every layout (dense, compact, packed with fp32 or bf16 values) and dtype;
+    25 drawn cases with a fixed seed, all on the compiled kernel."""
+    import random
+
+    from .cases import Case
+    from .check import check_case
+
+    if native.library() is None:
+        pytest.skip("the compiled CPU kernel is unavailable here")
+    rng = random.Random(7)
+    for seed in range(25):
+        ranks = []
+        for _ in range(rng.randint(1, 3)):
+            r = rng.choice([1, 3, 5, 8, 13, 32, 64])
+            ranks.append((r, rng.randint(1, r)))
+        S = rng.choice([1, 4, 16])
+        spread = rng.choice(["uniform", "zipf", "identical", "runs", "none_rows", "distinct"])
+        T = rng.choice([1, 2, 3, 5, 16, 17, 40])
+        layout = rng.choice(["dense", "compact", "packed"])
+        case = Case(min(T, S) if spread == "distinct" else T, rng.choice([17, 100, 576, 1000]),
+                    tuple(rng.choice([1, 17, 40, 65, 576]) for _ in range(rng.randint(1, 3))), tuple(ranks), spread,
+                    rng.choice([torch.float32, torch.bfloat16, torch.float16]), rng.choice(["signed", "magnitude", "mixed"]),
+                    compact=layout == "compact", S=S, packed=layout == "packed", seed=seed,
+                    a_dtype=rng.choice([torch.float32, torch.bfloat16]))
+        check_case(case, "cpu-native")
