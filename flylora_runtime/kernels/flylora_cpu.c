@@ -221,7 +221,6 @@ static void expand_add(void *out, int64_t o_off, int out_dt, const void *b, int 
     }
 }
 
-
 /* Value of compact entry e, as fp32. */
 static inline float a_value(const Layer *L, int64_t e) {
     switch (L->a_dt) {
@@ -279,9 +278,6 @@ static float dot_compact(const Layer *L, int64_t e0, int64_t m, const float *res
 }
 
 #ifdef __AVX512F__
-/* Four packed rows (values from v[q], column words m[q]) dotted with one token x0, or two (x1 when nt == 2):
- * y0[q], y1[q]. Per 16 columns: each row's next popcount(word) values expanded into the word's set lanes
- * (zeros elsewhere) and one FMA with the dense x columns. */
 /* The next popcount(k) values at *p (fp32, or bf16 when bf16), expanded into the set lanes of k, as fp32. */
 static inline __m512 expand_values(__mmask16 k, const void *p, int bf16) {
 #ifdef __AVX512VBMI2__
@@ -293,6 +289,9 @@ static inline __m512 expand_values(__mmask16 k, const void *p, int bf16) {
     return _mm512_maskz_expandloadu_ps(k, p);
 }
 
+/* Four packed rows (values from v[q], column words m[q]) dotted with one token x0, or two (x1 when nt == 2):
+ * y0[q], y1[q]. Per 16 columns: each row's next popcount(word) values expanded into the word's set lanes
+ * (zeros elsewhere) and one FMA with the dense x columns. */
 static void dot_mask4(const void *const v[4], const uint16_t *const m[4], int64_t in, const float *x0,
                       const float *x1, int nt, float *y0, float *y1, int bf16) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
@@ -433,14 +432,13 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
     const v16 *xv = (const v16 *)xT;
     for (int64_t j = 0; j < r; j++) {
         const int64_t e0 = row_start(L, s, i, j, m);
-        v16 c0 = {0}, c1 = {0};
-        int64_t p = 0;
         const float *v = (const float *)L->a_val + e0;
         if (L->a_dt != F32) { /* the row's values widened once (vectorised), then broadcast from memory */
             load_row(conv, L->a_val, e0, m, L->a_dt);
             v = conv;
         }
-        v16 c2 = {0}, c3 = {0};  /* four chains: the FMA latency, not the loads, bounded two */
+        v16 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}; /* four FMA chains */
+        int64_t p = 0;
         for (; p + 4 <= m; p += 4) {
             c0 += v[p] * xv[col(L, e0 + p)];
             c1 += v[p + 1] * xv[col(L, e0 + p + 1)];
