@@ -26,13 +26,16 @@
  *   shrink  one or two tokens: per token, four A rows at a time, so each FMA chain has independent
  *           neighbours and four streams are in flight. Dense A: 16-wide FMAs along `in`. Packed A with
  *           a_mask, on AVX-512: 16 columns per step, the row's next values expanded into the word's set
- *           lanes (4 bytes per entry and 2 bits per column streamed, no gathers). Other compact A: scalar
- *           loads of x at the row's columns. Three or more tokens: x transposed to [in][TB] once per
+ *           lanes (4 bytes per entry and 2 bits per column streamed, no gathers); with bf16 A and bf16
+ *           x on AVX512-BF16, 32 columns per step and one vdpbf16ps (exact products, fp32 sums; nothing
+ *           is widened). Other compact A: scalar loads of x at the row's columns. Three or more tokens: x transposed to [in][TB] once per
  *           item, then each A element (or entry) is one broadcast and one TB-wide FMA: A is read once per
  *           block, and each row's TB results are one vector store.
  *   top-k   the place of each rank is the number of scores that beat it (vector compares on AVX-512).
  *   expand  per token, the k selected rows of B^T (contiguous rows of `b`) accumulated 16 columns at a
  *           time in registers, in selection order (k streams in flight), added to out and rounded once.
+ *           bf16 B into bf16 out: each 32-column load is split into its even and odd columns by a shift
+ *           and an and (no shuffles), accumulated apart and recombined at the rounding.
  *           Blocks of 4+ tokens first widen the slice's bf16 B rows to fp32 once.
  */
 #include <math.h>
@@ -167,6 +170,44 @@ static inline void add16(void *out, int64_t offset, v16 acc, int dt) {
     memcpy(o, &h, sizeof h);
 }
 
+/* 16 bits of each 32-bit lane of u as the bf16 -> fp32 widening of the lane's even (low) or odd (high) element:
+ * 32 bf16 columns in one load become two fp32 vectors with one shift and one and, no shuffles. */
+static inline v16 bf16_even(v16u u) {
+    const v16u e = u << 16;
+    v16 f;
+    memcpy(&f, &e, sizeof f);
+    return f;
+}
+
+static inline v16 bf16_odd(v16u u) {
+    const v16u o = u & 0xffff0000u;
+    v16 f;
+    memcpy(&f, &o, sizeof f);
+    return f;
+}
+
+static inline v16u load32_bf16(const uint16_t *p) {
+    v16u u;
+    memcpy(&u, p, sizeof u);
+    return u;
+}
+
+/* f32_to_bf16 on 16 lanes, the bits in the low half of each lane. */
+static inline v16u round_bf16(v16 sum) {
+    v16u u;
+    memcpy(&u, &sum, sizeof u);
+    const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN: quiet it as the scalar path */
+    return (rounded & ~nan) | (((u >> 16) | 0x40u) & nan & 0xffffu);
+}
+
+/* bf16 out[0:32] = round(float(out[0:32]) + acc), acc as even columns (ae) and odd columns (ao). */
+static inline void add32_bf16(uint16_t *o, v16 ae, v16 ao) {
+    const v16u u = load32_bf16(o);
+    const v16u bits = round_bf16(bf16_even(u) + ae) | (round_bf16(bf16_odd(u) + ao) << 16);
+    memcpy(o, &bits, sizeof bits);
+}
+
 /* out[o_off : o_off + oi] = round(float(out[...]) + sum_q w[q] * b[bbase + sel[q]*oi : ...]), the sum in
  * q order from zero (bit for bit what acc[] += w*b; out += acc computes). acc: scratch of oi floats, for
  * the fp16 fallback only. */
@@ -195,6 +236,18 @@ static void expand_add(void *out, int64_t o_off, int out_dt, const void *b, int 
             }
             add16(out, o_off + c, a0, out_dt), add16(out, o_off + c + 16, a1, out_dt);
             add16(out, o_off + c + 32, a2, out_dt), add16(out, o_off + c + 48, a3, out_dt);
+        }
+    } else if (out_dt == BF16) { /* even and odd columns in separate registers: see bf16_even */
+        for (; c + 64 <= oi; c += 64) {
+            v16 e0 = {0}, o0 = {0}, e1 = {0}, o1 = {0};
+            for (int64_t q = 0; q < k; q++) {
+                const float wq = w[q];
+                const v16u u0 = load32_bf16(rh[q] + c), u1 = load32_bf16(rh[q] + c + 32);
+                e0 += wq * bf16_even(u0), o0 += wq * bf16_odd(u0);
+                e1 += wq * bf16_even(u1), o1 += wq * bf16_odd(u1);
+            }
+            uint16_t *o = (uint16_t *)out + o_off + c;
+            add32_bf16(o, e0, o0), add32_bf16(o + 32, e1, o1);
         }
     } else {
         for (; c + 64 <= oi; c += 64) {
@@ -330,10 +383,62 @@ static void dot_mask4(const void *const v[4], const uint16_t *const m[4], int64_
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+/* dot_mask4 for bf16 A values and bf16 tokens (what a bf16 engine runs): 32 columns per step, each row's
+ * next popcount(word pair) values expanded into their lanes as bf16 and multiplied with the token's bf16
+ * columns by vdpbf16ps (the products of two bf16 numbers are exact in fp32; lane l accumulates columns 2l
+ * and 2l+1 in fp32, flushing subnormals). One instruction per 32 columns and row, nothing widened. */
+static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], int64_t in, const uint16_t *x0,
+                           const uint16_t *x1, int nt, float *y0, float *y1) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const char *p0 = v[0], *p1 = v[1], *p2 = v[2], *p3 = v[3];
+    const int64_t words = (in + 15) / 16;
+    for (int64_t w = 0; w < words; w += 2) {
+        const int64_t c = 16 * w;
+        const __mmask32 lanes = in - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (in - c)) - 1ull);
+        if ((w & 7) == 0) { /* keep the four value streams' next lines in flight */
+            _mm_prefetch(p0 + 2 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch(p1 + 2 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch(p2 + 2 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch(p3 + 2 * PREFETCH, _MM_HINT_T0);
+        }
+        __mmask32 k0, k1, k2, k3;
+        if (w + 1 < words) {
+            uint32_t u[4];
+            memcpy(&u[0], m[0] + w, 4), memcpy(&u[1], m[1] + w, 4);
+            memcpy(&u[2], m[2] + w, 4), memcpy(&u[3], m[3] + w, 4);
+            k0 = u[0], k1 = u[1], k2 = u[2], k3 = u[3];
+        } else {
+            k0 = m[0][w], k1 = m[1][w], k2 = m[2][w], k3 = m[3][w];
+        }
+        const __m512bh e0 = (__m512bh)_mm512_maskz_expandloadu_epi16(k0, p0);
+        const __m512bh e1 = (__m512bh)_mm512_maskz_expandloadu_epi16(k1, p1);
+        const __m512bh e2 = (__m512bh)_mm512_maskz_expandloadu_epi16(k2, p2);
+        const __m512bh e3 = (__m512bh)_mm512_maskz_expandloadu_epi16(k3, p3);
+        p0 += 2 * __builtin_popcount(k0), p1 += 2 * __builtin_popcount(k1);
+        p2 += 2 * __builtin_popcount(k2), p3 += 2 * __builtin_popcount(k3);
+        const __m512bh xa = (__m512bh)_mm512_maskz_loadu_epi16(lanes, x0 + c);
+        a0 = _mm512_dpbf16_ps(a0, e0, xa), a1 = _mm512_dpbf16_ps(a1, e1, xa);
+        a2 = _mm512_dpbf16_ps(a2, e2, xa), a3 = _mm512_dpbf16_ps(a3, e3, xa);
+        if (nt == 2) {
+            const __m512bh xb = (__m512bh)_mm512_maskz_loadu_epi16(lanes, x1 + c);
+            b0 = _mm512_dpbf16_ps(b0, e0, xb), b1 = _mm512_dpbf16_ps(b1, e1, xb);
+            b2 = _mm512_dpbf16_ps(b2, e2, xb), b3 = _mm512_dpbf16_ps(b3, e3, xb);
+        }
+    }
+    y0[0] = _mm512_reduce_add_ps(a0), y0[1] = _mm512_reduce_add_ps(a1);
+    y0[2] = _mm512_reduce_add_ps(a2), y0[3] = _mm512_reduce_add_ps(a3);
+    if (nt == 2) {
+        y1[0] = _mm512_reduce_add_ps(b0), y1[1] = _mm512_reduce_add_ps(b1);
+        y1[2] = _mm512_reduce_add_ps(b2), y1[3] = _mm512_reduce_add_ps(b3);
+    }
+}
+#endif
+
 /* yT[j][t] (j < r, t < nt) for the nt tokens xs[t] (fp32 rows), rows row0.. of A. xT: the block transposed
  * to [in][TB] by the caller when nt > SMALL_NT; conv: scratch of `in` floats (a converted A row). */
-static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, float *const *xs, const float *xT,
-                   float *conv, float yT[][TB]) {
+static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, float *const *xs,
+                   const uint16_t *const *xb, const float *xT, float *conv, float yT[][TB]) {
     const int64_t in = L->in, row0 = (s * L->n + i) * L->R;
     if (L->P == 0) { /* ---------------- dense A ---------------- */
         if (nt <= SMALL_NT || L->a_dt != F32) {
@@ -416,7 +521,12 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
                     mk[q] = L->a_mask + (row0 + jj) * words;
                 }
                 float y0[4], y1[4];
-                dot_mask4(v, mk, in, xs[0], nt == 2 ? xs[1] : xs[0], nt, y0, y1, L->a_dt == BF16);
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+                if (xb != NULL && L->a_dt == BF16)
+                    dot_mask4_bf16(v, mk, in, xb[0], nt == 2 ? xb[1] : xb[0], nt, y0, y1);
+                else
+#endif
+                    dot_mask4(v, mk, in, xs[0], nt == 2 ? xs[1] : xs[0], nt, y0, y1, L->a_dt == BF16);
                 for (int q = 0; q < 4 && j + q < r; q++) {
                     yT[j + q][0] = y0[q];
                     if (nt == 2) yT[j + q][1] = y1[q];
@@ -553,6 +663,9 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
             const int64_t st = items[4 * w], nt = items[4 * w + 1], i0 = items[4 * w + 2], i1 = items[4 * w + 3];
             const int64_t s = slot_of[order[st]];
             float *xs[TB], *xT = buf + TB * in, *conv = buf + 2 * TB * in, *acc = conv + in, *bconv = acc + max_out;
+            const uint16_t *xb[SMALL_NT]; /* bf16 x: the block's own rows (read as they are by the bf16 shrink) */
+            for (int t = 0; t < SMALL_NT && t < nt; t++)
+                xb[t] = (const uint16_t *)x + order[st + t] * x_stride;
             int loaded = 0;
             for (int64_t i = i0; i < i1; i++) {
                 const int64_t ri = r[s * n + i], ki = k[s * n + i];
@@ -570,7 +683,7 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
                     loaded = 1;
                 }
                 float yT[MAX_R][TB];
-                shrink(&L, s, i, ri, (int)nt, xs, xT, conv, yT);
+                shrink(&L, s, i, ri, (int)nt, xs, x_dt == BF16 && nt <= SMALL_NT ? xb : NULL, xT, conv, yT);
                 const float *ds = d + (s * n + i) * R;
                 const int64_t o0 = out_off[i], oi = out_off[i + 1] - out_off[i];
                 const int64_t bbase = S * R * o0 + s * R * oi; /* row j of this slot's B^T block: bbase + j*oi */
