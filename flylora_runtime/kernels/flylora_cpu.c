@@ -26,17 +26,20 @@
  *   shrink  one or two tokens: per token, four A rows at a time, so each FMA chain has independent
  *           neighbours and four streams are in flight. Dense A: 16-wide FMAs along `in`. Packed A with
  *           a_mask, on AVX-512: 16 columns per step, the row's next values expanded into the word's set
- *           lanes (4 bytes per entry and 2 bits per column streamed, no gathers); with bf16 A and bf16
- *           x on AVX512-BF16, 32 columns per step and one vdpbf16ps (exact products, fp32 sums; nothing
- *           is widened). Other compact A: scalar loads of x at the row's columns. Three or more tokens: x transposed to [in][TB] once per
- *           item, then each A element (or entry) is one broadcast and one TB-wide FMA: A is read once per
- *           block, and each row's TB results are one vector store.
- *   top-k   the place of each rank is the number of scores that beat it (vector compares on AVX-512).
+ *           lanes (4 bytes per entry and 2 bits per column streamed, no gathers); with bf16 A and bf16 x
+ *           on AVX512-BF16, 32 columns per step and one vdpbf16ps (exact products, fp32 sums; nothing is
+ *           widened). Other compact A: scalar loads of x at the row's columns.
+ *           Three or more tokens: x transposed to [in][TB] once per item, then each A element (or entry)
+ *           is one broadcast and one TB-wide FMA: A is read once per block, and each row's TB results
+ *           are one vector store. With AMX (bf16 x, A, B and out; blocks of AMX_MIN_NT+ tokens): the
+ *           slice's rows expanded to dense bf16 and multiplied with the block as 16 x 16 tiles (below).
+ *   top-k   the place of each rank is the number of scores that beat it (vector compares on AVX-512;
+ *           on the AMX path across the block's 16 tokens at once).
  *   expand  per token, the k selected rows of B^T (contiguous rows of `b`) accumulated 16 columns at a
  *           time in registers, in selection order (k streams in flight), added to out and rounded once.
  *           bf16 B into bf16 out: each 32-column load is split into its even and odd columns by a shift
- *           and an and (no shuffles), accumulated apart and recombined at the rounding.
- *           Blocks of 4+ tokens first widen the slice's bf16 B rows to fp32 once.
+ *           and an and (no shuffles), accumulated apart and recombined at the rounding. Blocks of 4+
+ *           tokens with bf16 B and fp32 out first widen the slice's B rows to fp32 once.
  */
 #include <math.h>
 #include <omp.h>
@@ -46,12 +49,18 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define TB 16   /* tokens per block: one 16-float vector in the transposed shrink */
 #define MAX_R 64
 #define SMALL_NT 2  /* blocks of at most this many tokens use the per-token shrink */
 #define PREFETCH 256 /* elements ahead in the compact streams */
-#define BCONV_MIN_NT 4 /* blocks of at least this many tokens widen B's rows once (measured: 4 beats 8 and never) */
+#define BCONV_MIN_NT 4 /* blocks of at least this many tokens widen bf16 B rows once for fp32 out (bf16 out: the
+                        * even/odd expand reads bf16 B faster, measured 0.93x) */
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
@@ -594,6 +603,143 @@ static void topk(float *score, int64_t r, int64_t k, int *sel) {
 #endif
 }
 
+#ifdef HAVE_AMX
+/* ---------------- AMX: blocks of tokens in bf16 engines ----------------
+ * Shrink: Y^T[ranks][tokens] = A[ranks][in] . X^T, 16 ranks x 16 tokens per tile, 32 columns per step. A's
+ * packed rows are expanded to dense bf16 once per slice and block; X^T is the block's x in VNNI pairs
+ * ([in/2][16 tokens] of 2 bf16), built once per block. The products of two bf16 numbers are exact; the
+ * tile sums them in fp32 (subnormals flushed). The top-k then runs across the block's tokens at once, and
+ * the expand is the FMA one (a dense tile expand over all r ranks does 4x the work at k = r/4 and, with y
+ * split into two bf16 terms for accuracy, measured no faster). */
+enum { AMX_MIN_NT = 4 }; /* blocks of at least this many tokens take the AMX path */
+
+static int amx_state = 0; /* 0: not asked yet, 1: the kernel granted the tile data, -1: refused */
+
+static int amx_available(void) {
+    int st = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (st == 0) { /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: process-wide, idempotent */
+        st = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+        __atomic_store_n(&amx_state, st, __ATOMIC_RELEASE);
+    }
+    return st == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) TileCfg;
+
+static void amx_configure(void) { /* every tile used: 16 rows of 64 bytes */
+    TileCfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+    _tile_loadconfig(&c);
+}
+
+/* The block's x (nt bf16 rows) as VNNI pairs: xv[p*16 + t] = (x[t][2p], x[t][2p+1]); zero past nt and in.
+ * Per 32 columns: the 16 rows' 16 pairs (32-bit elements) transposed in registers. */
+static void amx_pack_x(uint32_t *restrict xv, const uint16_t *const *xrow, int nt, int64_t in, int64_t in_p) {
+    for (int64_t c = 0; c < in_p; c += 32) {
+        const __mmask32 lanes = in - c >= 32 ? 0xffffffffu : (__mmask32)((1ull << (in - c)) - 1ull);
+        __m512i v[16], u[16];
+        for (int t = 0; t < 16; t++) v[t] = t < nt ? _mm512_maskz_loadu_epi16(lanes, xrow[t] + c) : _mm512_setzero_si512();
+        for (int t = 0; t < 16; t += 2) { /* 16 x 16 transpose of 32-bit elements, four shuffle stages */
+            u[t] = _mm512_unpacklo_epi32(v[t], v[t + 1]);
+            u[t + 1] = _mm512_unpackhi_epi32(v[t], v[t + 1]);
+        }
+        for (int t = 0; t < 16; t += 4) {
+            v[t] = _mm512_unpacklo_epi64(u[t], u[t + 2]);
+            v[t + 1] = _mm512_unpackhi_epi64(u[t], u[t + 2]);
+            v[t + 2] = _mm512_unpacklo_epi64(u[t + 1], u[t + 3]);
+            v[t + 3] = _mm512_unpackhi_epi64(u[t + 1], u[t + 3]);
+        }
+        /* v[4g + m], 128-bit lane L: tokens 4g..4g+3 at pair 4L + m. Pair 4L + m is lane L of v[m], v[4 + m],
+         * v[8 + m], v[12 + m]. */
+        uint32_t *dst = xv + (c / 2) * 16;
+        for (int m = 0; m < 4; m++) {
+            const __m512i x0 = _mm512_shuffle_i32x4(v[m], v[4 + m], 0x44), y0 = _mm512_shuffle_i32x4(v[m], v[4 + m], 0xee);
+            const __m512i x1 = _mm512_shuffle_i32x4(v[8 + m], v[12 + m], 0x44);
+            const __m512i y1 = _mm512_shuffle_i32x4(v[8 + m], v[12 + m], 0xee);
+            _mm512_storeu_si512(dst + 16 * m, _mm512_shuffle_i32x4(x0, x1, 0x88));
+            _mm512_storeu_si512(dst + 16 * (4 + m), _mm512_shuffle_i32x4(x0, x1, 0xdd));
+            _mm512_storeu_si512(dst + 16 * (8 + m), _mm512_shuffle_i32x4(y0, y1, 0x88));
+            _mm512_storeu_si512(dst + 16 * (12 + m), _mm512_shuffle_i32x4(y0, y1, 0xdd));
+        }
+    }
+}
+
+/* yT[j][t] for j < rg*16 (zero past r), t < 16, of slot s's slice i; ad: scratch [rg*16][in_p] bf16. */
+static void amx_shrink(const Layer *L, int64_t s, int64_t i, int64_t r, const uint32_t *xv, int64_t in_p,
+                       uint16_t *restrict ad, float yT[][TB]) {
+    const int64_t in = L->in, words = (in + 15) / 16, row0 = (s * L->n + i) * L->R;
+    const int64_t m = L->a_nnz[s * L->n + i];
+    const int rg = (int)((r + 15) / 16);
+    for (int64_t j = 0; j < 16 * rg; j++) { /* the packed rows, dense */
+        uint16_t *dst = ad + j * in_p;
+        if (j >= r) {
+            memset(dst, 0, 2 * (size_t)in_p);
+            continue;
+        }
+        const char *v = (const char *)L->a_val + 2 * row_start(L, s, i, j, m);
+        const uint16_t *mk = L->a_mask + (row0 + j) * words;
+        for (int64_t w = 0; w < in_p / 16; w += 2) {
+            uint32_t k = w < words ? mk[w] : 0;
+            if (w + 1 < words) k |= (uint32_t)mk[w + 1] << 16;
+            _mm512_storeu_si512(dst + 16 * w, _mm512_maskz_expandloadu_epi16(k, v));
+            v += 2 * __builtin_popcount(k);
+        }
+    }
+    const size_t as = 2 * (size_t)in_p;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < in_p; c += 32) {
+        _tile_loadd(5, xv + (c / 2) * 16, 64);
+        _tile_loadd(4, ad + c, as);
+        _tile_dpbf16ps(0, 4, 5);
+        if (rg > 1) { _tile_loadd(4, ad + 16 * in_p + c, as); _tile_dpbf16ps(1, 4, 5); }
+        if (rg > 2) { _tile_loadd(4, ad + 32 * in_p + c, as); _tile_dpbf16ps(2, 4, 5); }
+        if (rg > 3) { _tile_loadd(4, ad + 48 * in_p + c, as); _tile_dpbf16ps(3, 4, 5); }
+    }
+    _tile_stored(0, yT[0], 64);
+    if (rg > 1) _tile_stored(1, yT[16], 64);
+    if (rg > 2) _tile_stored(2, yT[32], 64);
+    if (rg > 3) _tile_stored(3, yT[48], 64);
+}
+
+/* sel[j]: bit t set when rank j is among token t's k largest scores (the rules of topk), t < nt. */
+static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt, uint16_t *sel) {
+    typedef int32_t v16i __attribute__((vector_size(64)));
+    v16 sc[MAX_R];
+    const v16 inf = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY,
+                     INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
+    for (int64_t j = 0; j < r; j++) {
+        v16 v = load16(yT[j]) + ds[j];
+        if (mag) {
+            v16u u;
+            memcpy(&u, &v, sizeof u);
+            u &= 0x7fffffffu;
+            memcpy(&v, &u, sizeof v);
+        }
+        const v16i nan = (v16i)(v != v), vi = (v16i)v, ii = (v16i)inf; /* NaN counts as +inf */
+        sc[j] = (v16)((vi & ~nan) | (ii & nan));
+    }
+    const uint16_t live = (uint16_t)((1u << nt) - 1u);
+    for (int64_t j = 0; j < r; j++) {
+        v16i place = {0};
+        for (int64_t q = 0; q < r; q++) /* beats j: greater, or equal at a lower index (masks are -1/0) */
+            place -= q < j ? (v16i)(sc[q] >= sc[j]) : (v16i)(sc[q] > sc[j]);
+        uint16_t bits = 0;
+        for (int t = 0; t < 16; t++) bits |= (uint16_t)((place[t] < k) << t);
+        sel[j] = bits & live;
+    }
+}
+
+#endif
+
 /*
  * Entry point. token_slot: [T] int32 (ts_i64 = 0) or int64 (ts_i64 = 1). Tokens are grouped by slot (a
  * counting sort), cut into items (slot, up to TB of its tokens, slices) that run in parallel.
@@ -647,8 +793,18 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
         if (out_off[i + 1] - out_off[i] > max_out) max_out = out_off[i + 1] - out_off[i];
 
     int failed = 0;
+#ifdef HAVE_AMX
+    const int amx = x_dt == BF16 && a_dt == BF16 && packed && a_mask != NULL && b_dt == BF16 && out_dt == BF16 &&
+                    amx_available();
+    const int64_t in_p = (in + 31) / 32 * 32;
+#endif
 #pragma omp parallel if (n_items > 1)
     {
+#ifdef HAVE_AMX
+        char *abuf = NULL; /* the AMX path's scratch, allocated at this thread's first AMX item */
+        uint32_t *xv = NULL;
+        uint16_t *ad = NULL;
+#endif
         /* per thread: TB fp32 x rows, the transposed block, a converted A row, an fp16 expand row, and one
          * slice's B rows widened to fp32 */
         const size_t floats = (size_t)((2 * TB * in + in + max_out + R * max_out + 15) / 16 * 16);
@@ -667,6 +823,45 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
             for (int t = 0; t < SMALL_NT && t < nt; t++)
                 xb[t] = (const uint16_t *)x + order[st + t] * x_stride;
             int loaded = 0;
+#ifdef HAVE_AMX
+            if (amx && nt >= AMX_MIN_NT) {
+                if (abuf == NULL) {
+                    const size_t xv_b = 32 * (size_t)in_p;
+                    if (!(abuf = (char *)aligned_alloc(64, xv_b + 2 * (size_t)MAX_R * in_p))) {
+#pragma omp atomic write
+                        failed = 1;
+                        continue;
+                    }
+                    xv = (uint32_t *)abuf, ad = (uint16_t *)(abuf + xv_b);
+                    amx_configure();
+                }
+                const uint16_t *xrow[TB];
+                int64_t orow[TB];
+                for (int t = 0; t < nt; t++) {
+                    xrow[t] = (const uint16_t *)x + order[st + t] * x_stride;
+                    orow[t] = order[st + t] * out_stride;
+                }
+                for (int64_t i = i0; i < i1; i++) {
+                    const int64_t ri = r[s * n + i], ki = k[s * n + i];
+                    if (ki <= 0 || ri <= 0) continue;
+                    if (!loaded) amx_pack_x(xv, xrow, (int)nt, in, in_p), loaded = 1;
+                    float yT[MAX_R][TB];
+                    uint16_t sel[MAX_R];
+                    amx_shrink(&L, s, i, ri, xv, in_p, ad, yT);
+                    topk_block(yT, d + (s * n + i) * R, magnitude[s], ri, ki, (int)nt, sel);
+                    const int64_t o0 = out_off[i], oi = out_off[i + 1] - out_off[i];
+                    for (int t = 0; t < nt; t++) { /* the selected ranks in rank order */
+                        int selt[MAX_R];
+                        float wsel[MAX_R];
+                        int64_t q = 0;
+                        for (int64_t j = 0; j < ri; j++)
+                            if (sel[j] >> t & 1) selt[q] = (int)j, wsel[q++] = yT[j][t];
+                        expand_add(out, orow[t] + o0, BF16, b, BF16, S * R * o0 + s * R * oi, oi, selt, wsel, q, acc);
+                    }
+                }
+                continue;
+            }
+#endif
             for (int64_t i = i0; i < i1; i++) {
                 const int64_t ri = r[s * n + i], ki = k[s * n + i];
                 if (ki <= 0 || ri <= 0) continue;
@@ -692,7 +887,7 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
                 const void *bs = b;
                 int bs_dt = b_dt;
                 int64_t bs_base = bbase;
-                if (nt >= BCONV_MIN_NT && b_dt == BF16 && out_dt != F16) {
+                if (nt >= BCONV_MIN_NT && b_dt == BF16 && out_dt == F32) {
                     load_row(bconv, b, bbase, ri * oi, BF16);
                     bs = bconv, bs_dt = F32, bs_base = 0;
                 }
@@ -708,6 +903,12 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
             }
         }
         free(buf);
+#ifdef HAVE_AMX
+        if (abuf != NULL) {
+            _tile_release(); /* leave the tiles as we found them: whoever uses them next configures them */
+            free(abuf);
+        }
+#endif
     }
     if (failed) rc = -1;
 done:
