@@ -710,8 +710,10 @@ static void amx_shrink(const Layer *L, int64_t s, int64_t i, int64_t r, const ui
     if (rg > 3) _tile_stored(3, yT[48], 64);
 }
 
-/* sel[j]: bit t set when rank j is among token t's k largest scores (the rules of topk), t < nt. */
-static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt, uint16_t *sel) {
+/* sel[j]: bit t set when rank j is among token t's k largest scores (the rules of topk), t < nt; tok[t]: the
+ * same as bit j of token t's mask. */
+static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt, uint16_t *sel,
+                       uint64_t *tok) {
     typedef int32_t v16i __attribute__((vector_size(64)));
     v16 sc[MAX_R];
     const v16 inf = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY,
@@ -735,6 +737,11 @@ static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int6
         uint16_t bits = 0;
         for (int t = 0; t < 16; t++) bits |= (uint16_t)((place[t] < k) << t);
         sel[j] = bits & live;
+    }
+    for (int t = 0; t < nt; t++) {
+        uint64_t m = 0;
+        for (int64_t j = 0; j < r; j++) m |= (uint64_t)(sel[j] >> t & 1) << j;
+        tok[t] = m;
     }
 }
 
@@ -847,15 +854,18 @@ int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, in
                     if (!loaded) amx_pack_x(xv, xrow, (int)nt, in, in_p), loaded = 1;
                     float yT[MAX_R][TB];
                     uint16_t sel[MAX_R];
+                    uint64_t tok[TB];
                     amx_shrink(&L, s, i, ri, xv, in_p, ad, yT);
-                    topk_block(yT, d + (s * n + i) * R, magnitude[s], ri, ki, (int)nt, sel);
+                    topk_block(yT, d + (s * n + i) * R, magnitude[s], ri, ki, (int)nt, sel, tok);
                     const int64_t o0 = out_off[i], oi = out_off[i + 1] - out_off[i];
                     for (int t = 0; t < nt; t++) { /* the selected ranks in rank order */
                         int selt[MAX_R];
                         float wsel[MAX_R];
                         int64_t q = 0;
-                        for (int64_t j = 0; j < ri; j++)
-                            if (sel[j] >> t & 1) selt[q] = (int)j, wsel[q++] = yT[j][t];
+                        for (uint64_t m = tok[t]; m != 0; m &= m - 1) { /* no branch per rank */
+                            const int j = __builtin_ctzll(m);
+                            selt[q] = j, wsel[q++] = yT[j][t];
+                        }
                         expand_add(out, orow[t] + o0, BF16, b, BF16, S * R * o0 + s * R * oi, oi, selt, wsel, q, acc);
                     }
                 }
