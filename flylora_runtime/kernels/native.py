@@ -40,6 +40,8 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_SLOT_ARGTYPES = [_ptr, _i64, _ptr, _i64, _int, _ptr, _i64, _int, _ptr, _int]  # SlotArgs*, T, x.., out.., token_slot, i64
+# flylora_cpu_apply, the same call with every argument spelled out (bench.step calls older builds with it)
 _ARGTYPES = [_i64, _i64, _i64, _i64, _i64, _i64, _ptr,  # T, in, n, R, S, P, out_off
              _ptr, _i64, _int, _ptr, _i64, _int,  # x, stride, dtype; out, stride, dtype
              _ptr, _int, _ptr, _int, _ptr, _int, _ptr,  # a_val, a dtype, a_idx, index bytes, a_nnz, packed, a_mask
@@ -99,6 +101,8 @@ def library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
             fn = lib.flylora_cpu_apply
             fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+            fn = lib.flylora_cpu_apply_slots
+            fn.argtypes, fn.restype = _SLOT_ARGTYPES, ctypes.c_int
         except Exception as exc:  # noqa: BLE001 - any build/load failure degrades to the torch backend
             log.warning("FlyLoRA: the compiled CPU kernel is unavailable (%s); using grouped torch.", exc)
             return None
@@ -140,15 +144,33 @@ def _static_args(slots) -> tuple:
     return args
 
 
+class _SlotArgs(ctypes.Structure):
+    """``SlotArgs`` of the C source: :func:`_static_args` in one struct (every field 8 bytes)."""
+
+    _fields_ = [(name, _i64) for name in ("in_", "n", "R", "S", "P")] + [("out_off", _ptr), ("a_val", _ptr), (
+        "a_dt", _i64), ("a_idx", _ptr), ("idx_bytes", _i64), ("a_nnz", _ptr), ("packed", _i64), ("a_mask", _ptr), (
+        "b", _ptr), ("b_dt", _i64), ("d", _ptr), ("k", _ptr), ("r", _ptr), ("magnitude", _ptr)]
+
+
+def _slot_struct(slots) -> int:
+    """Address of the :class:`_SlotArgs` of ``slots`` (built once, kept on the slots)."""
+    st = getattr(slots, "_native_struct", None)
+    if st is None:
+        _, head, tail = _static_args(slots)
+        st = _SlotArgs(*head, *tail)
+        slots._native_struct = st
+        slots._native_struct_addr = ctypes.addressof(st)
+    return slots._native_struct_addr
+
+
 def apply_native(lib: ctypes.CDLL, out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots) -> None:
     """Run the compiled kernel (same arguments and semantics as ``flylora_apply``; inputs already
     checked, :func:`supports` true). Ties in top-k: the lower rank index first."""
-    _, head, tail = _static_args(slots)
     if not token_slot.is_contiguous():
         token_slot = token_slot.contiguous()
-    rc = lib.flylora_cpu_apply(
-        x.shape[0], *head, x.data_ptr(), x.stride(0), _DTYPES[x.dtype], out.data_ptr(), out.stride(0),
-        _DTYPES[out.dtype], *tail, token_slot.data_ptr(), int(token_slot.dtype == torch.int64))
+    rc = lib.flylora_cpu_apply_slots(
+        _slot_struct(slots), x.shape[0], x.data_ptr(), x.stride(0), _DTYPES[x.dtype], out.data_ptr(), out.stride(0),
+        _DTYPES[out.dtype], token_slot.data_ptr(), token_slot.dtype == torch.int64)
     if rc != 0:
         raise {-1: MemoryError, -3: ValueError}.get(rc, RuntimeError)(
             f"flylora_cpu_apply returned {rc}" + (
