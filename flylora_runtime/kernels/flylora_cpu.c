@@ -397,35 +397,48 @@ static void dot_mask4(const void *const v[4], const uint16_t *const m[4], int64_
  * next popcount(word pair) values expanded into their lanes as bf16 and multiplied with the token's bf16
  * columns by vdpbf16ps (the products of two bf16 numbers are exact in fp32; lane l accumulates columns 2l
  * and 2l+1 in fp32, flushing subnormals). One instruction per 32 columns and row, nothing widened. */
-static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], int64_t in, const uint16_t *x0,
-                           const uint16_t *x1, int nt, float *y0, float *y1) {
+static inline __attribute__((always_inline)) void
+dot_mask4_bf16_nt(const void *const v[4], const uint16_t *const m[4], int64_t in, const uint16_t *x0,
+                  const uint16_t *x1, const int nt, float *y0, float *y1) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const char *p0 = v[0], *p1 = v[1], *p2 = v[2], *p3 = v[3];
-    const int64_t words = (in + 15) / 16;
-    for (int64_t w = 0; w < words; w += 2) {
-        const int64_t c = 16 * w;
-        const __mmask32 lanes = in - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (in - c)) - 1ull);
-        if ((w & 7) == 0) { /* keep the four value streams' next lines in flight */
-            _mm_prefetch(p0 + 2 * PREFETCH, _MM_HINT_T0);
-            _mm_prefetch(p1 + 2 * PREFETCH, _MM_HINT_T0);
-            _mm_prefetch(p2 + 2 * PREFETCH, _MM_HINT_T0);
-            _mm_prefetch(p3 + 2 * PREFETCH, _MM_HINT_T0);
-        }
-        __mmask32 k0, k1, k2, k3;
-        if (w + 1 < words) {
-            uint32_t u[4];
-            memcpy(&u[0], m[0] + w, 4), memcpy(&u[1], m[1] + w, 4);
-            memcpy(&u[2], m[2] + w, 4), memcpy(&u[3], m[3] + w, 4);
-            k0 = u[0], k1 = u[1], k2 = u[2], k3 = u[3];
-        } else {
-            k0 = m[0][w], k1 = m[1][w], k2 = m[2][w], k3 = m[3][w];
-        }
+    const uint16_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
+    const int64_t full = in / 32, words = (in + 15) / 16;
+    for (int64_t g = 0; g < full; g++) {
+        /* masks straight from memory into mask registers (kmovd from a GPR would take port 5, which the
+         * expands saturate); the counts come back through port 0 */
+        const __mmask32 k0 = _load_mask32((__mmask32 *)(m0 + 2 * g));
+        const __mmask32 k1 = _load_mask32((__mmask32 *)(m1 + 2 * g));
+        const __mmask32 k2 = _load_mask32((__mmask32 *)(m2 + 2 * g));
+        const __mmask32 k3 = _load_mask32((__mmask32 *)(m3 + 2 * g));
+        if ((g & 3) == 0) _mm_prefetch(p3 + 2 * PREFETCH, _MM_HINT_T0); /* the four rows are one stream */
         const __m512bh e0 = (__m512bh)_mm512_maskz_expandloadu_epi16(k0, p0);
         const __m512bh e1 = (__m512bh)_mm512_maskz_expandloadu_epi16(k1, p1);
         const __m512bh e2 = (__m512bh)_mm512_maskz_expandloadu_epi16(k2, p2);
         const __m512bh e3 = (__m512bh)_mm512_maskz_expandloadu_epi16(k3, p3);
-        p0 += 2 * __builtin_popcount(k0), p1 += 2 * __builtin_popcount(k1);
-        p2 += 2 * __builtin_popcount(k2), p3 += 2 * __builtin_popcount(k3);
+        p0 += 2 * __builtin_popcount(_cvtmask32_u32(k0)), p1 += 2 * __builtin_popcount(_cvtmask32_u32(k1));
+        p2 += 2 * __builtin_popcount(_cvtmask32_u32(k2)), p3 += 2 * __builtin_popcount(_cvtmask32_u32(k3));
+        const __m512bh xa = (__m512bh)_mm512_loadu_si512(x0 + 32 * g);
+        a0 = _mm512_dpbf16_ps(a0, e0, xa), a1 = _mm512_dpbf16_ps(a1, e1, xa);
+        a2 = _mm512_dpbf16_ps(a2, e2, xa), a3 = _mm512_dpbf16_ps(a3, e3, xa);
+        if (nt == 2) {
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512(x1 + 32 * g);
+            b0 = _mm512_dpbf16_ps(b0, e0, xb), b1 = _mm512_dpbf16_ps(b1, e1, xb);
+            b2 = _mm512_dpbf16_ps(b2, e2, xb), b3 = _mm512_dpbf16_ps(b3, e3, xb);
+        }
+    }
+    if (32 * full < in) { /* the last, partial 32 columns */
+        const int64_t c = 32 * full, w = 2 * full;
+        const __mmask32 lanes = (__mmask32)((1ull << (in - c)) - 1ull);
+        const int hi = w + 1 < words;
+        const __mmask32 k0 = m0[w] | (hi ? (uint32_t)m0[w + 1] << 16 : 0u);
+        const __mmask32 k1 = m1[w] | (hi ? (uint32_t)m1[w + 1] << 16 : 0u);
+        const __mmask32 k2 = m2[w] | (hi ? (uint32_t)m2[w + 1] << 16 : 0u);
+        const __mmask32 k3 = m3[w] | (hi ? (uint32_t)m3[w + 1] << 16 : 0u);
+        const __m512bh e0 = (__m512bh)_mm512_maskz_expandloadu_epi16(k0, p0);
+        const __m512bh e1 = (__m512bh)_mm512_maskz_expandloadu_epi16(k1, p1);
+        const __m512bh e2 = (__m512bh)_mm512_maskz_expandloadu_epi16(k2, p2);
+        const __m512bh e3 = (__m512bh)_mm512_maskz_expandloadu_epi16(k3, p3);
         const __m512bh xa = (__m512bh)_mm512_maskz_loadu_epi16(lanes, x0 + c);
         a0 = _mm512_dpbf16_ps(a0, e0, xa), a1 = _mm512_dpbf16_ps(a1, e1, xa);
         a2 = _mm512_dpbf16_ps(a2, e2, xa), a3 = _mm512_dpbf16_ps(a3, e3, xa);
@@ -441,6 +454,14 @@ static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], i
         y1[0] = _mm512_reduce_add_ps(b0), y1[1] = _mm512_reduce_add_ps(b1);
         y1[2] = _mm512_reduce_add_ps(b2), y1[3] = _mm512_reduce_add_ps(b3);
     }
+}
+
+static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], int64_t in, const uint16_t *x0,
+                           const uint16_t *x1, int nt, float *y0, float *y1) {
+    if (nt == 2)
+        dot_mask4_bf16_nt(v, m, in, x0, x1, 2, y0, y1);
+    else
+        dot_mask4_bf16_nt(v, m, in, x0, x1, 1, y0, y1);
 }
 #endif
 
