@@ -175,3 +175,32 @@ def test_random_shapes_match_reference() -> None:
                     compact=layout == "compact", S=S, packed=layout == "packed", seed=seed,
                     a_dtype=rng.choice([torch.float32, torch.bfloat16]))
         check_case(case, "cpu-native")
+
+
+def test_bf16_engine_paths_random_shapes() -> None:
+    """What a bf16 engine runs: bf16 x, A, B and out on packed slots, so the vdpbf16ps decode shrink (one
+    or two tokens), the AMX block shrink with the top-k across a block's tokens (4+ tokens; on CPUs with
+    AMX, else the AVX-512 block path) and the even/odd bf16 expand, at sizes off their 32-column and
+    16-rank grids: `in` odd or not a multiple of 32, ranks 1-64 (one to four tiles of ranks), outputs with
+    tails, blocks of 3-16 tokens and runs past 16; 25 drawn cases with a fixed seed."""
+    import random
+
+    from .cases import Case
+    from .check import check_case
+
+    if native.library() is None:
+        pytest.skip("the compiled CPU kernel is unavailable here")
+    rng = random.Random(4)
+    for seed in range(25):
+        ranks = []
+        for _ in range(rng.randint(1, 3)):
+            r = rng.choice([1, 3, 5, 8, 13, 16, 17, 31, 32, 33, 48, 64])
+            ranks.append((r, rng.randint(1, r)))
+        S = rng.choice([1, 2, 4, 16])
+        spread = rng.choice(["uniform", "zipf", "identical", "runs", "none_rows"])
+        T = rng.choice([3, 4, 5, 7, 16, 17, 31, 40, 96])
+        case = Case(T, rng.choice([17, 31, 33, 64, 100, 576, 1000, 1536]),
+                    tuple(rng.choice([1, 17, 40, 65, 576, 1536]) for _ in range(rng.randint(1, 3))), tuple(ranks),
+                    spread, torch.bfloat16, rng.choice(["signed", "magnitude", "mixed"]), S=S, packed=True, seed=seed,
+                    a_dtype=torch.bfloat16)
+        check_case(case, "cpu-native")
