@@ -351,6 +351,17 @@ static inline __m512 expand_values(__mmask16 k, const void *p, int bf16) {
     return _mm512_maskz_expandloadu_ps(k, p);
 }
 
+/* The four rows' lane sums: y0[q] (token 0), and y1[q] when nt == 2 (token 1). */
+static inline void sums4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 b0, __m512 b1, __m512 b2, __m512 b3,
+                         int nt, float *y0, float *y1) {
+    y0[0] = _mm512_reduce_add_ps(a0), y0[1] = _mm512_reduce_add_ps(a1);
+    y0[2] = _mm512_reduce_add_ps(a2), y0[3] = _mm512_reduce_add_ps(a3);
+    if (nt == 2) {
+        y1[0] = _mm512_reduce_add_ps(b0), y1[1] = _mm512_reduce_add_ps(b1);
+        y1[2] = _mm512_reduce_add_ps(b2), y1[3] = _mm512_reduce_add_ps(b3);
+    }
+}
+
 /* Four packed rows (values from v[q], column words m[q]) dotted with one token x0, or two (x1 when nt == 2):
  * y0[q], y1[q]. Per 16 columns: each row's next popcount(word) values expanded into the word's set lanes
  * (zeros elsewhere) and one FMA with the dense x columns. */
@@ -383,12 +394,7 @@ static void dot_mask4(const void *const v[4], const uint16_t *const m[4], int64_
             b2 = _mm512_fmadd_ps(e2, xb, b2), b3 = _mm512_fmadd_ps(e3, xb, b3);
         }
     }
-    y0[0] = _mm512_reduce_add_ps(a0), y0[1] = _mm512_reduce_add_ps(a1);
-    y0[2] = _mm512_reduce_add_ps(a2), y0[3] = _mm512_reduce_add_ps(a3);
-    if (nt == 2) {
-        y1[0] = _mm512_reduce_add_ps(b0), y1[1] = _mm512_reduce_add_ps(b1);
-        y1[2] = _mm512_reduce_add_ps(b2), y1[3] = _mm512_reduce_add_ps(b3);
-    }
+    sums4(a0, a1, a2, a3, b0, b1, b2, b3, nt, y0, y1);
 }
 #endif
 
@@ -448,12 +454,7 @@ dot_mask4_bf16_nt(const void *const v[4], const uint16_t *const m[4], int64_t in
             b2 = _mm512_dpbf16_ps(b2, e2, xb), b3 = _mm512_dpbf16_ps(b3, e3, xb);
         }
     }
-    y0[0] = _mm512_reduce_add_ps(a0), y0[1] = _mm512_reduce_add_ps(a1);
-    y0[2] = _mm512_reduce_add_ps(a2), y0[3] = _mm512_reduce_add_ps(a3);
-    if (nt == 2) {
-        y1[0] = _mm512_reduce_add_ps(b0), y1[1] = _mm512_reduce_add_ps(b1);
-        y1[2] = _mm512_reduce_add_ps(b2), y1[3] = _mm512_reduce_add_ps(b3);
-    }
+    sums4(a0, a1, a2, a3, b0, b1, b2, b3, nt, y0, y1);
 }
 
 static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], int64_t in, const uint16_t *x0,
