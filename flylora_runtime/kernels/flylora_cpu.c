@@ -471,6 +471,7 @@ static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], i
 static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, float *const *xs,
                    const uint16_t *const *xb, const float *xT, float *conv, float yT[][TB]) {
     const int64_t in = L->in, row0 = (s * L->n + i) * L->R;
+    (void)xb; /* read only by the AVX512-BF16 decode shrink */
     if (L->P == 0) { /* ---------------- dense A ---------------- */
         if (nt <= SMALL_NT || L->a_dt != F32) {
             int64_t j = 0;

@@ -85,13 +85,13 @@ class FlyLoRALayerMixin:
         self._flylora_empty: set[int] = set(range(max_loras))
 
     def _flylora_clear(self, index: int) -> None:
+        self._flylora_weighted.discard(index)
         if index not in self._flylora_empty:
             clear_slot(self.flylora_slots, index)
             self._flylora_empty.add(index)
 
     def reset_lora(self, index: int) -> None:
         self._flylora_pending.pop(index, None)
-        self._flylora_weighted.discard(index)
         self._flylora_clear(index)
 
     def _slices(self, lora_a, lora_b) -> tuple[list, list]:
@@ -129,7 +129,6 @@ class FlyLoRALayerMixin:
             # slot (k = 0 everywhere) contributes exactly nothing, and clearing it takes a tenth of the time
             # of loading zero rank-1 entries into every slice (~0.05 against ~0.5 ms per layer).
             self._flylora_clear(index)
-            self._flylora_weighted.discard(index)
             return
         routing = "magnitude" if magnitude else "signed"
         per_slice = []
@@ -146,10 +145,7 @@ class FlyLoRALayerMixin:
         # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is stored.
         self._flylora_empty.discard(index)  # before the copy: if it raises half-way, the slot is not known empty
         load_slot(slots, index, per_slice, check_finite=False)
-        if any(a is not None and b is not None for a, b in zip(lora_a, lora_b)):
-            self._flylora_weighted.add(index)
-        else:
-            self._flylora_weighted.discard(index)
+        self._flylora_weighted.add(index)  # at least one slice has weights (else cleared above)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         active = getattr(self.punica_wrapper, "flylora_active_slots", None)

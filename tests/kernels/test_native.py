@@ -148,6 +148,15 @@ def test_disabled_by_environment(fresh_native, monkeypatch) -> None:
     assert native.library() is None
 
 
+def _draw_ranks(rng, choices: list[int]) -> tuple[tuple[int, int], ...]:
+    """One to three slices' ``(r, k)``, r from ``choices``, k in [1, r]."""
+    ranks = []
+    for _ in range(rng.randint(1, 3)):
+        r = rng.choice(choices)
+        ranks.append((r, rng.randint(1, r)))
+    return tuple(ranks)
+
+
 def test_random_shapes_match_reference() -> None:
     """Sizes the case table does not pin down: `in` and outputs off the 16-column grid, ranks 1-64 (rows
     past a multiple of four), every layout (dense, compact, packed with fp32 or bf16 values) and dtype;
@@ -161,16 +170,13 @@ def test_random_shapes_match_reference() -> None:
         pytest.skip("the compiled CPU kernel is unavailable here")
     rng = random.Random(7)
     for seed in range(25):
-        ranks = []
-        for _ in range(rng.randint(1, 3)):
-            r = rng.choice([1, 3, 5, 8, 13, 32, 64])
-            ranks.append((r, rng.randint(1, r)))
+        ranks = _draw_ranks(rng, [1, 3, 5, 8, 13, 32, 64])
         S = rng.choice([1, 4, 16])
         spread = rng.choice(["uniform", "zipf", "identical", "runs", "none_rows", "distinct"])
         T = rng.choice([1, 2, 3, 5, 16, 17, 40])
         layout = rng.choice(["dense", "compact", "packed"])
         case = Case(min(T, S) if spread == "distinct" else T, rng.choice([17, 100, 576, 1000]),
-                    tuple(rng.choice([1, 17, 40, 65, 576]) for _ in range(rng.randint(1, 3))), tuple(ranks), spread,
+                    tuple(rng.choice([1, 17, 40, 65, 576]) for _ in range(rng.randint(1, 3))), ranks, spread,
                     rng.choice([torch.float32, torch.bfloat16, torch.float16]), rng.choice(["signed", "magnitude", "mixed"]),
                     compact=layout == "compact", S=S, packed=layout == "packed", seed=seed,
                     a_dtype=rng.choice([torch.float32, torch.bfloat16]))
@@ -192,15 +198,12 @@ def test_bf16_engine_paths_random_shapes() -> None:
         pytest.skip("the compiled CPU kernel is unavailable here")
     rng = random.Random(4)
     for seed in range(25):
-        ranks = []
-        for _ in range(rng.randint(1, 3)):
-            r = rng.choice([1, 3, 5, 8, 13, 16, 17, 31, 32, 33, 48, 64])
-            ranks.append((r, rng.randint(1, r)))
+        ranks = _draw_ranks(rng, [1, 3, 5, 8, 13, 16, 17, 31, 32, 33, 48, 64])
         S = rng.choice([1, 2, 4, 16])
         spread = rng.choice(["uniform", "zipf", "identical", "runs", "none_rows"])
         T = rng.choice([3, 4, 5, 7, 16, 17, 31, 40, 96])
         case = Case(T, rng.choice([17, 31, 33, 64, 100, 576, 1000, 1536]),
-                    tuple(rng.choice([1, 17, 40, 65, 576, 1536]) for _ in range(rng.randint(1, 3))), tuple(ranks),
+                    tuple(rng.choice([1, 17, 40, 65, 576, 1536]) for _ in range(rng.randint(1, 3))), ranks,
                     spread, torch.bfloat16, rng.choice(["signed", "magnitude", "mixed"]), S=S, packed=True, seed=seed,
                     a_dtype=torch.bfloat16)
         check_case(case, "cpu-native")
