@@ -29,7 +29,7 @@ from ..compact import _BITS_VIEW, compact_rows
 from ..reference import LayerAdapter, select_ranks
 
 __all__ = [
-    "FlyLoRASlots", "allocate_slots", "load_slot", "clear_slot", "build_slots", "flylora_apply",
+    "FlyLoRASlots", "SlotImage", "allocate_slots", "load_slot", "prepare_slot", "write_slot", "clear_slot", "build_slots", "flylora_apply",
     "get_backend", "BACKENDS", "apply_reference", "check_inputs",
 ]
 
@@ -79,6 +79,10 @@ class FlyLoRASlots:
         b_rows: ``b_rows[i] = b_view(i).view(S * R, out_i)``, built once: the k selected experts of
             token ``t`` are rows ``slot * R + sel`` of it.
         a_rows: ``a_rows[s] = a_val[s]``, views built once (saves an indexing call per active slot).
+        host_extent: ``host_extent[s][i] = (r, p)``: slot ``s``'s slice ``i`` may hold nonzeros only in its first
+            ``r`` rows (and, in compact A, first ``p`` entries per row; packed: the first ``r * p`` entries of
+            its block); ``None``: anywhere. Kept by :func:`write_slot` / :func:`clear_slot`, so that writing an
+            adapter over one no larger needs no clearing first (clearing was half of a hot swap's time).
 
     Worked example: S=4, R=32, in=576, qkv of SmolLM2 (576, 192, 192), P=144 (quarter-dense rows),
     bf16 B, fp32 A. ``a_idx`` [4, 96, 144] int32 221 KB; ``a_val`` [4, 96, 144] fp32 221 KB (dense
@@ -104,8 +108,11 @@ class FlyLoRASlots:
     host_meta: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = field(default=None, repr=False)  # type: ignore[assignment]
     b_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
     a_rows: tuple[torch.Tensor, ...] = field(default=None, repr=False)  # type: ignore[assignment]
+    host_extent: list[tuple[tuple[int, int], ...] | None] = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if self.host_extent is None:  # unknown contents: the first write clears
+            self.host_extent = [None] * self.num_slots
         if self.host_meta is None:
             ks, rs, ms = self.k.tolist(), self.r.tolist(), self.magnitude.tolist()
             self.host_meta = [(tuple(k), tuple(r), bool(m)) for k, r, m in zip(ks, rs, ms)]
@@ -173,7 +180,8 @@ def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slice
         b=zeros(S * R * sum(output_slices), dtype=b_dtype), d=zeros(S, n * R, dtype=torch.float32),
         k=zeros(S, n, dtype=torch.int32), r=zeros(S, n, dtype=torch.int32),
         magnitude=zeros(S, dtype=torch.bool), a_nnz=zeros(S, n, dtype=torch.int32) if packed else None,
-        a_packed=packed, a_mask=zeros(S, n * R, (in_features + 15) // 16, dtype=torch.int16) if packed else None)
+        a_packed=packed, a_mask=zeros(S, n * R, (in_features + 15) // 16, dtype=torch.int16) if packed else None,
+        host_extent=[((0, 0),) * n] * S)
 
 
 def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
@@ -189,19 +197,42 @@ def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
     if slots.a_mask is not None:
         slots.a_mask[slot].zero_()
     slots.host_meta[slot] = ((0,) * slots.num_slices, (0,) * slots.num_slices, False)
+    slots.host_extent[slot] = ((0, 0),) * slots.num_slices
 
 
-def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> None:
-    """Copy one adapter's weights for every slice (``adapters[i]`` for slice ``i``) into ``slot``, in place.
+@dataclass(frozen=True)
+class SlotImage:
+    """One adapter's weights for one layer, already in a slot layout (:func:`prepare_slot`): writing it into
+    a slot (:func:`write_slot`) is a few copies, without the compaction and bitmasks that make up most of
+    :func:`load_slot`'s time. The engine keeps one per adapter and layer while the adapter is in its CPU
+    cache, so a hot swap of a cached adapter only copies (a 1,000-adapter workload activates adapters
+    several times a second). It holds the compacted A; B^T (when unscaled) and d are views of the
+    adapter's own tensors, so the image must not outlive changes to them. ``layout`` names the slot layout
+    it was made for."""
 
-    All slices must share the routing (it is per adapter). Raises ``ValueError`` on any size mismatch, and on
-    non-finite weights (nothing is written then). The kernels rely on finite weights (the CPU block expand
-    multiplies unselected ranks' B rows by zero). ``check_finite=False`` skips that scan for weights already
-    known finite: the engine's, which the checkpoint validator checked on upload (a third of the time of an
-    activation).
-    """
-    if not 0 <= slot < slots.num_slots:
-        raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    layout: tuple
+    a_idx: tuple[torch.Tensor | None, ...]  # per slice: packed [r*p], compact [r, p], or None (dense A)
+    a_val: tuple[torch.Tensor, ...]  # per slice: packed [r*p], compact [r, p] or dense [r, in], slot dtype
+    a_mask: tuple[torch.Tensor | None, ...]  # per slice: [r, ceil(in/16)] int16 (packed only)
+    b: tuple[torch.Tensor, ...]  # per slice: [r, out_i] = scaling * B^T (unscaled: a view of B, any dtype)
+    d: tuple[torch.Tensor, ...]  # per slice: [r] fp32
+    k: torch.Tensor  # [n] int32
+    r: torch.Tensor  # [n] int32
+    nnz: torch.Tensor  # [n] int32 (packed: entries per row; else zeros)
+    magnitude: bool
+    host_meta: tuple[tuple[int, ...], tuple[int, ...], bool]  # (k, r, magnitude) for FlyLoRASlots.host_meta
+    extent: tuple[tuple[int, int], ...]  # per slice (r, p): what it writes (FlyLoRASlots.host_extent)
+
+
+def _layout(slots: FlyLoRASlots) -> tuple:
+    return (slots.in_features, slots.output_slices, slots.max_rank, slots.max_top_k, slots.a_val.dtype,
+            None if slots.a_idx is None else (slots.a_idx.dtype, slots.a_idx.shape[-1]), slots.a_packed,
+            slots.b.dtype, slots.device)
+
+
+def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> SlotImage:
+    """One adapter's weights for every slice (``adapters[i]`` for slice ``i``), converted to ``slots``'
+    layout (nothing is written to ``slots``). Raises ``ValueError`` as :func:`load_slot` does."""
     if len(adapters) != slots.num_slices:
         raise ValueError(f"expected {slots.num_slices} slice adapters, got {len(adapters)}")
     routings = {w.routing for w in adapters}
@@ -219,32 +250,82 @@ def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter], 
         for name, t in (("A", w.A), ("B", w.B), ("d", w.d)) if check_finite else ():
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"slice {i}: {name} holds non-finite values (inf or NaN)")
-    clear_slot(slots, slot)
+    dev = slots.device
+    a_idx, a_val, a_mask, bs, ds, nnz, extent = [], [], [], [], [], [], []
     for i, w in enumerate(adapters):
-        r, out, rows = w.A.shape[0], slots.output_slices[i], slice(i * R, i * R + w.A.shape[0])
         if slots.a_idx is None:
-            slots.a_val[slot, rows] = w.A.to(slots.a_val.dtype)
+            a_idx.append(None), a_mask.append(None), nnz.append(0), extent.append((w.A.shape[0], 0))
+            a_val.append(w.A.to(device=dev, dtype=slots.a_val.dtype).contiguous())
         else:
             idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
             p, P = idx.shape[1], slots.a_idx.shape[-1]
             if p > P:
                 raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
-            if slots.a_packed:  # rows of p entries back to back from the start of the slice's block
-                block = slice(i * R * P, i * R * P + r * p)
-                slots.a_idx[slot].view(-1)[block] = idx.reshape(-1).to(slots.a_idx.dtype).to(slots.device)
-                slots.a_val[slot].view(-1)[block] = vals.reshape(-1).to(slots.a_val.dtype).to(slots.device)
-                slots.a_nnz[slot, i] = p
-                slots.a_mask[slot, rows] = _column_words(w.A).to(slots.device)
-            else:
-                slots.a_idx[slot, rows, :p] = idx.to(slots.a_idx.dtype).to(slots.device)
-                slots.a_val[slot, rows, :p] = vals.to(slots.a_val.dtype)
-        slots.b_view(i)[slot, :r] = (w.scaling * w.B.to(torch.float32).T).to(slots.b.dtype)
-        slots.d[slot, rows] = w.d.to(torch.float32)
-        slots.k[slot, i] = w.top_k
-        slots.r[slot, i] = r
-    slots.magnitude[slot] = adapters[0].routing == "magnitude"
-    slots.host_meta[slot] = (tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters),
-                             adapters[0].routing == "magnitude")
+            shape = (-1,) if slots.a_packed else tuple(idx.shape)  # packed: rows of p entries back to back
+            a_idx.append(idx.to(slots.a_idx.dtype).reshape(shape).to(dev))
+            a_val.append(vals.to(slots.a_val.dtype).reshape(shape).to(dev))
+            a_mask.append(_column_words(w.A).to(dev) if slots.a_packed else None)
+            nnz.append(p if slots.a_packed else 0)
+            extent.append((w.A.shape[0], p))
+        # Unscaled (the engine's B: vLLM folds alpha/r in), B^T stays a view of the caller's B, converted by
+        # write_slot's copy: an image then costs no memory for B, only for the compacted A.
+        bs.append((w.B.T if w.scaling == 1.0 else w.scaling * w.B.to(torch.float32).T).to(dev))
+        ds.append(w.d.to(device=dev, dtype=torch.float32))
+    ks, rs, magnitude = tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters), adapters[0].routing == "magnitude"
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+    return SlotImage(layout=_layout(slots), a_idx=tuple(a_idx), a_val=tuple(a_val), a_mask=tuple(a_mask),
+                     b=tuple(bs), d=tuple(ds), k=as_int(ks), r=as_int(rs), nnz=as_int(nnz), magnitude=magnitude,
+                     host_meta=(ks, rs, magnitude), extent=tuple(extent))
+
+
+def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
+    """Copy ``image`` (:func:`prepare_slot` for a slot layout like ``slots``') into ``slot``, in place."""
+    if not 0 <= slot < slots.num_slots:
+        raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    if image.layout != _layout(slots):
+        raise ValueError("the slot image was prepared for another slot layout")
+    old = slots.host_extent[slot]
+    if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, image.extent)):
+        clear_slot(slots, slot)  # else every nonzero the slot may hold is overwritten below
+    slots.host_extent[slot] = None  # until the copy is complete
+    R = slots.max_rank
+    for i in range(slots.num_slices):
+        r = image.b[i].shape[0]
+        rows = slice(i * R, i * R + r)
+        if slots.a_idx is None:
+            slots.a_val[slot, rows] = image.a_val[i]
+        elif slots.a_packed:
+            block = slice(i * R * slots.a_idx.shape[-1], i * R * slots.a_idx.shape[-1] + image.a_idx[i].numel())
+            slots.a_idx[slot].view(-1)[block] = image.a_idx[i]
+            slots.a_val[slot].view(-1)[block] = image.a_val[i]
+            slots.a_mask[slot, rows] = image.a_mask[i]
+        else:
+            p = image.a_idx[i].shape[1]
+            slots.a_idx[slot, rows, :p] = image.a_idx[i]
+            slots.a_val[slot, rows, :p] = image.a_val[i]
+        slots.b_view(i)[slot, :r] = image.b[i]
+        slots.d[slot, rows] = image.d[i]
+    slots.k[slot] = image.k
+    slots.r[slot] = image.r
+    if slots.a_nnz is not None:
+        slots.a_nnz[slot] = image.nnz
+    slots.magnitude[slot] = image.magnitude
+    slots.host_meta[slot] = image.host_meta
+    slots.host_extent[slot] = image.extent
+
+
+def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> None:
+    """Copy one adapter's weights for every slice (``adapters[i]`` for slice ``i``) into ``slot``, in place.
+
+    All slices must share the routing (it is per adapter). Raises ``ValueError`` on any size mismatch, and on
+    non-finite weights (nothing is written then). The kernels rely on finite weights (the CPU block expand
+    multiplies unselected ranks' B rows by zero). ``check_finite=False`` skips that scan for weights already
+    known finite: the engine's, which the checkpoint validator checked on upload (a third of the time of an
+    activation). Equivalent to :func:`write_slot` of :func:`prepare_slot`.
+    """
+    if not 0 <= slot < slots.num_slots:
+        raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    write_slot(slots, slot, prepare_slot(slots, adapters, check_finite=check_finite))
 
 
 def _column_words(A: torch.Tensor) -> torch.Tensor:

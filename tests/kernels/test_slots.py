@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flylora_runtime.kernels import allocate_slots, build_slots, clear_slot, flylora_apply, load_slot
+from flylora_runtime.kernels import (allocate_slots, build_slots, clear_slot, flylora_apply, load_slot, prepare_slot,
+                                    write_slot)
 from flylora_runtime.kernels import _dense_a
 from flylora_runtime.reference import LayerAdapter, flylora_delta
 from tests.helpers import assert_close
@@ -126,6 +127,48 @@ def test_rows_of_empty_slots_and_none_rows_mixed(backend: str) -> None:
         w = ws[0] if int(slot[t]) == 0 else ws[1]
         want = torch.cat([flylora_delta(x[t:t + 1], torch.zeros(1, dtype=torch.long), [w[i]]) for i in range(2)], 1)
         assert_close(out[t:t + 1], out0[t:t + 1] + want, torch.float32)
+
+
+def _slot_buffers(slots, s: int) -> list[torch.Tensor]:
+    out = [slots.a_val[s], slots.d[s], slots.k[s], slots.r[s], slots.magnitude[s]]
+    out += [slots.b_view(i)[s] for i in range(slots.num_slices)]
+    out += [t[s] for t in (slots.a_idx, slots.a_nnz, slots.a_mask) if t is not None]
+    return out
+
+
+@pytest.mark.parametrize("layout", [{}, {"max_nnz": 64}, {"max_nnz": 64, "packed": True, "index_dtype": torch.int16,
+                                                             "a_dtype": torch.bfloat16}])
+def test_slot_image_written_over_a_larger_adapter_equals_load_slot(layout: dict) -> None:
+    """write_slot(prepare_slot(...)) leaves the slot bit for bit as load_slot into an empty slot does, over a
+    slot that held a larger adapter (higher r, denser rows, magnitude routing: cleared first) and over a
+    smaller one (overwritten in place); the image is reusable, and an image made for another slot layout is
+    refused before anything is written."""
+    gen = torch.Generator().manual_seed(11)
+    big = [make_adapter(gen, 64, 32, 16, 8, "magnitude"), make_adapter(gen, 64, 16, 16, 4, "magnitude")]
+    small = [make_adapter(gen, 64, 32, 4, 2), make_adapter(gen, 64, 16, 8, 8)]
+    for w in small:  # sparser rows than `big`, so stale entries past them would show
+        w.A[:, 1::2] = 0.0
+    want = allocate_slots(3, 16, 64, (32, 16), b_dtype=torch.bfloat16, **layout)
+    load_slot(want, 1, small)
+    got = allocate_slots(3, 16, 64, (32, 16), b_dtype=torch.bfloat16, **layout)
+    load_slot(got, 1, big)
+    image = prepare_slot(got, small)
+    write_slot(got, 1, image)
+    write_slot(got, 2, image)
+    for s in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(_slot_buffers(got, s), _slot_buffers(want, 1))), s
+        assert got.host_meta[s] == want.host_meta[1] == ((2, 8), (4, 8), False)
+    # and the other way round: the larger adapter over the smaller one (written without clearing first)
+    load_slot(want, 0, big)
+    write_slot(got, 1, prepare_slot(got, big))
+    assert all(torch.equal(a, b) for a, b in zip(_slot_buffers(got, 1), _slot_buffers(want, 0)))
+    other = allocate_slots(3, 16, 64, (32, 16), b_dtype=torch.float32, **layout)
+    before = [t.clone() for t in _slot_buffers(other, 0)]
+    with pytest.raises(ValueError, match="another slot layout"):
+        write_slot(other, 0, image)
+    assert all(torch.equal(a, b) for a, b in zip(before, _slot_buffers(other, 0)))
+    with pytest.raises(ValueError, match="slot must be"):
+        write_slot(got, 3, image)
 
 
 def test_load_slot_rejects_bad_adapters() -> None:
