@@ -250,6 +250,8 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
         for name, t in (("A", w.A), ("B", w.B), ("d", w.d)) if check_finite else ():
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"slice {i}: {name} holds non-finite values (inf or NaN)")
+    from . import native
+
     dev = slots.device
     a_idx, a_val, a_mask, bs, ds, nnz, extent = [], [], [], [], [], [], []
     for i, w in enumerate(adapters):
@@ -257,14 +259,21 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
             a_idx.append(None), a_mask.append(None), nnz.append(0), extent.append((w.A.shape[0], 0))
             a_val.append(w.A.to(device=dev, dtype=slots.a_val.dtype).contiguous())
         else:
-            idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
-            p, P = idx.shape[1], slots.a_idx.shape[-1]
+            # packed (the compiled kernel's layout, so the library is there): one C pass over A
+            done = native.pack_rows(w.A, slots.a_idx.dtype, slots.a_val.dtype) if slots.a_packed else None
+            if done is not None:
+                idx, vals, mask, p = done
+            else:
+                idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
+                p = idx.shape[1]
+                mask = _column_words(w.A) if slots.a_packed else None
+            P = slots.a_idx.shape[-1]
             if p > P:
                 raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
             shape = (-1,) if slots.a_packed else tuple(idx.shape)  # packed: rows of p entries back to back
             a_idx.append(idx.to(slots.a_idx.dtype).reshape(shape).to(dev))
             a_val.append(vals.to(slots.a_val.dtype).reshape(shape).to(dev))
-            a_mask.append(_column_words(w.A).to(dev) if slots.a_packed else None)
+            a_mask.append(None if mask is None else mask.to(dev))
             nnz.append(p if slots.a_packed else 0)
             extent.append((w.A.shape[0], p))
         # Unscaled (the engine's B: vLLM folds alpha/r in), B^T stays a view of the caller's B, converted by

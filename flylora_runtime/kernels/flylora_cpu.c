@@ -978,3 +978,81 @@ int flylora_cpu_apply_slots(const SlotArgs *a, int64_t T, const void *x, int64_t
                              out_dt, a->a_val, (int)a->a_dt, a->a_idx, (int)a->idx_bytes, a->a_nnz, (int)a->packed,
                              a->a_mask, a->b, (int)a->b_dt, a->d, a->k, a->r, a->magnitude, token_slot, ts_i64);
 }
+
+/* The raw bits of element q of a row of 4- or 2-byte elements. */
+static inline uint32_t raw_bits(const char *row, int64_t q, int size) {
+    if (size == 4) {
+        uint32_t u;
+        memcpy(&u, row + 4 * q, 4);
+        return u;
+    }
+    uint16_t h;
+    memcpy(&h, row + 2 * q, 2);
+    return h;
+}
+
+/* One slice's A [r, in] (dtype a_dt, rows contiguous) into the packed compact layout (see the top of this
+ * file): row j's entries with nonzero raw bits (so -0.0 is kept), in column order, at idx/val[j*p ...],
+ * padded to p with column 0 and value 0; mask[j*words + w] bit c set for an entry at column 16w + c. Values
+ * are converted to val_dt (fp32 to bf16 or fp16 rounds to nearest even, as torch does; the same dtype is
+ * copied bit for bit). What prepare_slot computes with torch (compact_rows and the column words), in one pass
+ * over A: a first activation of a q/v adapter took ~1 ms per layer that way, most of it in torch calls.
+ * p < 0: only returns the largest row count (writes nothing). Else returns p; -2 for a conversion it does
+ * not do (bf16/fp16 to another 16-bit type, or to fp32 from fp32 is a copy), -3 when a row holds more than
+ * p entries (rows before it may be written). */
+int64_t flylora_cpu_pack_rows(const void *A, int a_dt, int64_t r, int64_t in, int64_t p, void *idx, int idx_bytes,
+                              void *val, int val_dt, uint16_t *mask) {
+    const int a_sz = a_dt == F32 ? 4 : 2;
+    if (p < 0) {
+        int64_t most = 0;
+        for (int64_t j = 0; j < r; j++) {
+            int64_t c = 0;
+            const char *row = (const char *)A + j * in * a_sz;
+            for (int64_t q = 0; q < in; q++) c += raw_bits(row, q, a_sz) != 0;
+            if (c > most) most = c;
+        }
+        return most;
+    }
+    if (a_dt != val_dt && !(a_dt == F32 && (val_dt == BF16 || val_dt == F16)) && !(val_dt == F32 && a_dt != F32))
+        return -2;
+    const int64_t words = (in + 15) / 16;
+    const int v_sz = val_dt == F32 ? 4 : 2;
+    for (int64_t j = 0; j < r; j++) {
+        const char *row = (const char *)A + j * in * a_sz;
+        uint16_t *mk = mask + j * words;
+        memset(mk, 0, sizeof(uint16_t) * (size_t)words);
+        int64_t e = j * p, end = e + p;
+        for (int64_t q = 0; q < in; q++) {
+            const uint32_t bits = raw_bits(row, q, a_sz);
+            if (bits == 0) continue;
+            if (e == end) return -3;
+            mk[q >> 4] |= (uint16_t)(1u << (q & 15));
+            if (idx_bytes == 2) ((uint16_t *)idx)[e] = (uint16_t)q;
+            else ((int32_t *)idx)[e] = (int32_t)q;
+            char *v = (char *)val + e * v_sz;
+            if (a_dt == val_dt) {
+                if (v_sz == 4) memcpy(v, &bits, 4);
+                else memcpy(v, &bits, 2); /* little endian: the low half */
+            } else if (a_dt == F32) {
+                float f;
+                memcpy(&f, &bits, 4);
+                if (val_dt == BF16) {
+                    const uint16_t h = f32_to_bf16(f);
+                    memcpy(v, &h, 2);
+                } else {
+                    const _Float16 h = (_Float16)f;
+                    memcpy(v, &h, 2);
+                }
+            } else { /* bf16 or fp16 to fp32: exact */
+                const float f = a_dt == BF16 ? bf16_to_f32((uint16_t)bits) : (float)*(const _Float16 *)(row + q * a_sz);
+                memcpy(v, &f, 4);
+            }
+            e++;
+        }
+        if (e < end) { /* padding: column 0, value 0 */
+            memset((char *)idx + e * idx_bytes, 0, (size_t)((end - e) * idx_bytes));
+            memset((char *)val + e * v_sz, 0, (size_t)((end - e) * v_sz));
+        }
+    }
+    return p;
+}

@@ -103,6 +103,8 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
             fn = lib.flylora_cpu_apply_slots
             fn.argtypes, fn.restype = _SLOT_ARGTYPES, ctypes.c_int
+            fn = lib.flylora_cpu_pack_rows
+            fn.argtypes, fn.restype = [_ptr, _int, _i64, _i64, _i64, _ptr, _int, _ptr, _int, _ptr], _i64
         except Exception as exc:  # noqa: BLE001 - any build/load failure degrades to the torch backend
             log.warning("FlyLoRA: the compiled CPU kernel is unavailable (%s); using grouped torch.", exc)
             return None
@@ -175,3 +177,26 @@ def apply_native(lib: ctypes.CDLL, out: torch.Tensor, x: torch.Tensor, token_slo
         raise {-1: MemoryError, -3: ValueError}.get(rc, RuntimeError)(
             f"flylora_cpu_apply returned {rc}" + (
                 f": token_slot values must be in [-1, {slots.num_slots})" if rc == -3 else ""))
+
+
+def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,
+              value_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """One slice's ``A [r, in]`` in the packed compact layout (``flylora_cpu_pack_rows``): column indices and
+    values ``[r * p]`` (row ``j`` at ``j * p``), the column words ``[r, ceil(in/16)]`` int16, and ``p`` (the
+    densest row's count). Bit for bit what :func:`flylora_runtime.compact.compact_rows` and the slots'
+    column words give. ``None`` when the library is unavailable or the dtypes are not covered (the caller
+    then uses torch)."""
+    lib = library()
+    if (lib is None or A.device.type != "cpu" or A.dim() != 2 or A.dtype not in _DTYPES
+            or value_dtype not in _DTYPES or index_dtype not in (torch.int16, torch.int32)):
+        return None
+    A = A.contiguous()
+    r, n_in = A.shape
+    fn = lib.flylora_cpu_pack_rows
+    a_dt, v_dt, i_bytes = _DTYPES[A.dtype], _DTYPES[value_dtype], 2 if index_dtype == torch.int16 else 4
+    p = int(fn(A.data_ptr(), a_dt, r, n_in, -1, None, i_bytes, None, v_dt, None))
+    idx = torch.empty(r * p, dtype=index_dtype)
+    val = torch.empty(r * p, dtype=value_dtype)
+    mask = torch.empty(r, (n_in + 15) // 16, dtype=torch.int16)
+    rc = fn(A.data_ptr(), a_dt, r, n_in, p, idx.data_ptr(), i_bytes, val.data_ptr(), v_dt, mask.data_ptr())
+    return (idx, val, mask, p) if rc == p else None

@@ -207,3 +207,34 @@ def test_bf16_engine_paths_random_shapes() -> None:
                     spread, torch.bfloat16, rng.choice(["signed", "magnitude", "mixed"]), S=S, packed=True, seed=seed,
                     a_dtype=torch.bfloat16)
         check_case(case, "cpu-native")
+
+
+@pytest.mark.parametrize("a_dtype,v_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype) -> None:
+    """The C packing of one slice's A (prepare_slot's fast path) gives bit for bit what the torch compaction
+    and column words give: rows of unequal counts, an all-zero row, -0.0 and subnormal entries kept, values
+    rounded as torch rounds, and ``in`` not a multiple of 16."""
+    from flylora_runtime.compact import compact_rows
+    from flylora_runtime.kernels import _column_words
+
+    g = torch.Generator().manual_seed(31)
+    A = torch.randn(20, 100, generator=g) * (torch.rand(20, 100, generator=g) < torch.rand(20, 1, generator=g))
+    A[3] = 0.0
+    A[5, 7], A[6, 99], A[7, 0] = -0.0, 1e-40, 1.00390625  # -0.0 (kept), a subnormal, a tie in bf16 rounding
+    A = A.to(a_dtype)
+    got = native.pack_rows(A, index_dtype, v_dtype)
+    assert got is not None
+    idx, val, mask, p = got
+    want_idx, want_val, _ = compact_rows(A)
+    assert p == want_idx.shape[1] == int((A.view(torch.int16 if a_dtype != torch.float32 else torch.int32) != 0)
+                                         .sum(1).max())
+    assert torch.equal(idx, want_idx.reshape(-1).to(index_dtype))
+    assert torch.equal(val.view(torch.uint8), want_val.to(v_dtype).reshape(-1).contiguous().view(torch.uint8))
+    assert torch.equal(mask, _column_words(A))
+
+
+def test_pack_rows_refuses_what_it_does_not_convert() -> None:
+    assert native.pack_rows(torch.ones(2, 16, dtype=torch.bfloat16), torch.int16, torch.float16) is None
