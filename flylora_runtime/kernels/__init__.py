@@ -29,8 +29,8 @@ from ..compact import _BITS_VIEW, compact_rows
 from ..reference import LayerAdapter, select_ranks
 
 __all__ = [
-    "FlyLoRASlots", "SlotImage", "allocate_slots", "load_slot", "prepare_slot", "write_slot", "clear_slot", "build_slots", "flylora_apply",
-    "get_backend", "BACKENDS", "apply_reference", "check_inputs",
+    "FlyLoRASlots", "SlotImage", "allocate_slots", "load_slot", "prepare_slot", "write_slot", "clear_slot",
+    "build_slots", "flylora_apply", "get_backend", "BACKENDS", "apply_reference", "check_inputs",
 ]
 
 
@@ -280,7 +280,8 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
         # write_slot's copy: an image then costs no memory for B, only for the compacted A.
         bs.append((w.B.T if w.scaling == 1.0 else w.scaling * w.B.to(torch.float32).T).to(dev))
         ds.append(w.d.to(device=dev, dtype=torch.float32))
-    ks, rs, magnitude = tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters), adapters[0].routing == "magnitude"
+    ks, rs = tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters)
+    magnitude = adapters[0].routing == "magnitude"
     as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
     return SlotImage(layout=_layout(slots), a_idx=tuple(a_idx), a_val=tuple(a_val), a_mask=tuple(a_mask),
                      b=tuple(bs), d=tuple(ds), k=as_int(ks), r=as_int(rs), nnz=as_int(nnz), magnitude=magnitude,
@@ -303,8 +304,9 @@ def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
         rows = slice(i * R, i * R + r)
         if slots.a_idx is None:
             slots.a_val[slot, rows] = image.a_val[i]
-        elif slots.a_packed:
-            block = slice(i * R * slots.a_idx.shape[-1], i * R * slots.a_idx.shape[-1] + image.a_idx[i].numel())
+        elif slots.a_packed:  # the slice's block starts at i*R*P; its rows are back to back from there
+            start = i * R * slots.a_idx.shape[-1]
+            block = slice(start, start + image.a_idx[i].numel())
             slots.a_idx[slot].view(-1)[block] = image.a_idx[i]
             slots.a_val[slot].view(-1)[block] = image.a_val[i]
             slots.a_mask[slot, rows] = image.a_mask[i]

@@ -998,8 +998,7 @@ static inline uint32_t raw_bits(const char *row, int64_t q, int size) {
  * copied bit for bit). What prepare_slot computes with torch (compact_rows and the column words), in one pass
  * over A: a first activation of a q/v adapter took ~1 ms per layer that way, most of it in torch calls.
  * p < 0: only returns the largest row count (writes nothing). Else returns p; -2 for a conversion it does
- * not do (bf16/fp16 to another 16-bit type, or to fp32 from fp32 is a copy), -3 when a row holds more than
- * p entries (rows before it may be written). */
+ * not do (between bf16 and fp16), -3 when a row holds more than p entries (rows before it may be written). */
 int64_t flylora_cpu_pack_rows(const void *A, int a_dt, int64_t r, int64_t in, int64_t p, void *idx, int idx_bytes,
                               void *val, int val_dt, uint16_t *mask) {
     const int a_sz = a_dt == F32 ? 4 : 2;
@@ -1044,7 +1043,10 @@ int64_t flylora_cpu_pack_rows(const void *A, int a_dt, int64_t r, int64_t in, in
                     memcpy(v, &h, 2);
                 }
             } else { /* bf16 or fp16 to fp32: exact */
-                const float f = a_dt == BF16 ? bf16_to_f32((uint16_t)bits) : (float)*(const _Float16 *)(row + q * a_sz);
+                const uint16_t h = (uint16_t)bits;
+                _Float16 hf;
+                memcpy(&hf, &h, 2);
+                const float f = a_dt == BF16 ? bf16_to_f32(h) : (float)hf;
                 memcpy(v, &f, 4);
             }
             e++;
