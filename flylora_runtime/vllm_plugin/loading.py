@@ -11,9 +11,10 @@ vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` ten
 
 It also wraps ``LoRAModelManager.activate_adapter``: after vLLM has copied A and B into a slot, the
 FlyLoRA layers of that slot get the adapter's top-k, d and routing (from a slot image kept with the adapter
-after its first activation). ``remove_adapter`` (an unload) then hands free heap pages back to the OS. Both count themselves
-(``flylora_adapter_loads_total``, ``flylora_adapter_activations_total``, :mod:`.metrics`). A plain PEFT LoRA adapter (no
-``top_k``) is served with ``k = r``, ``d = 0``: exactly LoRA.
+after its first activation). Both count themselves (``flylora_adapter_loads_total``,
+``flylora_adapter_activations_total``, :mod:`.metrics`). A plain PEFT LoRA adapter (no ``top_k``) is served
+with ``k = r``, ``d = 0``: exactly LoRA. ``LoRAModelManager.remove_adapter`` (an unload, or an in-place
+reload) then hands free heap pages back to the OS (:func:`release_free_memory`).
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def release_free_memory() -> None:
     Called when an adapter is unloaded. Its tensors (and the slot images made at its activations, small
     and long-lived) sit in the heap between others' allocations, so glibc keeps the pages: without this, the
     engine's RSS stayed ~10% above its level before 50 full-size adapters came and went (the hot-swap test's
-    check), with it 1.0x.
+    check), with it 1.0x. Evictions from vLLM's CPU cache (``remove_oldest_adapter``) do not call it: they
+    come with every cache miss under many-adapter load, a trim costs ~10 ms, and the next adapter of the
+    same shape reuses the freed chunks anyway.
     """
     global _malloc_trim
     if _malloc_trim is None:
