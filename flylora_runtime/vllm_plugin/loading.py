@@ -150,7 +150,8 @@ def release_free_memory() -> None:
     and long-lived) sit in the heap between others' allocations, so glibc keeps the pages: without this, the
     engine's RSS stayed ~10% above its level before 50 full-size adapters came and went (the hot-swap test's
     check), with it 1.0x. Evictions from vLLM's CPU cache (``remove_oldest_adapter``) do not call it: they
-    come with every cache miss under many-adapter load, a trim costs ~10 ms, and the next adapter of the
+    come with every cache miss under many-adapter load, a trim costs 10-120 ms (a 1.6 GB heap with half of
+    it free), and the next adapter of the
     same shape reuses the freed chunks anyway.
     """
     global _malloc_trim
