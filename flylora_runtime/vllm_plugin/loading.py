@@ -151,8 +151,7 @@ def release_free_memory() -> None:
     engine's RSS stayed ~10% above its level before 50 full-size adapters came and went (the hot-swap test's
     check), with it 1.0x. Evictions from vLLM's CPU cache (``remove_oldest_adapter``) do not call it: they
     come with every cache miss under many-adapter load, a trim costs 10-120 ms (a 1.6 GB heap with half of
-    it free), and the next adapter of the
-    same shape reuses the freed chunks anyway.
+    it free), and the next adapter of the same shape reuses the freed chunks anyway.
     """
     global _malloc_trim
     if _malloc_trim is None:
