@@ -185,7 +185,13 @@ def allocate_slots(num_slots: int, max_rank: int, in_features: int, output_slice
 
 
 def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
-    """Empty ``slot`` in place (zeros everywhere, ``k = r = 0``: it contributes nothing)."""
+    """Empty ``slot`` in place (zeros everywhere, ``k = r = 0``: it contributes nothing). A slot already known
+    empty (``host_extent``) is left as it is: vLLM resets every layer an adapter does not target on each
+    activation, and with 1,000 q/v adapters cycling through 16 slots, clearing o/gate_up/down again each
+    time was 3% of the engine's time."""
+    empty = ((0, 0),) * slots.num_slices
+    if slots.host_extent[slot] == empty:
+        return
     for t in (slots.a_val, slots.d, slots.k, slots.r, slots.magnitude):
         t[slot].zero_()
     for i in range(slots.num_slices):
@@ -197,7 +203,7 @@ def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
     if slots.a_mask is not None:
         slots.a_mask[slot].zero_()
     slots.host_meta[slot] = ((0,) * slots.num_slices, (0,) * slots.num_slices, False)
-    slots.host_extent[slot] = ((0, 0),) * slots.num_slices
+    slots.host_extent[slot] = empty
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,6 @@ class SlotImage:
     k: torch.Tensor  # [n] int32
     r: torch.Tensor  # [n] int32
     nnz: torch.Tensor  # [n] int32 (packed: entries per row; else zeros)
-    magnitude: bool
     host_meta: tuple[tuple[int, ...], tuple[int, ...], bool]  # (k, r, magnitude) for FlyLoRASlots.host_meta
     extent: tuple[tuple[int, int], ...]  # per slice (r, p): what it writes (FlyLoRASlots.host_extent)
 
@@ -284,7 +289,7 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
     magnitude = adapters[0].routing == "magnitude"
     as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
     return SlotImage(layout=_layout(slots), a_idx=tuple(a_idx), a_val=tuple(a_val), a_mask=tuple(a_mask),
-                     b=tuple(bs), d=tuple(ds), k=as_int(ks), r=as_int(rs), nnz=as_int(nnz), magnitude=magnitude,
+                     b=tuple(bs), d=tuple(ds), k=as_int(ks), r=as_int(rs), nnz=as_int(nnz),
                      host_meta=(ks, rs, magnitude), extent=tuple(extent))
 
 
@@ -320,7 +325,7 @@ def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     slots.r[slot] = image.r
     if slots.a_nnz is not None:
         slots.a_nnz[slot] = image.nnz
-    slots.magnitude[slot] = image.magnitude
+    slots.magnitude[slot] = image.host_meta[2]
     slots.host_meta[slot] = image.host_meta
     slots.host_extent[slot] = image.extent
 

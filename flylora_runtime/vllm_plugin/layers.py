@@ -81,16 +81,10 @@ class FlyLoRALayerMixin:
         self._flylora_checked = False
         self._flylora_pending: dict[int, tuple[list, list]] = {}
         self._flylora_weighted: set[int] = set()  # slots holding weights for at least one slice here
-        # Slots known to be empty here (as allocated, or cleared since): vLLM resets every layer an adapter
-        # does not target on each activation, and with 1,000 q/v adapters cycling through 16 slots, clearing
-        # o/gate_up/down again each time was 3% of the engine's time.
-        self._flylora_empty: set[int] = set(range(max_loras))
 
     def _flylora_clear(self, index: int) -> None:
         self._flylora_weighted.discard(index)
-        if index not in self._flylora_empty:
-            clear_slot(self.flylora_slots, index)
-            self._flylora_empty.add(index)
+        clear_slot(self.flylora_slots, index)  # a no-op on a slot already empty
 
     def reset_lora(self, index: int) -> None:
         self._flylora_pending.pop(index, None)
@@ -153,7 +147,6 @@ class FlyLoRALayerMixin:
             # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is
             # stored.
             image = prepare_slot(slots, per_slice, check_finite=False)
-        self._flylora_empty.discard(index)  # before the copy: if it raises half-way, the slot is not known empty
         write_slot(slots, index, image)
         self._flylora_weighted.add(index)  # at least one slice has weights (else cleared above)
         return image
