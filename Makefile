@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 model: setup
-	@FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo_model >/dev/null
+	@FLYLORA_DATA_DIR=$(DATA) $(PY) -m flylora_runtime.demo.model >/dev/null
 
 serve: model
 	FLYLORA_DATA_DIR=$(DATA) $(PY) -m server.stack

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm import tqdm
 
-from .workload import Lengths, Popularity, prompt
+from loadtests.workload import Lengths, Popularity, prompt
 
 MODES = ("closed", "open")
 

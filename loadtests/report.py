@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from .generator import LoadResult
+from loadtests.generator import LoadResult
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from flylora_runtime.paths import REPO_ROOT, data_dir
 
-from .generator import LoadSpec, run_load
-from .report import (
+from loadtests.generator import LoadSpec, run_load
+from loadtests.report import (
     machine,
     percentile,
     plot_bars,
@@ -41,8 +41,8 @@ from .report import (
     summarize,
     write_json,
 )
-from .stack import FLYLORA_FULL, FLYLORA_QV, LORA_FULL, LORA_QV, Stack, ensure_adapters
-from .workload import Lengths
+from loadtests.stack import FLYLORA_FULL, FLYLORA_QV, LORA_FULL, LORA_QV, Stack, ensure_adapters
+from loadtests.workload import Lengths
 
 BASE = "SmolLM2-135M-Instruct"
 DEFAULT_OUT = REPO_ROOT / "docs" / "bench"

@@ -21,9 +21,9 @@ from typing import Self
 
 import httpx
 
-from flylora_runtime.engine import EngineConfig
+from flylora_runtime.engine.launcher import EngineConfig
 from flylora_runtime.paths import data_dir, demo_model_dir
-from flylora_runtime.process import EngineProcess, free_port
+from flylora_runtime.engine.process import EngineProcess, free_port
 
 TENANT = "loadtest"
 
@@ -57,8 +57,8 @@ def ensure_adapters(kind: AdapterKind, count: int, cache: Path | None = None) ->
     if missing:
         import torch
 
-        from flylora_runtime.generate import GenerateSpec, generate_adapter
-        from flylora_runtime.modelspec import BaseModelSpec
+        from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+        from flylora_runtime.format.modelspec import BaseModelSpec
 
         torch.set_num_threads(1)
         base = BaseModelSpec.from_pretrained(demo_model_dir())

@@ -3,7 +3,7 @@
 Knows HTTP, tenants, the registry and engines; never imports torch or vllm.
 """
 
-from .app import create_app
-from .settings import Settings
+from server.app import create_app
+from server.settings import Settings
 
 __all__ = ["Settings", "create_app"]

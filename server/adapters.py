@@ -21,14 +21,14 @@ from functools import partial
 import anyio
 from starlette.requests import Request
 
-from flylora_runtime.checkpoint import validate_files
-from flylora_runtime.errors import AdapterError
+from flylora_runtime.format.checkpoint import validate_files
+from flylora_runtime.format.errors import AdapterError
 
-from .errors import AdapterExists, AdapterNotFound, InvalidRequest
-from .registry import READY, Adapter, Tenant
-from .security import ADAPTER_NAME_RE, new_internal_id
-from .state import Gateway
-from .uploads import receive_adapter_upload
+from server.errors import AdapterExists, AdapterNotFound, InvalidRequest
+from server.registry import READY, Adapter, Tenant
+from server.security import ADAPTER_NAME_RE, new_internal_id
+from server.state import Gateway
+from server.uploads import receive_adapter_upload
 
 log = logging.getLogger("flylora.gateway.adapters")
 

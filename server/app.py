@@ -9,12 +9,12 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from .adapters import finish_interrupted_deletions
-from .errors import install_error_handlers
-from .fastpath import GatewayApp
-from .routes import adapters, admin, health, openai
-from .settings import Settings
-from .state import Gateway
+from server.adapters import finish_interrupted_deletions
+from server.errors import install_error_handlers
+from server.fastpath import GatewayApp
+from server.routes import adapters, admin, health, openai
+from server.settings import Settings
+from server.state import Gateway
 
 log = logging.getLogger("flylora.gateway")
 

@@ -14,8 +14,8 @@ import sys
 
 from pydantic import SecretStr, ValidationError
 
-from .security import new_api_key
-from .settings import Settings
+from server.security import new_api_key
+from server.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    from .app import create_app
+    from server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

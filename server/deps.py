@@ -11,10 +11,10 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
-from .errors import Unauthorized
-from .registry import Tenant
-from .security import hash_key, parse_bearer, same_hash
-from .state import Gateway
+from server.errors import Unauthorized
+from server.registry import Tenant
+from server.security import hash_key, parse_bearer, same_hash
+from server.state import Gateway
 
 ADMIN_HINT = "Admin routes need the admin key: 'Authorization: Bearer <FLYLORA_ADMIN_KEY>'."
 

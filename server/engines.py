@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import httpx
 
-from .errors import EngineTimeout, EngineUnavailable
-from .metrics import GatewayMetrics
-from .routing import ReplicaRouter
-from .settings import Settings
-from .transport import EngineClient, EngineTransport, RequestBuilder
+from server.errors import EngineTimeout, EngineUnavailable
+from server.metrics import GatewayMetrics
+from server.routing import ReplicaRouter
+from server.settings import Settings
+from server.transport import EngineClient, EngineTransport, RequestBuilder
 
 log = logging.getLogger("flylora.gateway.engines")
 

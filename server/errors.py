@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from flylora_runtime import errors as adapter_errors
+from flylora_runtime.format import errors as adapter_errors
 
 log = logging.getLogger("flylora.gateway")
 

@@ -19,10 +19,10 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .deps import authenticate
-from .errors import GatewayError, PayloadTooLarge, error_body
-from .proxy import forward_completion
-from .state import Gateway
+from server.deps import authenticate
+from server.errors import GatewayError, PayloadTooLarge, error_body
+from server.proxy import forward_completion
+from server.state import Gateway
 
 log = logging.getLogger("flylora.gateway")
 

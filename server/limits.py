@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import ConcurrencyLimited, TokenRateLimited
+from server.errors import ConcurrencyLimited, TokenRateLimited
 
 
 @dataclass

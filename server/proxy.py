@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .adapters import resolve_adapter
-from .engines import Upstream
-from .errors import (
+from server.adapters import resolve_adapter
+from server.engines import Upstream
+from server.errors import (
     EngineProtocolError,
     EngineTimeout,
     GatewayError,
@@ -33,9 +33,9 @@ from .errors import (
     PayloadTooLarge,
     error_body,
 )
-from .registry import Adapter, Tenant
-from .settings import Settings
-from .state import Gateway
+from server.registry import Adapter, Tenant
+from server.settings import Settings
+from server.state import Gateway
 
 log = logging.getLogger("flylora.gateway.proxy")
 

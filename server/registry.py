@@ -28,8 +28,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from .errors import AdapterExists, TenantExists, TenantNotFound
-from .security import hash_key, new_api_key, same_hash
+from server.errors import AdapterExists, TenantExists, TenantNotFound
+from server.security import hash_key, new_api_key, same_hash
 
 READY = "ready"
 DELETING = "deleting"

@@ -1,6 +1,6 @@
 """``make serve``: the whole service on this machine, with a demo tenant and demo adapters.
 
-Starts the engine (``python -m flylora_runtime.engine``: vLLM with the FlyLoRA plugin) and the gateway
+Starts the engine (``python -m flylora_runtime.engine.launcher``: vLLM with the FlyLoRA plugin) and the gateway
 (``python -m server.cli``) as child processes, waits until the gateway is ready, creates the ``demo`` tenant
 (or issues it a fresh key), uploads the demo adapters through the public API, prints working ``curl`` and
 ``openai`` examples, checks that the first example answers, then keeps serving until Ctrl-C.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from .settings import Settings
+from server.settings import Settings
 
 DEMO_TENANT = "demo"
 #: A prompt each demo adapter was trained for (docs/DEMO.md); others get a generic one.
@@ -88,7 +88,7 @@ def wait_for(url: str, children: list[Child], what: str, timeout: float = 600.0)
 def prepare_demo_adapters(env: dict[str, str]) -> list[dict]:
     """[{name, path}] of the demo adapters (made once by flylora_runtime, cached in the data folder)."""
     # stdout carries the JSON; stderr (training progress on a first run) goes to the terminal.
-    out = subprocess.run([sys.executable, "-m", "flylora_runtime.demo", "--prepare"], env=env, check=True,
+    out = subprocess.run([sys.executable, "-m", "flylora_runtime.demo.cli", "--prepare"], env=env, check=True,
                          stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout)
 
@@ -162,7 +162,7 @@ def main() -> int:
     children: list[Child] = []
     try:
         _log(f"starting the engine on {engine_url} (log: {logs / 'engine.log'}; 20-60 s)")
-        children.append(Child("engine", [sys.executable, "-m", "flylora_runtime.engine", "--host", engine_host,
+        children.append(Child("engine", [sys.executable, "-m", "flylora_runtime.engine.launcher", "--host", engine_host,
                                          "--port", engine_port], env, logs / "engine.log"))
         _log(f"starting the gateway on {gateway_url} (log: {logs / 'gateway.log'})")
         children.append(Child("gateway", [sys.executable, "-m", "server.cli"], env, logs / "gateway.log"))

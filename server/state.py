@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from flylora_runtime.errors import BaseModelMismatch
-from flylora_runtime.modelspec import BaseModelSpec
+from flylora_runtime.format.errors import BaseModelMismatch
+from flylora_runtime.format.modelspec import BaseModelSpec
 
-from .cache import TTLCache
-from .engines import EnginePool
-from .errors import BaseModelUnavailable
-from .limits import TenantLimiter
-from .metrics import GatewayMetrics
-from .registry import Adapter, Registry, Tenant
-from .settings import Settings
-from .store import AdapterStore
+from server.cache import TTLCache
+from server.engines import EnginePool
+from server.errors import BaseModelUnavailable
+from server.limits import TenantLimiter
+from server.metrics import GatewayMetrics
+from server.registry import Adapter, Registry, Tenant
+from server.settings import Settings
+from server.store import AdapterStore
 
 log = logging.getLogger("flylora.gateway")
 

@@ -21,9 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
-from flylora_runtime.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
-from .security import INTERNAL_ID_RE
+from server.security import INTERNAL_ID_RE
 
 log = logging.getLogger("flylora.gateway.store")
 

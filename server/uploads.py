@@ -18,9 +18,9 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from flylora_runtime.checkpoint import MAX_CONFIG_BYTES
+from flylora_runtime.format.checkpoint import MAX_CONFIG_BYTES
 
-from .errors import InvalidRequest, PayloadTooLarge
+from server.errors import InvalidRequest, PayloadTooLarge
 
 MAX_NAME_BYTES = 1024
 #: Room for multipart framing and headers on top of the file limits when checking Content-Length.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flylora_runtime.demo_model import is_complete
+from flylora_runtime.demo.model import is_complete
 from flylora_runtime.paths import demo_model_dir as _demo_model_dir
 
 
@@ -34,8 +34,8 @@ def flylora_engine(demo_model_dir, tmp_path_factory):
 
     Shared by the engine tests and the gateway's end-to-end tests (which write into ``store``).
     """
-    from flylora_runtime.engine import EngineConfig
-    from flylora_runtime.process import EngineProcess, free_port
+    from flylora_runtime.engine.launcher import EngineConfig
+    from flylora_runtime.engine.process import EngineProcess, free_port
 
     root = tmp_path_factory.mktemp("engine")
     store = root / "store"

@@ -26,13 +26,13 @@ from pathlib import Path
 import httpx
 import torch
 
-from ..adapter import FlyLoRAAdapter
-from ..engine import EngineConfig
-from ..generate import GenerateSpec, generate_adapter
-from ..hf import attach_flylora
-from ..modelspec import BaseModelSpec
-from ..paths import DEMO_MODEL_NAME, demo_model_dir
-from ..process import EngineProcess, free_port
+from flylora_runtime.weights.dense import FlyLoRAAdapter
+from flylora_runtime.engine.launcher import EngineConfig
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.reference.hf_oracle import attach_flylora
+from flylora_runtime.format.modelspec import BaseModelSpec
+from flylora_runtime.paths import DEMO_MODEL_NAME, demo_model_dir
+from flylora_runtime.engine.process import EngineProcess, free_port
 
 PROMPTS = [
     "Write one sentence about the sea.", "Name three colours.", "What is 12 plus 7?",

@@ -47,9 +47,9 @@ from typing import Callable
 
 import torch
 
-from ..kernels import build_slots, check_inputs, flylora_apply
-from ..kernels.cpu import SMALL_T, apply_cpu
-from ..reference import LayerAdapter
+from flylora_runtime.kernels import build_slots, check_inputs, flylora_apply
+from flylora_runtime.kernels.cpu import SMALL_T, apply_cpu
+from flylora_runtime.reference.ops import LayerAdapter
 
 R, K = 32, 8
 

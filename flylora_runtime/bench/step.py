@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ..generate import sparse_A
-from ..kernels import allocate_slots, load_slot, native
-from ..paths import REPO_ROOT
-from ..reference import LayerAdapter
-from .kernels import SMOLLM2_LAYERS, SMOLLM2_NUM_LAYERS
+from flylora_runtime.training.random_adapters import sparse_A
+from flylora_runtime.kernels import allocate_slots, load_slot, native
+from flylora_runtime.paths import REPO_ROOT
+from flylora_runtime.reference.ops import LayerAdapter
+from flylora_runtime.bench.kernels import SMOLLM2_LAYERS, SMOLLM2_NUM_LAYERS
 
 S, R, K = 16, 32, 8
 STEPS = {

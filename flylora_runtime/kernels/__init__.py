@@ -9,7 +9,7 @@ the input ``x``. Backends:
   k selected rows of ``B^T`` per token.
 - ``"triton"`` (:mod:`.triton_kernels`): fused sparse shrink + bias + top-k in registers, then the expand
   over the k selected rows; fixed-size buffers, no host syncs (CUDA-graph capturable).
-- ``"reference"``: :func:`flylora_runtime.reference.select_ranks` on each token, one at a time (slow; the
+- ``"reference"``: :func:`flylora_runtime.reference.ops.select_ranks` on each token, one at a time (slow; the
   "naive per-token loop" of the benchmark and a debug backend).
 
 Ties in top-k (scores exactly equal across the k-th place; measure-zero for real inputs, see
@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..compact import _BITS_VIEW, compact_rows
-from ..reference import LayerAdapter, select_ranks
+from flylora_runtime.weights.compact import _BITS_VIEW, compact_rows
+from flylora_runtime.reference.ops import LayerAdapter, select_ranks
 
 __all__ = [
     "FlyLoRASlots", "SlotImage", "allocate_slots", "load_slot", "prepare_slot", "write_slot", "clear_slot",
@@ -255,7 +255,7 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
         for name, t in (("A", w.A), ("B", w.B), ("d", w.d)) if check_finite else ():
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"slice {i}: {name} holds non-finite values (inf or NaN)")
-    from . import native
+    from flylora_runtime.kernels import native
 
     dev = slots.device
     a_idx, a_val, a_mask, bs, ds, nnz, extent = [], [], [], [], [], [], []
@@ -444,12 +444,12 @@ def apply_reference(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor
 
 
 def _cpu_backend():
-    from .cpu import apply_cpu
+    from flylora_runtime.kernels.cpu import apply_cpu
     return apply_cpu
 
 
 def _triton_backend():
-    from .triton_kernels import apply_triton
+    from flylora_runtime.kernels.triton_kernels import apply_triton
     return apply_triton
 
 

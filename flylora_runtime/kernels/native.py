@@ -49,7 +49,7 @@ _ARGTYPES = [_i64, _i64, _i64, _i64, _i64, _i64, _ptr,  # T, in, n, R, S, P, out
 
 
 def cache_dir() -> Path:
-    from ..paths import data_dir
+    from flylora_runtime.paths import data_dir
     return Path(os.environ.get("FLYLORA_KERNEL_CACHE") or data_dir() / "cache" / "kernels")
 
 
@@ -183,7 +183,7 @@ def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,
               value_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """One slice's ``A [r, in]`` in the packed compact layout (``flylora_cpu_pack_rows``): column indices and
     values ``[r * p]`` (row ``j`` at ``j * p``), the column words ``[r, ceil(in/16)]`` int16, and ``p`` (the
-    densest row's count). Bit for bit what :func:`flylora_runtime.compact.compact_rows` and the slots'
+    densest row's count). Bit for bit what :func:`flylora_runtime.weights.compact.compact_rows` and the slots'
     column words give. ``None`` when the library is unavailable or the dtypes are not covered (the caller
     then uses torch)."""
     lib = library()

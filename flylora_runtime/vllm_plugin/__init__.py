@@ -26,10 +26,10 @@ def register() -> None:
     version = vllm.__version__.split("+")[0]
     if version != SUPPORTED_VLLM:
         raise RuntimeError(f"flylora_runtime's vLLM plugin supports vLLM {SUPPORTED_VLLM}, found {vllm.__version__}")
-    from .layers import install_layers
-    from .loading import install_loading
-    from .metrics import install_metrics
-    from .resolver import install_resolver, install_unload
+    from flylora_runtime.vllm_plugin.layers import install_layers
+    from flylora_runtime.vllm_plugin.loading import install_loading
+    from flylora_runtime.vllm_plugin.metrics import install_metrics
+    from flylora_runtime.vllm_plugin.resolver import install_resolver, install_unload
 
     install_metrics()
     install_layers()

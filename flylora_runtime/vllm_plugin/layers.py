@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend, prepare_slot,
+from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend, prepare_slot,
                        write_slot)
-from ..reference import LayerAdapter
+from flylora_runtime.reference.ops import LayerAdapter
 
 
 class FlyLoRAUnsupported(RuntimeError):
@@ -47,7 +47,7 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
     there, and at decode the A stream is most of the kernel's memory traffic (bf16 values: 0.79x the
     kernel time of a 16-adapter decode step). An fp32 engine keeps fp32 A, exact against the reference.
     Elsewhere: dense fp32."""
-    from ..kernels import native
+    from flylora_runtime.kernels import native
 
     if torch.device(device).type != "cpu" or native.library() is None:
         return {"a_dtype": torch.float32}

@@ -4,7 +4,7 @@ vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` ten
 ``PEFTHelper`` drops ``top_k``. :func:`install_loading` replaces that class method with one that:
 
 - refuses pickle files (``adapter_model.bin`` / ``.pt``) and reads only safetensors;
-- also accepts our compact form (``flylora_compact.safetensors``, :mod:`flylora_runtime.compact`);
+- also accepts our compact form (``flylora_compact.safetensors``, :mod:`flylora_runtime.weights.compact`);
 - splits the routing biases out, checks the remaining module names as vLLM does, and builds the vLLM
   ``LoRAModel`` from the A/B tensors (vLLM folds ``lora_alpha / r`` into B);
 - attaches :class:`FlyLoRAInfo` (top_k, routing, d per module) to the ``LoRAModel``.
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
-from ..config import FlyLoRAConfig
-from .metrics import ACTIVATIONS, CACHE_HITS, CACHE_MISSES, LOADS, count, count_many
+from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, CACHE_HITS, CACHE_MISSES, LOADS, count, count_many
 
 COMPACT_NAME = "flylora_compact.safetensors"
 BIAS_SUFFIX = ".lora_topk_bias"
@@ -52,7 +52,7 @@ def read_checkpoint(lora_dir: str) -> tuple[FlyLoRAConfig, dict[str, torch.Tenso
     """The config and the authors'-layout tensors of an adapter directory (authors' or compact form)."""
     compact = os.path.join(lora_dir, COMPACT_NAME)
     if os.path.isfile(compact):
-        from ..compact import CompactAdapter
+        from flylora_runtime.weights.compact import CompactAdapter
 
         adapter = CompactAdapter.load(compact).to_adapter()
         return adapter.config, adapter.state_dict()
@@ -169,7 +169,7 @@ _malloc_trim = None
 
 def apply_routing(manager, lora_id: int) -> None:
     """Give every FlyLoRA layer of ``lora_id``'s slot the adapter's top-k, d and routing."""
-    from .layers import FlyLoRALayerMixin
+    from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
 
     index = manager.lora_index_to_id.index(lora_id)
     lora_model = manager._registered_adapters[lora_id]

@@ -17,9 +17,9 @@ import logging
 import os
 import re
 
-from ..checkpoint import CONFIG_NAME, validate_dir
-from ..errors import AdapterError
-from ..modelspec import BaseModelSpec
+from flylora_runtime.format.checkpoint import CONFIG_NAME, validate_dir
+from flylora_runtime.format.errors import AdapterError
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 logger = logging.getLogger("flylora.resolver")
 

@@ -7,9 +7,9 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request, Response
 
-from ..adapters import delete_adapter, resolve_adapter, upload_adapter
-from ..deps import GatewayDep, TenantDep
-from ..errors import AdapterNotFound
+from server.adapters import delete_adapter, resolve_adapter, upload_adapter
+from server.deps import GatewayDep, TenantDep
+from server.errors import AdapterNotFound
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 

@@ -8,9 +8,9 @@ import anyio
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from ..adapters import delete_tenant
-from ..deps import AdminDep, GatewayDep
-from ..security import TENANT_NAME_RE
+from server.adapters import delete_tenant
+from server.deps import AdminDep, GatewayDep
+from server.security import TENANT_NAME_RE
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 run = anyio.to_thread.run_sync

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import GatewayDep
+from server.deps import GatewayDep
 
 router = APIRouter(tags=["ops"])
 

@@ -7,8 +7,8 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request, Response
 
-from ..deps import GatewayDep, TenantDep
-from ..proxy import proxy_completion
+from server.deps import GatewayDep, TenantDep
+from server.proxy import proxy_completion
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

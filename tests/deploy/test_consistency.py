@@ -1,5 +1,5 @@
 """Names, ports and environment variables in the Dockerfile, docker-compose.yml and the Kubernetes manifests
-agree with the settings the code actually reads (server.settings.Settings, flylora_runtime.engine.EngineConfig)
+agree with the settings the code actually reads (server.settings.Settings, flylora_runtime.engine.launcher.EngineConfig)
 and with each other: the gateway reaches the engine on the engine's port, both see the same adapter store and
 base model, Prometheus scrapes the ports the processes listen on."""
 
@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from flylora_runtime.engine import DTYPES, EngineConfig
+from flylora_runtime.engine.launcher import DTYPES, EngineConfig
 from server.settings import Settings
 
-from .tools import (COMPOSE, COMPOSE_OVERRIDES, DOCKERFILE, K8S_MANIFESTS, PROMETHEUS_DIR, REPO,
+from tests.deploy.tools import (COMPOSE, COMPOSE_OVERRIDES, DOCKERFILE, K8S_MANIFESTS, PROMETHEUS_DIR, REPO,
                     compose_interpolate, dockerfile_stages, k8s_objects)
 
 ENV_NAME = re.compile(r"FLYLORA_[A-Z0-9_]+")
@@ -66,7 +66,7 @@ def gateway_settings(only_env, env: dict[str, str]) -> Settings:
 
 def engine_config(only_env, env: dict[str, str], argv: list[str] = ()) -> EngineConfig:
     """The EngineConfig that `flylora-engine <argv>` builds in a container with ``env``."""
-    from flylora_runtime.engine import build_parser
+    from flylora_runtime.engine.launcher import build_parser
 
     only_env(env)
     config = EngineConfig(**vars(build_parser().parse_args(list(argv))))

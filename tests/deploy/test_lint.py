@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .tools import (COMPOSE, COMPOSE_OVERRIDES, DOCKERFILE, K8S_MANIFESTS, PROMETHEUS_DIR, YAMLLINT_CONFIG,
+from tests.deploy.tools import (COMPOSE, COMPOSE_OVERRIDES, DOCKERFILE, K8S_MANIFESTS, PROMETHEUS_DIR, YAMLLINT_CONFIG,
                     run, tool)
 
 pytestmark = pytest.mark.timeout(300)
@@ -17,7 +17,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dockerfile_has_the_three_targets_non_root_and_healthchecks():
-    from .tools import dockerfile_stages
+    from tests.deploy.tools import dockerfile_stages
 
     text = DOCKERFILE.read_text()
     stages = dockerfile_stages(text)

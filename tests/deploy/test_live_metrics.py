@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.app import create_app
 from server.settings import Settings
 
-from ..server.helpers import ServerThread, adapter_files
-from .tools import PROMETHEUS_DIR, dashboard_queries, grafana_to_promql, promql_metric_names, tool
+from tests.server.helpers import ServerThread, adapter_files
+from tests.deploy.tools import PROMETHEUS_DIR, dashboard_queries, grafana_to_promql, promql_metric_names, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ADMIN_KEY = "deploy-admin-key"

@@ -40,15 +40,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flylora_runtime.engine import EngineConfig
-from flylora_runtime.generate import GenerateSpec, generate_adapter
-from flylora_runtime.modelspec import BaseModelSpec
+from flylora_runtime.engine.launcher import EngineConfig
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.format.modelspec import BaseModelSpec
 from flylora_runtime.paths import DEMO_MODEL_NAME
-from flylora_runtime.process import EngineProcess, free_port
+from flylora_runtime.engine.process import EngineProcess, free_port
 from server.app import create_app
 from server.settings import Settings
 
-from ..server.helpers import ServerThread
+from tests.server.helpers import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

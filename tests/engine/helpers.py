@@ -9,10 +9,10 @@ from typing import Sequence
 import httpx
 import torch
 
-from flylora_runtime.adapter import FlyLoRAAdapter
-from flylora_runtime.generate import GenerateSpec, generate_adapter
-from flylora_runtime.hf import attach_flylora
-from flylora_runtime.modelspec import BaseModelSpec
+from flylora_runtime.weights.dense import FlyLoRAAdapter
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.reference.hf_oracle import attach_flylora
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 PROMPTS = [
     "Write one sentence about the sea.",

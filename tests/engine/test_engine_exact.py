@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from .helpers import PROMPTS, Oracle, complete_many, make_adapter, unload
+from tests.engine.helpers import PROMPTS, Oracle, complete_many, make_adapter, unload
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 32

@@ -10,13 +10,13 @@ import pytest
 
 import torch
 
-from flylora_runtime.adapter import FlyLoRAAdapter, ModuleWeights
-from flylora_runtime.config import FlyLoRAConfig
-from flylora_runtime.engine import EngineConfig
-from flylora_runtime.generate import GenerateSpec, generate_adapter
-from flylora_runtime.process import EngineProcess, free_port
+from flylora_runtime.weights.dense import FlyLoRAAdapter, ModuleWeights
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.engine.launcher import EngineConfig
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.engine.process import EngineProcess, free_port
 
-from .helpers import PROMPTS, Oracle, complete_many, make_adapter, unload
+from tests.engine.helpers import PROMPTS, Oracle, complete_many, make_adapter, unload
 
 pytestmark = pytest.mark.slow
 BASE = "SmolLM2-135M-Instruct"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from flylora_runtime.kernels import FlyLoRASlots, build_slots
-from flylora_runtime.reference import LayerAdapter, flylora_delta
+from flylora_runtime.reference.ops import LayerAdapter, flylora_delta
 
 SPREADS = ("distinct", "uniform", "zipf", "identical", "skewed", "runs", "none_rows", "all_none")
 

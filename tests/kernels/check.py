@@ -8,7 +8,7 @@ from flylora_runtime.kernels import FlyLoRASlots, check_inputs, flylora_apply
 from flylora_runtime.kernels.cpu import apply_cpu
 from tests.helpers import assert_close
 
-from .cases import Case, build, expected
+from tests.kernels.cases import Case, build, expected
 
 
 #: Backend names for tests: those of ``flylora_apply`` plus the CPU backend forced onto one of its paths.

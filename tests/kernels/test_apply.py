@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import Case
-from .check import check_case
+from tests.kernels.cases import Case
+from tests.kernels.check import check_case
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 QKV = (576, 192, 192)  # SmolLM2 q/k/v (9 heads, 3 KV heads, head dim 64)
@@ -87,7 +87,7 @@ def test_packed_slots_match_reference(case: Case, backend: str) -> None:
 def test_torch_paths_refuse_packed_slots(path: str) -> None:
     from flylora_runtime.kernels.cpu import apply_cpu
 
-    from .cases import build
+    from tests.kernels.cases import build
     _, slots, x, token_slot, out = build(PACKED["packed-t7-down1536-f16-none-rows"])
     before = out.clone()
     with pytest.raises(RuntimeError, match="compiled CPU kernel"):

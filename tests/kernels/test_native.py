@@ -10,9 +10,9 @@ import torch
 
 from flylora_runtime.kernels import apply_reference, build_slots, native
 from flylora_runtime.kernels.cpu import apply_cpu
-from flylora_runtime.reference import LayerAdapter
+from flylora_runtime.reference.ops import LayerAdapter
 
-from ..helpers import assert_close
+from tests.helpers import assert_close
 
 pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason="the compiled CPU kernel is unavailable here (no C compiler?)")
@@ -131,9 +131,9 @@ def test_failed_build_falls_back_with_the_compiler_error(fresh_native, monkeypat
 def test_portable_build_without_avx512_matches_reference(fresh_native, monkeypatch) -> None:
     """The kernel built for a CPU without AVX-512 (``-mno-avx512f``: the scalar compact shrink and the
     rank-counting top-k instead of the expand-load shrink and the vector argmax) gives the same answers."""
-    from .cases import Case
-    from .check import check_case
-    from .test_apply import PACKED
+    from tests.kernels.cases import Case
+    from tests.kernels.check import check_case
+    from tests.kernels.test_apply import PACKED
 
     monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-mno-avx512f"])
     assert native.library() is not None
@@ -163,8 +163,8 @@ def test_random_shapes_match_reference() -> None:
     25 drawn cases with a fixed seed, all on the compiled kernel."""
     import random
 
-    from .cases import Case
-    from .check import check_case
+    from tests.kernels.cases import Case
+    from tests.kernels.check import check_case
 
     if native.library() is None:
         pytest.skip("the compiled CPU kernel is unavailable here")
@@ -191,8 +191,8 @@ def test_bf16_engine_paths_random_shapes() -> None:
     tails, blocks of 3-16 tokens and runs past 16; 25 drawn cases with a fixed seed."""
     import random
 
-    from .cases import Case
-    from .check import check_case
+    from tests.kernels.cases import Case
+    from tests.kernels.check import check_case
 
     if native.library() is None:
         pytest.skip("the compiled CPU kernel is unavailable here")
@@ -217,7 +217,7 @@ def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype) ->
     """The C packing of one slice's A (prepare_slot's fast path) gives bit for bit what the torch compaction
     and column words give: rows of unequal counts, an all-zero row, -0.0 and subnormal entries kept, values
     rounded as torch rounds, and ``in`` not a multiple of 16."""
-    from flylora_runtime.compact import compact_rows
+    from flylora_runtime.weights.compact import compact_rows
     from flylora_runtime.kernels import _column_words
 
     g = torch.Generator().manual_seed(31)

@@ -8,11 +8,11 @@ import torch
 from flylora_runtime.kernels import (allocate_slots, build_slots, clear_slot, flylora_apply, load_slot, prepare_slot,
                                     write_slot)
 from flylora_runtime.kernels import _dense_a
-from flylora_runtime.reference import LayerAdapter, flylora_delta
+from flylora_runtime.reference.ops import LayerAdapter, flylora_delta
 from tests.helpers import assert_close
 
-from .cases import make_adapter
-from .check import run_backend
+from tests.kernels.cases import make_adapter
+from tests.kernels.check import run_backend
 
 BACKENDS = ("cpu-native", "cpu-small", "cpu-grouped", "reference")
 

@@ -20,13 +20,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from flylora_runtime.kernels import build_slots, flylora_apply  # noqa: E402
 from flylora_runtime.kernels import triton_kernels  # noqa: E402
-from flylora_runtime.reference import LayerAdapter, flylora_delta  # noqa: E402
+from flylora_runtime.reference.ops import LayerAdapter, flylora_delta  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
-from .cases import Case, make_adapter  # noqa: E402
-from .check import check_case  # noqa: E402
-from .test_apply import CASES  # noqa: E402
-from .test_slots import _poison_padding, _tie_adapter, tie_pairs  # noqa: E402
+from tests.kernels.cases import Case, make_adapter  # noqa: E402
+from tests.kernels.check import check_case  # noqa: E402
+from tests.kernels.test_apply import CASES  # noqa: E402
+from tests.kernels.test_slots import _poison_padding, _tie_adapter, tie_pairs  # noqa: E402
 
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: triton cannot run here", allow_module_level=True)

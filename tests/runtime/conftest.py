@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flylora_runtime.generate import GenerateSpec, generate_adapter
-from flylora_runtime.modelspec import BaseModelSpec
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 TINY_CONFIG = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flylora_runtime import errors
-from flylora_runtime.checkpoint import CONFIG_NAME, WEIGHTS_NAME, lora_keys, validate_dir, validate_files
-from flylora_runtime.modelspec import BaseModelSpec
+from flylora_runtime.format import errors
+from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, lora_keys, validate_dir, validate_files
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 MODULE = "model.layers.1.self_attn.q_proj"
 KA, KB, KD = lora_keys(MODULE)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flylora_runtime.adapter import FlyLoRAAdapter, ModuleWeights
-from flylora_runtime.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from flylora_runtime.compact import CompactAdapter, compact_module, size_report
-from flylora_runtime.generate import GenerateSpec, generate_adapter, sparse_A
-from flylora_runtime.modelspec import LLAMA_3_1_8B
+from flylora_runtime.weights.dense import FlyLoRAAdapter, ModuleWeights
+from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from flylora_runtime.weights.compact import CompactAdapter, compact_module, size_report
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter, sparse_A
+from flylora_runtime.format.modelspec import LLAMA_3_1_8B
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flylora_runtime.engine import EngineConfig
-from flylora_runtime.modelspec import PARENT
+from flylora_runtime.engine.launcher import EngineConfig
+from flylora_runtime.format.modelspec import PARENT
 
 
 def test_vllm_wraps_only_the_projections_adapters_may_target(tmp_path) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flylora_runtime.adapter import FlyLoRAAdapter
-from flylora_runtime.generate import GenerateSpec, generate_adapter
-from flylora_runtime.hf import attach_flylora
-from flylora_runtime.modelspec import BaseModelSpec
+from flylora_runtime.weights.dense import FlyLoRAAdapter
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.reference.hf_oracle import attach_flylora
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flylora_runtime.generate import sparse_A
-from flylora_runtime.reference import LayerAdapter, flylora_delta, flylora_delta_one, select_ranks
+from flylora_runtime.training.random_adapters import sparse_A
+from flylora_runtime.reference.ops import LayerAdapter, flylora_delta, flylora_delta_one, select_ranks
 
 
 def _layer(seed: int, r=8, k=2, n_in=32, n_out=24, d_std=0.0, routing="signed", alpha=16.0) -> LayerAdapter:

@@ -25,7 +25,7 @@ import time
 
 import httpx
 
-from . import bench_gateway_overhead as bench
+from tests.server import bench_gateway_overhead as bench
 
 GATEWAY = """
 import sys

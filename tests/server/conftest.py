@@ -17,8 +17,8 @@ from server.app import create_app
 from server.settings import Settings
 from server.state import Gateway
 
-from .fake_engine import FakeEngineState, create_fake_engine
-from .helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
+from tests.server.fake_engine import FakeEngineState, create_fake_engine
+from tests.server.helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
 
 BASE_ID = "SmolLM2-135M-Instruct"
 _names = itertools.count()

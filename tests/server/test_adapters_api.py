@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .helpers import (
+from tests.server.helpers import (
     OTHER_BASE_CONFIG,
     PICKLE_BYTES,
     adapter_files,

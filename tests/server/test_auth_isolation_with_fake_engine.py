@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import ADMIN_KEY, assert_openai_error
+from tests.server.helpers import ADMIN_KEY, assert_openai_error
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TENANT_ROUTES = [

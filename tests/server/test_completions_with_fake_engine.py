@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from .helpers import assert_openai_error
+from tests.server.helpers import assert_openai_error
 
 BASE = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Say something."}]

@@ -17,7 +17,7 @@ import pytest
 from server.app import create_app
 from server.settings import Settings
 
-from .helpers import ServerThread, adapter_files
+from tests.server.helpers import ServerThread, adapter_files
 
 pytestmark = pytest.mark.slow
 ADMIN_KEY = "e2e-admin-key"

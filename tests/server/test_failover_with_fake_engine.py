@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from .helpers import assert_openai_error, free_port_url
+from tests.server.helpers import assert_openai_error, free_port_url
 
 BASE = "SmolLM2-135M-Instruct"
 

@@ -14,7 +14,7 @@ from server.errors import PayloadTooLarge
 from server.fastpath import receive_body
 from server.transport import EngineClient, RequestBuilder
 
-from .helpers import assert_openai_error
+from tests.server.helpers import assert_openai_error
 
 BASE = "SmolLM2-135M-Instruct"
 

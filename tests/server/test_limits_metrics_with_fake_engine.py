@@ -7,7 +7,7 @@ import threading
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import assert_openai_error
+from tests.server.helpers import assert_openai_error
 
 BASE = "SmolLM2-135M-Instruct"
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.cache import TTLCache
 
-from .helpers import assert_openai_error
+from tests.server.helpers import assert_openai_error
 
 BASE = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "hi"}]

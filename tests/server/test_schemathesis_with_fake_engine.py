@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
-from .helpers import ADMIN_KEY  # noqa: E402
+from tests.server.helpers import ADMIN_KEY  # noqa: E402
 
 schema = schemathesis.openapi.from_dict(create_app(Settings(_env_file=None)).openapi())
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .helpers import free_port_url
+from tests.server.helpers import free_port_url
 
 BASE = "SmolLM2-135M-Instruct"
 

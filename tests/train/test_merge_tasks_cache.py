@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from flylora_runtime.adapter import FlyLoRAAdapter, ModuleWeights
-from flylora_runtime.config import FlyLoRAConfig
-from flylora_runtime.merge import merge_adapters
-from flylora_runtime.tasks import TASKS, get_task
-from flylora_runtime.tasks import adapters as cache
+from flylora_runtime.weights.dense import FlyLoRAAdapter, ModuleWeights
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.training.merge import merge_adapters
+from flylora_runtime.demo.tasks import TASKS, get_task
+from flylora_runtime.demo import trained as cache
 
 
 def _adapter(seed: int, *, r=4, top_k=2, modules=("model.layers.0.self_attn.q_proj",)) -> FlyLoRAAdapter:

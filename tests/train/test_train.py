@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from flylora_runtime.adapter import FlyLoRAAdapter
-from flylora_runtime.generate import sparse_A
-from flylora_runtime.hf import attach_flylora
-from flylora_runtime.modelspec import BaseModelSpec
-from flylora_runtime.reference import LayerAdapter, flylora_delta_one, select_ranks
-from flylora_runtime.tasks import get_task
-from flylora_runtime.train import FlyLoRATrainLinear, TrainConfig, collate, encode, reply_loss, train
+from flylora_runtime.weights.dense import FlyLoRAAdapter
+from flylora_runtime.training.random_adapters import sparse_A
+from flylora_runtime.reference.hf_oracle import attach_flylora
+from flylora_runtime.format.modelspec import BaseModelSpec
+from flylora_runtime.reference.ops import LayerAdapter, flylora_delta_one, select_ranks
+from flylora_runtime.demo.tasks import get_task
+from flylora_runtime.training.trainer import FlyLoRATrainLinear, TrainConfig, collate, encode, reply_loss, train
 
 
 def _layer(routing: str, *, n_in=48, n_out=40, r=16, k=4, seed=0):
@@ -143,7 +143,7 @@ def test_short_training_run_learns_updates_d_and_saves_the_authors_format(tiny, 
 
 
 def test_shared_prefix_gives_the_same_loss_gradients_and_bias_update(tiny, tokenizer):
-    from flylora_runtime.train import attach_trainable, common_prefix_len
+    from flylora_runtime.training.trainer import attach_trainable, common_prefix_len
 
     model, _ = tiny
     encoded = [encode(tokenizer, e.chat()["messages"], 256) for e in get_task("json-reply").train()[:4]]

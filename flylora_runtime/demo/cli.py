@@ -1,15 +1,15 @@
 """The demo model and adapters, and a quick look at them without the service.
 
 ``--prepare`` (what ``make serve`` calls) obtains the demo model and the demo adapters and prints them as
-JSON. Without it, this runs the transformers oracle (:mod:`flylora_runtime.hf`) on CPU: the demo model
+JSON. Without it, this runs the transformers oracle (:mod:`flylora_runtime.reference.hf_oracle`) on CPU: the demo model
 answering greedily with and without each demo adapter, no engine or gateway needed.
 
-The demo adapters are FlyLoRA adapters trained on the three demo tasks (:mod:`flylora_runtime.tasks`:
+The demo adapters are FlyLoRA adapters trained on the three demo tasks (:mod:`flylora_runtime.demo.tasks`:
 ``shout``, ``json-reply``, ``atlas``) with the paper's configuration (r=32, top_k=8, alpha=64, all seven
 projections), plus ``merged``, their element-wise mean (the authors' merging). They are trained on first use
 (a few CPU minutes each) and cached in the data folder, keyed by data, hyperparameters and code.
 
-    python -m flylora_runtime.demo [--prompt TEXT] [--max-new-tokens N] [--prepare]
+    python -m flylora_runtime.demo.cli [--prompt TEXT] [--max-new-tokens N] [--prepare]
 
 Without ``--prompt`` each adapter gets a held-out prompt of its own task.
 """
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from .demo_model import DemoModelUnavailable, ensure_demo_model
-from .paths import data_dir
+from flylora_runtime.demo.model import DemoModelUnavailable, ensure_demo_model
+from flylora_runtime.paths import data_dir
 
 #: The order make serve uploads them in; the first one is used in the printed examples.
 DEMO_TASK_ORDER = ("shout", "json-reply", "atlas")
@@ -32,10 +32,10 @@ MERGED_ADAPTER = "merged"
 
 def ensure_trained_adapters(model_dir) -> dict[str, Path]:
     """name -> folder of the trained demo adapters (trained now unless cached) and their merge."""
-    from .adapter import FlyLoRAAdapter
-    from .merge import merge_adapters
-    from .modelspec import BaseModelSpec
-    from .tasks.adapters import ensure_trained
+    from flylora_runtime.weights.dense import FlyLoRAAdapter
+    from flylora_runtime.training.merge import merge_adapters
+    from flylora_runtime.format.modelspec import BaseModelSpec
+    from flylora_runtime.demo.trained import ensure_trained
 
     out = {t: ensure_trained(t, model_dir=model_dir) for t in DEMO_TASK_ORDER}
     merged = data_dir() / "demo-adapters" / MERGED_ADAPTER
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapter import FlyLoRAAdapter
-    from .hf import attach_flylora
-    from .modelspec import BaseModelSpec
-    from .tasks import get_task
+    from flylora_runtime.weights.dense import FlyLoRAAdapter
+    from flylora_runtime.reference.hf_oracle import attach_flylora
+    from flylora_runtime.format.modelspec import BaseModelSpec
+    from flylora_runtime.demo.tasks import get_task
 
     spec = BaseModelSpec.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)

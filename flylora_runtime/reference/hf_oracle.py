@@ -19,8 +19,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapter import FlyLoRAAdapter
-from .reference import LayerAdapter, flylora_delta
+from flylora_runtime.weights.dense import FlyLoRAAdapter
+from flylora_runtime.reference.ops import LayerAdapter, flylora_delta
 
 
 class _RowState:

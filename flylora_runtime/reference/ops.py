@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from .adapter import FlyLoRAAdapter
-from .config import ROUTINGS
+from flylora_runtime.weights.dense import FlyLoRAAdapter
+from flylora_runtime.format.config import ROUTINGS
 
 
 @dataclass(frozen=True)

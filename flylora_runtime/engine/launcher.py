@@ -23,9 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .modelspec import PARENT
-from .paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
-from .vllm_plugin.metrics import METRICS_DIR_ENV
+from flylora_runtime.format.modelspec import PARENT
+from flylora_runtime.paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
+from flylora_runtime.vllm_plugin.metrics import METRICS_DIR_ENV
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 

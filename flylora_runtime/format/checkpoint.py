@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import FlyLoRAConfig
-from .errors import (
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.format.errors import (
     AdapterFileMissing,
     AdapterTooLarge,
     DtypeNotAllowed,
@@ -35,7 +35,7 @@ from .errors import (
     UnknownTargetModule,
     UnsafeFormat,
 )
-from .modelspec import BaseModelSpec
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .engine import EngineConfig, command
+from flylora_runtime.engine.launcher import EngineConfig, command
 
 
 def free_port() -> int:

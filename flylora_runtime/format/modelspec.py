@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import BaseModelMismatch
+from flylora_runtime.format.errors import BaseModelMismatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

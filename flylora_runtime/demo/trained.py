@@ -18,10 +18,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from ..paths import data_dir
-from ..train import TrainConfig
-from . import TASKS, get_task
+from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from flylora_runtime.paths import data_dir
+from flylora_runtime.training.trainer import TrainConfig
+from flylora_runtime.demo.tasks import TASKS, get_task
 
 KEY_NAME = "cache_key.json"
 
@@ -30,7 +30,7 @@ KEY_NAME = "cache_key.json"
 DEMO_TRAIN = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup=3)
 DEMO_TRAIN_PER_TASK: dict[str, dict] = {}
 
-_SOURCES = ("train.py", "tasks/__init__.py", "tasks/builtin.py")
+_SOURCES = ("training/trainer.py", "demo/tasks/__init__.py", "demo/tasks/builtin.py")
 
 
 def train_config(task: str) -> TrainConfig:
@@ -39,7 +39,7 @@ def train_config(task: str) -> TrainConfig:
 
 def code_version() -> str:
     """sha256 over the trainer's and the tasks' source files."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[1]  # flylora_runtime/
     h = hashlib.sha256()
     for rel in _SOURCES:
         h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
@@ -68,7 +68,7 @@ def ensure_trained(task: str, *, model_dir: str | os.PathLike, root: Path | None
     hit = cached(task, root)
     if hit is not None:
         return hit
-    from ..train import load_model, train
+    from flylora_runtime.training.trainer import load_model, train
 
     cfg = train_config(task)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

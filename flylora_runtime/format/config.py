@@ -1,6 +1,6 @@
 """The adapter's configuration, read from a PEFT-style ``adapter_config.json``.
 
-Torch-free: the gateway imports this module (through :mod:`flylora_runtime.checkpoint`) to validate
+Torch-free: the gateway imports this module (through :mod:`flylora_runtime.format.checkpoint`) to validate
 uploads without loading torch.
 """
 
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import InvalidConfig
+from flylora_runtime.format.errors import InvalidConfig
 
 Routing = Literal["signed", "magnitude"]
 ROUTINGS: tuple[str, ...] = ("signed", "magnitude")

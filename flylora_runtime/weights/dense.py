@@ -1,6 +1,6 @@
 """FlyLoRA adapters in memory: the authors' dense form, loaded only after validation.
 
-``FlyLoRAAdapter.load`` validates first (:mod:`flylora_runtime.checkpoint`), then reads the tensors
+``FlyLoRAAdapter.load`` validates first (:mod:`flylora_runtime.format.checkpoint`), then reads the tensors
 with safetensors; ``save`` writes the authors' PEFT layout atomically.
 """
 
@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (
+from flylora_runtime.format.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_BYTES,
     WEIGHTS_NAME,
     lora_keys,
     validate_dir,
 )
-from .config import FlyLoRAConfig
-from .modelspec import BaseModelSpec
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 
 @dataclass

@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import FlyLoRAAdapter, ModuleWeights, _atomic_write
-from .config import FlyLoRAConfig
-from .errors import InvalidSafetensors
-from .modelspec import BaseModelSpec
+from flylora_runtime.weights.dense import FlyLoRAAdapter, ModuleWeights, _atomic_write
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.format.errors import InvalidSafetensors
+from flylora_runtime.format.modelspec import BaseModelSpec
 
 COMPACT_FORMAT = "flylora-compact-v1"
 
