@@ -14,7 +14,7 @@ from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
 from server.routes import adapters, admin, health, openai
 from server.settings import Settings
-from server.state import Gateway
+from server.gateway import Gateway
 
 log = logging.getLogger("flylora.gateway")
 
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await gw.sweep_store()
             async with anyio.create_task_group() as tg:
                 if settings.health_check_interval_s > 0:
-                    tg.start_soon(gw.engines.watch_health)
+                    tg.start_soon(gw.upstream.watch_health)
                 yield
                 tg.cancel_scope.cancel()
         finally:

@@ -18,12 +18,13 @@ from typing import Any
 
 import anyio
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from server.adapters import resolve_adapter
-from server.engines import Upstream
+from server.deps import authenticate
+from server.upstream import UpstreamResponse
 from server.errors import (
     EngineProtocolError,
     EngineTimeout,
@@ -32,15 +33,18 @@ from server.errors import (
     ModelNotFound,
     PayloadTooLarge,
     error_body,
+    internal_error_response,
 )
 from server.registry import Adapter, Tenant
 from server.settings import Settings
-from server.state import Gateway
+from server.gateway import Gateway
 
 log = logging.getLogger("flylora.gateway.proxy")
 
-#: endpoint label -> engine path
-ENDPOINTS = {"chat.completions": "/v1/chat/completions", "completions": "/v1/completions"}
+#: The completion routes: path (the same on the gateway and on the engine) -> endpoint label (in metrics).
+COMPLETION_ROUTES = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+#: endpoint label -> path
+ENGINE_PATHS = {endpoint: path for path, endpoint in COMPLETION_ROUTES.items()}
 CLIENT_CLOSED = 499  # status recorded in metrics when the client went away mid-stream
 
 
@@ -137,18 +141,27 @@ def parse_completion_request(body: bytes, endpoint: str, settings: Settings) -> 
     return CompletionRequest(payload=payload, model=model, stream=stream, wants_usage=wants_usage)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, or :class:`PayloadTooLarge` as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The whole request body from ASGI messages, or :class:`PayloadTooLarge` as soon as it passes ``limit``
+    bytes (or declares more in Content-Length); :class:`ClientDisconnect` if the client goes away."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
-    chunks, total = [], 0
-    async for chunk in request.stream():
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
+            return b"".join(chunks)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 # --- one request in flight ------------------------------------------------------------------------------------
@@ -252,7 +265,7 @@ class Flight:
                 self.gw.metrics.ttft_by[(self.endpoint,)].observe(time.perf_counter() - self.started)
         return b"data: " + self.sanitize(_dump(obj)) + b"\n\n"
 
-    async def events(self, upstream: Upstream) -> AsyncIterator[bytes]:
+    async def events(self, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
         """The client's SSE stream, event by event as the engine sends them."""
         buf = b""
         try:
@@ -337,15 +350,29 @@ class ProxyStream(Response):
 
 
 # --- the handler ----------------------------------------------------------------------------------------------
-async def proxy_completion(gw: Gateway, tenant: Tenant, request: Request, endpoint: str) -> Response:
-    """Serve one completion request for ``tenant``; see the module docstring."""
-    started = time.perf_counter()
+async def serve_completion(gw: Gateway, endpoint: str, authorization: str | None, content_length: str | None,
+                           receive: Receive) -> Response:
+    """Serve one completion request: the one entry of both the fast path and the FastAPI routes.
+
+    Every failure becomes its answer here (a :class:`GatewayError`'s, or the one 500 body for anything
+    unexpected); only :class:`ClientDisconnect` (nobody to answer) propagates.
+    """
     try:
-        body = await read_body(request, gw.settings.max_request_bytes)
+        tenant = await authenticate(gw, authorization)
+        started = time.perf_counter()
+        try:
+            body = await receive_body(receive, content_length, gw.settings.max_request_bytes)
+        except GatewayError as exc:
+            gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
+            raise
+        return await forward_completion(gw, tenant, body, endpoint, started)
     except GatewayError as exc:
-        gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
+        return exc.response()
+    except ClientDisconnect:
         raise
-    return await forward_completion(gw, tenant, body, endpoint, started)
+    except Exception:
+        log.exception("unhandled error on %s", ENGINE_PATHS[endpoint])
+        return internal_error_response()
 
 
 async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint: str, started: float) -> Response:
@@ -366,7 +393,7 @@ async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint:
         raise
     flight = Flight(gw, tenant, endpoint, req, adapter, started)
     try:
-        upstream = await gw.engines.send(ENDPOINTS[endpoint], json.dumps(req.payload).encode(),
+        upstream = await gw.upstream.send(ENGINE_PATHS[endpoint], json.dumps(req.payload).encode(),
                                          adapter_id=adapter.internal_id if adapter else None, stream=req.stream)
     except GatewayError as exc:
         flight.finish(exc.status)

@@ -15,7 +15,7 @@ import pytest
 
 from server.app import create_app
 from server.settings import Settings
-from server.state import Gateway
+from server.gateway import Gateway
 
 from tests.server.fake_engine import FakeEngineState, create_fake_engine
 from tests.server.helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
@@ -101,10 +101,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeEngine]:
     fake.server.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(engine: FakeEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    """A gateway in front of ``engine``, with small limits so limit tests stay fast."""
-    handle = start_gateway(tmp_path_factory.mktemp("gateway"), [engine.url])
+@pytest.fixture(scope="module", params=[True, False], ids=["fast_path", "fastapi_routes"])
+def gateway(request: pytest.FixtureRequest, engine: FakeEngine, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[GatewayHandle]:
+    """A gateway in front of ``engine``, with small limits so limit tests stay fast; every test using it runs
+    twice, with the completion fast path on and off (the FastAPI routes)."""
+    handle = start_gateway(tmp_path_factory.mktemp("gateway"), [engine.url], completion_fast_path=request.param)
     engine.state.store = handle.settings.store_dir
     yield handle
     handle.server.stop()

@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import ClientDisconnect
 
 from server.errors import PayloadTooLarge
-from server.fastpath import receive_body
+from server.proxy import receive_body
 from server.transport import EngineClient, RequestBuilder
 
 from tests.server.helpers import assert_openai_error
@@ -36,9 +36,9 @@ def test_receive_body_joins_chunks_and_enforces_the_limit_as_it_reads():
     run = asyncio.run
     assert run(receive_body(_receiver(_body(b'{"a":', True), _body(b"", True), _body(b"1}", False)), None, 10)) \
         == b'{"a":1}'
-    assert run(receive_body(_receiver(_body(b"abc", False)), b"3", 3)) == b"abc"
+    assert run(receive_body(_receiver(_body(b"abc", False)), "3", 3)) == b"abc"
     with pytest.raises(PayloadTooLarge):  # declared too large: refused before reading
-        run(receive_body(_receiver(), b"11", 10))
+        run(receive_body(_receiver(), "11", 10))
     with pytest.raises(PayloadTooLarge):  # no (or a lying) Content-Length: refused when the bytes pass it
         run(receive_body(_receiver(_body(b"x" * 6, True), _body(b"x" * 6, True)), None, 10))
     with pytest.raises(ClientDisconnect):

@@ -8,7 +8,7 @@ import anyio
 import httpx
 import pytest
 
-from server.engines import Upstream
+from server.upstream import UpstreamResponse
 from server.errors import InvalidRequest
 from server.metrics import GatewayMetrics
 from server.proxy import CompletionRequest, Flight, parse_completion_request, prompt_size
@@ -71,7 +71,7 @@ def _flight(model: str, internal: str, wants_usage: bool):
 def _run_events(flight, body) -> list[bytes]:
     async def main() -> list[bytes]:
         response = httpx.Response(200, content=body)
-        upstream = Upstream(url="e", response=response, router=ReplicaRouter(["e"]), rest=response.aiter_bytes())
+        upstream = UpstreamResponse(url="e", response=response, router=ReplicaRouter(["e"]), rest=response.aiter_bytes())
         return [out async for out in flight.events(upstream)]
 
     return anyio.run(main)

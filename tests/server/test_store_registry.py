@@ -92,7 +92,7 @@ def test_tenants_and_keys(registry):
     assert registry.tenant_for_key(second) == t
     with pytest.raises(TenantNotFound):
         registry.add_key("nobody")
-    with registry.engine.connect() as conn:
+    with registry.db.connect() as conn:
         hashes = {r[0] for r in conn.exec_driver_sql("SELECT key_hash FROM api_keys")}
     assert hashes == {hash_key(key), hash_key(second)}
 

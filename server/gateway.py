@@ -1,4 +1,5 @@
-"""The gateway's long-lived parts, built once per app and kept on ``app.state.gateway``."""
+"""``Gateway``: the gateway's long-lived parts (registry, store, upstream pool, limiter, metrics, caches), built
+once per app and kept on ``app.state.gateway``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from flylora_runtime.format.errors import BaseModelMismatch
 from flylora_runtime.format.modelspec import BaseModelSpec
 
 from server.cache import TTLCache
-from server.engines import EnginePool
+from server.upstream import UpstreamPool
 from server.errors import BaseModelUnavailable
 from server.limits import TenantLimiter
 from server.metrics import GatewayMetrics
@@ -27,7 +28,7 @@ class Gateway:
     settings: Settings
     registry: Registry
     store: AdapterStore
-    engines: EnginePool
+    upstream: UpstreamPool
     limiter: TenantLimiter
     metrics: GatewayMetrics
     tenants_by_key: TTLCache[Tenant]
@@ -43,7 +44,7 @@ class Gateway:
             settings=settings,
             registry=Registry.open(settings.db_url),
             store=AdapterStore(settings.store_dir),
-            engines=EnginePool(settings, metrics),
+            upstream=UpstreamPool(settings, metrics),
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
                                   tokens_per_minute=settings.tokens_per_minute_per_tenant),
             metrics=metrics,
@@ -52,7 +53,7 @@ class Gateway:
         )
 
     async def aclose(self) -> None:
-        await self.engines.aclose()
+        await self.upstream.aclose()
         self.registry.close()
 
     def base_spec(self) -> BaseModelSpec:
