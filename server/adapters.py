@@ -95,12 +95,17 @@ async def resolve_adapter(gw: Gateway, tenant: Tenant, name: str) -> Adapter | N
 async def _purge(gw: Gateway, adapter: Adapter) -> None:
     """Evict from engines, remove files, remove the row: always all three."""
     gw.adapters_by_name.invalidate(lambda _k, v: v.internal_id == adapter.internal_id)
+    # reliability: its requests finish (or are cut) before the engines unload it (server/inflight.py)
+    await gw.flights.drain(adapter.internal_id, gw.settings.delete_grace_s)
     failed = await gw.upstream.unload(adapter.internal_id)
     if failed:
         log.error("adapter %s (%s) may still be cached by %s; its files and row are removed anyway",
                   adapter.internal_id, adapter.name, failed)
     await run(gw.store.remove, adapter.internal_id)
     await run(gw.registry.delete_adapter_row, adapter.internal_id)
+    gw.flights.reopen(adapter.internal_id)
+    if gw.integrity is not None:
+        gw.integrity.forget(adapter.internal_id)
 
 
 async def delete_adapter(gw: Gateway, tenant: Tenant, name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from pydantic import SecretStr, ValidationError
@@ -53,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    # SIGTERM (a container stop, `kill`): uvicorn stops accepting, lets requests in flight (streams too) finish
+    # for shutdown_grace_s, cuts the rest, closes the registry; then it re-raises the signal it caught, which
+    # this handler absorbs so that a clean stop exits 0 (docs/RELIABILITY.md).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
-                log_level=args.log_level, access_log=args.access_log, proxy_headers=False, server_header=False)
+                log_level=args.log_level, access_log=args.access_log, proxy_headers=False, server_header=False,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

@@ -124,9 +124,12 @@ class TokenRateLimited(GatewayError):
 
 
 class EngineUnavailable(GatewayError):
-    """No engine replica could be reached."""
+    """No engine replica could be reached (answered with ``Retry-After``: engines come back)."""
 
     status, type_, code = 503, "server_error", "engine_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class BaseModelUnavailable(GatewayError):

@@ -11,7 +11,10 @@ import anyio
 from flylora_runtime.format.errors import BaseModelMismatch
 from flylora_runtime.format.modelspec import BaseModelSpec
 
+from server.admission import FairAdmission
 from server.cache import TTLCache
+from server.inflight import AdapterFlights
+from server.integrity import IntegrityChecker
 from server.upstream import UpstreamPool
 from server.errors import BaseModelUnavailable
 from server.limits import TenantLimiter
@@ -33,6 +36,10 @@ class Gateway:
     metrics: GatewayMetrics
     tenants_by_key: TTLCache[Tenant]
     adapters_by_name: TTLCache[Adapter]
+    # reliability (docs/RELIABILITY.md): fair admission, adapter file checks, requests in flight per adapter
+    admission: FairAdmission = field(default_factory=lambda: FairAdmission(max_in_flight=0))
+    integrity: IntegrityChecker | None = None
+    flights: AdapterFlights = field(default_factory=AdapterFlights)
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
@@ -40,16 +47,23 @@ class Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
                                  base_model_id=settings.base_model_id)
+        store = AdapterStore(settings.store_dir)
         return cls(
             settings=settings,
             registry=Registry.open(settings.db_url),
-            store=AdapterStore(settings.store_dir),
+            store=store,
             upstream=UpstreamPool(settings, metrics),
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
                                   tokens_per_minute=settings.tokens_per_minute_per_tenant),
             metrics=metrics,
             tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
             adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
+            admission=FairAdmission(
+                max_in_flight=settings.admission_in_flight_per_engine * len(settings.engine_urls),
+                tenant_share=settings.admission_tenant_share, queue_depth=settings.admission_queue_depth,
+                queue_timeout_s=settings.admission_queue_timeout_s),
+            integrity=IntegrityChecker(store.root, metrics.registry,
+                                       check_interval_s=settings.adapter_check_interval_s),
         )
 
     async def aclose(self) -> None:

@@ -24,6 +24,8 @@ from starlette.types import Receive, Scope, Send
 
 from server.adapters import resolve_adapter
 from server.deps import authenticate
+from server.inflight import AdapterDeleted, RequestGuard
+from server.integrity import ensure_servable
 from server.upstream import UpstreamResponse
 from server.errors import (
     EngineProtocolError,
@@ -180,6 +182,7 @@ class Flight:
     status: int = 500
     first_token_seen: bool = False
     done: bool = False
+    guard: RequestGuard | None = None  # reliability: fair-admission slot and adapter flight, released in finish
     internal: bytes = field(default=b"", init=False)
     public: bytes = field(default=b"", init=False)
 
@@ -208,6 +211,8 @@ class Flight:
         if status is not None:
             self.status = status
         gw, tenant, m = self.gw, self.tenant, self.gw.metrics
+        if self.guard is not None:
+            self.guard.release()
         gw.limiter.release(tenant.id)
         gw.limiter.charge(tenant.id, self.prompt_tokens + self.completion_tokens,
                           tokens_per_minute=tenant.tokens_per_minute)
@@ -284,6 +289,12 @@ class Flight:
                     yield out
             self.status = 200
         except httpx.HTTPError as exc:
+            if self.guard is not None and self.guard.cut:  # reliability: the adapter was deleted meanwhile
+                self.status = AdapterDeleted.status
+                cut = AdapterDeleted(self.request.model)
+                yield b"data: " + json.dumps(error_body(cut.message, cut.type_, param=cut.param,
+                                                        code=cut.code)).encode() + b"\n\n"
+                return
             # The client has had events already: no retry; a clean OpenAI error event ends the stream.
             kind = upstream.broke(exc, self.gw.metrics)
             self.status = 504 if kind == "timeout" else 502
@@ -385,16 +396,27 @@ async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint:
             adapter = await resolve_adapter(gw, tenant, req.model)
             if adapter is None:
                 raise ModelNotFound(req.model)
+            if gw.integrity is not None:  # reliability: the adapter's stored files are intact
+                await ensure_servable(gw.integrity, gw.registry, adapter)
             req.payload["model"] = adapter.internal_id
         gw.limiter.acquire(tenant.id, max_concurrency=tenant.max_concurrency,
                            tokens_per_minute=tenant.tokens_per_minute)
     except GatewayError as exc:
         gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
         raise
-    flight = Flight(gw, tenant, endpoint, req, adapter, started)
+    try:  # reliability: a fair slot at the engines, the adapter's flight (server/admission.py, inflight.py)
+        guard = await RequestGuard.enter(gw.admission, gw.flights, tenant.id,
+                                         adapter.internal_id if adapter else None, req.model)
+    except BaseException as exc:
+        gw.limiter.release(tenant.id)
+        if isinstance(exc, GatewayError):
+            gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
+        raise
+    flight = Flight(gw, tenant, endpoint, req, adapter, started, guard=guard)
     try:
-        upstream = await gw.upstream.send(ENGINE_PATHS[endpoint], json.dumps(req.payload).encode(),
-                                         adapter_id=adapter.internal_id if adapter else None, stream=req.stream)
+        upstream = await guard.answer(gw.upstream.send(
+            ENGINE_PATHS[endpoint], json.dumps(req.payload).encode(),
+            adapter_id=adapter.internal_id if adapter else None, stream=req.stream))
     except GatewayError as exc:
         flight.finish(exc.status)
         raise
@@ -403,6 +425,7 @@ async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint:
         raise
     response = upstream.response
     if response.status_code == 200 and req.stream:
+        guard.streaming(upstream)
 
         async def on_close(disconnected: bool) -> None:
             await upstream.close()

@@ -107,6 +107,11 @@ class ReplicaRouter:
     def is_ejected(self, url: str) -> bool:
         return self.replicas[url].down_until == math.inf
 
+    def all_down(self) -> bool:
+        """Every replica is in cooldown or ejected."""
+        now = self.clock()
+        return all(r.down_until > now for r in self.replicas.values())
+
     def holds(self, url: str, adapter_id: str, now: float | None = None) -> bool:
         """Did ``url`` serve ``adapter_id`` within the affinity TTL (and not fail since)?"""
         seen = self.holders.get(adapter_id, {}).get(url)

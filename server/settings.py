@@ -97,6 +97,25 @@ class Settings(BaseSettings):
     tokens_per_minute_per_tenant: int = Field(
         default=2_000_000, ge=0, description="Prompt + completion tokens per tenant per minute (0: unlimited).")
 
+    # --- reliability (docs/RELIABILITY.md) -------------------------------------------------------------------
+    admission_in_flight_per_engine: int = Field(
+        default=64, ge=0,
+        description="Completion requests in flight per engine replica (size it to the engine's --max-num-seqs); "
+                    "more wait in fair per-tenant queues. 0: no cap, no queue.")
+    admission_tenant_share: float = Field(
+        default=0.75, gt=0, le=1, description="Largest fraction of those slots one tenant may hold.")
+    admission_queue_depth: int = Field(
+        default=64, ge=0, description="Requests one tenant may have waiting for a slot (429 above).")
+    admission_queue_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request waiting this long for a slot gets 429 (it was never sent).")
+    adapter_check_interval_s: float = Field(
+        default=1.0, ge=0, description="Seconds between checks that an adapter's stored files are unchanged.")
+    delete_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="A deleted adapter's running requests may finish for this long; then they are cut.")
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, in-flight requests may finish for this long; then they are cut.")
+
     # --- metrics -------------------------------------------------------------------------------------------
     max_adapter_labels: int = Field(
         default=500, ge=0, description="Distinct adapter label values in metrics; the rest share `other`.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -147,6 +148,11 @@ class UpstreamPool:
         retried once on another replica. Both put the failed replica in cooldown. A read timeout, a 4xx or
         a 5xx answer is not retried. The caller reads the rest of a stream, then closes.
         """
+        if self.settings.health_check_interval_s > 0 and self.router.all_down():
+            # reliability: every replica failed and none has passed a health check since: answer at once
+            # rather than wait on one that may be restarting (its port open, nothing served yet).
+            raise EngineUnavailable("No engine is available (every replica failed its last check); retry shortly.",
+                                    retry_after_s=max(1, math.ceil(self.settings.health_check_interval_s)))
         tried: list[str] = []
         retried = False
         while (decision := self.router.route(adapter_id, exclude=tried)) is not None:
@@ -245,9 +251,10 @@ class UpstreamPool:
         while True:
             for url, ok in (await self.health()).items():
                 failures[url] = 0 if ok else failures[url] + 1
-                if ok and self.router.is_ejected(url):
-                    self.router.readmit(url)
-                    log.warning("engine %s passes its health check again: readmitted", url)
+                if ok and self.router.is_down(url):
+                    if self.router.is_ejected(url):
+                        log.warning("engine %s passes its health check again: readmitted", url)
+                    self.router.readmit(url)  # reliability: a passing check also ends a cooldown
                 elif failures[url] >= needed and not self.router.is_ejected(url):
                     self.router.eject(url)
                     log.warning("engine %s failed %d health checks in a row: ejected", url, failures[url])

@@ -59,6 +59,9 @@ class EngineConfig:
         "help": "GPU: run without CUDA graphs and torch.compile. On by default until the FlyLoRA Triton path has "
                 "been validated under graph capture on a GPU (no effect on CPU, where vLLM disables compilation "
                 "for LoRA anyway)"})
+    shutdown_timeout: int = field(default=30, metadata={
+        "help": "seconds a SIGTERM lets running requests finish before the engine exits (vLLM's drain; 0: abort "
+                "them at once)"})
     flylora: bool = field(default=True, metadata={
         "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
 
@@ -69,6 +72,8 @@ class EngineConfig:
                      "kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_lora_rank not in (8, 16, 32, 64, 128, 256, 320, 512):
@@ -109,6 +114,7 @@ class EngineConfig:
             "--max-lora-rank", str(self.max_lora_rank), "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs), "--tensor-parallel-size", str(self.tensor_parallel_size),
             "--generation-config", "vllm", "--disable-uvicorn-access-log",
+            "--shutdown-timeout", str(self.shutdown_timeout),
             # Adapters may target only these projections (the checkpoint validator refuses anything else), so
             # vLLM need not wrap lm_head and embed_tokens. Wrapped, they cost every step a LoRA pass over the
             # vocabulary for all tokens, adapter or not: 23% of a base-only step's worker time on this CPU.

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from server.adapters import delete_adapter, resolve_adapter, upload_adapter
 from server.deps import GatewayDep, TenantDep
 from server.errors import AdapterNotFound
+from server.integrity import Verdict
 from server.registry import Adapter
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -28,13 +29,17 @@ class AdapterInfo(BaseModel):
     bytes: int = Field(description="Size of the weights file.")
     sha256: str = Field(description="SHA-256 of the weights file.")
     created: int
-    status: str
+    status: str = Field(description="`ready`, or `unavailable` when its stored files are missing or damaged "
+                                    "(its requests get 503 adapter_unavailable until they are restored).")
+    status_details: str | None = Field(default=None, description="Why it is unavailable.")
 
     @classmethod
-    def of(cls, adapter: Adapter) -> AdapterInfo:
+    def of(cls, adapter: Adapter, verdict: Verdict | None = None) -> AdapterInfo:
+        broken = verdict is not None and not verdict.ok
         return cls(id=adapter.name, base_model=adapter.base_model, r=adapter.r, top_k=adapter.top_k,
                    routing=adapter.routing, bytes=adapter.bytes, sha256=adapter.sha256, created=adapter.created,
-                   status=adapter.state)
+                   status="unavailable" if broken else adapter.state,
+                   status_details=verdict.detail if broken else None)
 
 
 class AdapterList(BaseModel):
@@ -65,7 +70,8 @@ async def upload(request: Request, tenant: TenantDep, gw: GatewayDep) -> Any:
 @router.get("", response_model=AdapterList)
 async def list_adapters(tenant: TenantDep, gw: GatewayDep) -> Any:
     adapters = await anyio.to_thread.run_sync(gw.registry.list_adapters, tenant.id)
-    return AdapterList(data=[AdapterInfo.of(a) for a in adapters])
+    cached = gw.integrity.cached if gw.integrity is not None else (lambda _id: None)
+    return AdapterList(data=[AdapterInfo.of(a, cached(a.internal_id)) for a in adapters])
 
 
 @router.get("/{name}", response_model=AdapterInfo)
@@ -73,7 +79,12 @@ async def get_adapter(name: str, tenant: TenantDep, gw: GatewayDep) -> Any:
     adapter = await resolve_adapter(gw, tenant, name)
     if adapter is None:
         raise AdapterNotFound(name)
-    return AdapterInfo.of(adapter)
+    verdict = None
+    if gw.integrity is not None:  # a fresh look at its files
+        verdict = await gw.integrity.check(adapter, force=True)
+        if not verdict.ok:
+            gw.integrity.confirm(adapter, verdict)
+    return AdapterInfo.of(adapter, verdict)
 
 
 @router.delete("/{name}", status_code=204, response_class=Response)

@@ -42,6 +42,9 @@ class FakeEngineState:
     loaded: set[str] = field(default_factory=set)
     #: make every stream break off (connection dropped): "before_first_chunk" or "after_first_chunk"
     break_streams: str | None = None
+    #: completion requests being answered now, and the most at once
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
         return [r["body"] for r in self.requests if path is None or r["path"] == path]
@@ -141,13 +144,36 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def counted(request: Request, kind: str) -> Any:
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            response = await complete(request, kind)
+        except BaseException:
+            state.in_flight -= 1
+            raise
+        if not isinstance(response, StreamingResponse):
+            state.in_flight -= 1
+            return response
+        inner = response.body_iterator
+
+        async def body() -> Any:
+            try:
+                async for part in inner:
+                    yield part
+            finally:
+                state.in_flight -= 1
+
+        response.body_iterator = body()
+        return response
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        return await complete(request, "chat")
+        return await counted(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await complete(request, "completions")
+        return await counted(request, "completions")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(request: Request) -> Any:

@@ -30,10 +30,10 @@ PICKLE_BYTES = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K
 class ServerThread:
     """Runs an ASGI app under uvicorn on a free loopback port, in a daemon thread."""
 
-    def __init__(self, app: Any, *, log_level: str = "warning"):
+    def __init__(self, app: Any, *, log_level: str = "warning", port: int = 0):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
