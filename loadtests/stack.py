@@ -76,8 +76,9 @@ class Stack:
     ``s.tenant_key`` (a fresh tenant), ``await s.upload(...)``."""
 
     def __init__(self, workdir: Path, *, flylora: bool = True, max_loras: int = 16, max_cpu_loras: int = 64,
-                 max_num_seqs: int = 64, dtype: str = "auto"):
+                 max_num_seqs: int = 64, dtype: str = "auto", gateway_env: dict[str, str] | None = None):
         self.workdir = workdir
+        self.gateway_env = gateway_env or {}
         self.store = workdir / "store"
         self.engine_config = EngineConfig(model=str(demo_model_dir()), adapter_store=str(self.store),
                                           port=free_port(), dtype=dtype, max_loras=max_loras,
@@ -107,7 +108,10 @@ class Stack:
                     "FLYLORA_BASE_MODEL_DIR": str(demo_model_dir()), "FLYLORA_ADMIN_KEY": self.admin_key,
                     "FLYLORA_ENGINE_URLS": f"http://127.0.0.1:{self.engine_config.port}",
                     "FLYLORA_GATEWAY_HOST": "127.0.0.1", "FLYLORA_GATEWAY_PORT": str(self.gateway_port),
-                    "FLYLORA_MAX_CONCURRENCY_PER_TENANT": "100000", "FLYLORA_TOKENS_PER_MINUTE_PER_TENANT": "0"})
+                    "FLYLORA_MAX_CONCURRENCY_PER_TENANT": "100000", "FLYLORA_TOKENS_PER_MINUTE_PER_TENANT": "0",
+                    # Fair admission off unless a scenario turns it on (docs/RELIABILITY.md): it would shape the load.
+                    "FLYLORA_ADMISSION_IN_FLIGHT_PER_ENGINE": "0", **self.gateway_env})
+        self.env = env
         log = open(self.workdir / "gateway.log", "ab")
         self.gateway = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "warning"], env=env,
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -26,6 +26,7 @@ import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.errors import GatewayError
 
@@ -90,6 +91,15 @@ class FairAdmission:
         self.tenants: dict[int, _Tenant] = {}
         self._turns: deque[int] = deque()  # tenants with waiting requests, in round-robin order
 
+    def export(self, registry: Any) -> None:
+        """Gauges of the admission state on a Prometheus registry."""
+        from prometheus_client import Gauge
+
+        Gauge("flylora_gateway_admission_in_flight", "Completion requests holding a slot at the engines.",
+              registry=registry).set_function(lambda: self.in_flight)
+        Gauge("flylora_gateway_admission_waiting", "Completion requests waiting for a slot (all tenants).",
+              registry=registry).set_function(lambda: self.waiting())
+
     @property
     def enabled(self) -> bool:
         return self.max_in_flight > 0
@@ -107,14 +117,23 @@ class FairAdmission:
             t = self.tenants[tenant] = _Tenant()
         return t
 
-    async def enter(self, tenant: int) -> Slot:
-        """A slot for one request of ``tenant``: at once, or after waiting its turn; or 429."""
+    def try_enter(self, tenant: int) -> Slot | None:
+        """A slot at once, or None when the request would have to wait (see :meth:`enter`)."""
         if not self.enabled:
             return Slot(None, tenant)
         t = self._state(tenant)
         if not t.waiting and self.in_flight < self.max_in_flight and t.in_flight < self.tenant_cap:
             self._grant(t)
             return Slot(self, tenant)
+        self._drop_if_idle(tenant, t)
+        return None
+
+    async def enter(self, tenant: int) -> Slot:
+        """A slot for one request of ``tenant``: at once, or after waiting its turn; or 429."""
+        slot = self.try_enter(tenant)
+        if slot is not None:
+            return slot
+        t = self._state(tenant)
         if len(t.waiting) >= self.queue_depth:
             self._drop_if_idle(tenant, t)
             raise QueueFull(f"The service is at capacity and {len(t.waiting)} of your requests are already "

@@ -48,6 +48,11 @@ class Gateway:
         metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
                                  base_model_id=settings.base_model_id)
         store = AdapterStore(settings.store_dir)
+        admission = FairAdmission(
+            max_in_flight=settings.admission_in_flight_per_engine * len(settings.engine_urls),
+            tenant_share=settings.admission_tenant_share, queue_depth=settings.admission_queue_depth,
+            queue_timeout_s=settings.admission_queue_timeout_s)
+        admission.export(metrics.registry)
         return cls(
             settings=settings,
             registry=Registry.open(settings.db_url),
@@ -58,10 +63,7 @@ class Gateway:
             metrics=metrics,
             tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
             adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
-            admission=FairAdmission(
-                max_in_flight=settings.admission_in_flight_per_engine * len(settings.engine_urls),
-                tenant_share=settings.admission_tenant_share, queue_depth=settings.admission_queue_depth,
-                queue_timeout_s=settings.admission_queue_timeout_s),
+            admission=admission,
             integrity=IntegrityChecker(store.root, metrics.registry,
                                        check_interval_s=settings.adapter_check_interval_s),
         )

@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 import anyio
+from starlette.requests import ClientDisconnect
 
 from server.errors import ModelNotFound
 
@@ -135,10 +136,14 @@ class RequestGuard:
 
     @classmethod
     async def enter(cls, admission: Any, flights: AdapterFlights, tenant_id: int, internal_id: str | None,
-                    name: str) -> RequestGuard:
+                    name: str, receive: Any = None) -> RequestGuard:
         """Wait for a slot (429 when the tenant's queue is full or the wait too long), then register the
-        adapter's flight (404 when it was deleted meanwhile, the slot given back)."""
-        slot = await admission.enter(tenant_id)
+        adapter's flight (404 when it was deleted meanwhile, the slot given back). With the ASGI ``receive``
+        (the body already read), a client that hangs up while waiting gives its place back at once
+        (:class:`ClientDisconnect`)."""
+        slot = admission.try_enter(tenant_id)
+        if slot is None:
+            slot = await _wait_for_slot(admission, tenant_id, receive)
         try:
             flight = flights.begin(internal_id, name) if internal_id is not None else None
         except BaseException:
@@ -176,3 +181,32 @@ class RequestGuard:
         self.slot.release()
         if self.flight is not None:
             self.flight.end()
+
+
+async def _wait_for_slot(admission: Any, tenant_id: int, receive: Any) -> Any:
+    """``admission.enter``, or :class:`ClientDisconnect` as soon as the client hangs up while it waits."""
+    if receive is None:
+        return await admission.enter(tenant_id)
+    waiter = asyncio.ensure_future(admission.enter(tenant_id))
+    gone = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        gone.cancel()
+        waiter.cancel()
+        await _release_if_granted(waiter)
+        raise
+    if waiter.done():
+        gone.cancel()
+        return waiter.result()  # the slot, or the wait's 429
+    waiter.cancel()
+    await _release_if_granted(waiter)
+    raise ClientDisconnect()
+
+
+async def _release_if_granted(waiter: asyncio.Future[Any]) -> None:
+    try:
+        slot = await waiter
+    except BaseException:  # cancelled (the usual case) or a 429 nobody will read
+        return
+    slot.release()

@@ -48,6 +48,10 @@ COMPLETION_ROUTES = {"/v1/chat/completions": "chat.completions", "/v1/completion
 #: endpoint label -> path
 ENGINE_PATHS = {endpoint: path for path, endpoint in COMPLETION_ROUTES.items()}
 CLIENT_CLOSED = 499  # status recorded in metrics when the client went away mid-stream
+#: The last event of a stream cut by the gateway's shutdown (its grace period ran out).
+SHUTDOWN_EVENT = b"data: " + json.dumps(error_body(
+    "The gateway is shutting down and its grace period for running requests ran out; retry the request.",
+    "server_error", code="server_shutting_down")).encode() + b"\n\n"
 
 
 def _dump(obj: Any) -> bytes:
@@ -321,6 +325,7 @@ class ProxyStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
         closed = False
+        started = ended = False
 
         async def close() -> None:
             nonlocal closed
@@ -337,11 +342,14 @@ class ProxyStream(Response):
             async with anyio.create_task_group() as tg:
 
                 async def pump() -> None:
+                    nonlocal started, ended
                     await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                    started = True
                     async for chunk in self.chunks:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     # Book-keeping (usage, limits) is done before the client sees the end of the stream.
                     await close()
+                    ended = True
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     tg.cancel_scope.cancel()
 
@@ -358,6 +366,11 @@ class ProxyStream(Response):
             disconnected = True
         finally:
             await close()
+            if started and not ended and not disconnected:
+                # reliability: cut by the server (the end of the shutdown grace): a clean last event, then the end
+                with anyio.move_on_after(2, shield=True):
+                    await send({"type": "http.response.body", "body": SHUTDOWN_EVENT, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # --- the handler ----------------------------------------------------------------------------------------------
@@ -376,7 +389,7 @@ async def serve_completion(gw: Gateway, endpoint: str, authorization: str | None
         except GatewayError as exc:
             gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
             raise
-        return await forward_completion(gw, tenant, body, endpoint, started)
+        return await forward_completion(gw, tenant, body, endpoint, started, receive=receive)
     except GatewayError as exc:
         return exc.response()
     except ClientDisconnect:
@@ -386,8 +399,10 @@ async def serve_completion(gw: Gateway, endpoint: str, authorization: str | None
         return internal_error_response()
 
 
-async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint: str, started: float) -> Response:
-    """Serve one completion request whose ``body`` has been read (under the size cap) since ``started``."""
+async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint: str, started: float,
+                             receive: Receive | None = None) -> Response:
+    """Serve one completion request whose ``body`` has been read (under the size cap) since ``started``
+    (``receive``: the request's, to notice a client that hangs up while queued)."""
     settings = gw.settings
     try:
         req = parse_completion_request(body, endpoint, settings)
@@ -406,7 +421,7 @@ async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint:
         raise
     try:  # reliability: a fair slot at the engines, the adapter's flight (server/admission.py, inflight.py)
         guard = await RequestGuard.enter(gw.admission, gw.flights, tenant.id,
-                                         adapter.internal_id if adapter else None, req.model)
+                                         adapter.internal_id if adapter else None, req.model, receive)
     except BaseException as exc:
         gw.limiter.release(tenant.id)
         if isinstance(exc, GatewayError):

@@ -244,3 +244,24 @@ def test_settings_files_env_names_exist_for_every_reliability_setting():
     assert names <= set(Settings.model_fields)
     s = Settings(_env_file=None, engine_urls=["http://a:1", "http://b:2"])
     assert s.admission_in_flight_per_engine == 64 and s.shutdown_grace_s == 30
+
+
+def test_a_client_that_hangs_up_while_queued_gives_its_place_back(make_engine, make_gateway):
+    engine = make_engine()
+    gw = make_gateway([engine.url], admission_in_flight_per_engine=1, admission_tenant_share=1.0)
+    _, key = gw.new_tenant()
+    body = {"model": BASE_ID, "prompt": "x", "max_tokens": 2}
+    with gw.client(key) as c, ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(c.post, "/v1/completions", json={**body, "fake_sleep_s": 2})
+        wait_until(lambda: engine.state.in_flight == 1, 5, "the first request at the engine")
+        impatient = pool.submit(httpx.post, gw.url + "/v1/completions", json=body, timeout=0.5,
+                                headers={"authorization": f"Bearer {key}"})
+        wait_until(lambda: gw.gw.admission.waiting() == 1, 5, "the second request to queue")
+        try:
+            impatient.result(5)
+        except httpx.TimeoutException:
+            pass
+        wait_until(lambda: gw.gw.admission.waiting() == 0, 2, "the hung-up request to leave the queue")
+        assert holder.result(10).status_code == 200
+    assert len(engine.state.requests) == 1  # the one that hung up never reached the engine
+    assert gw.gw.admission.in_flight == 0 and gw.gw.limiter.in_flight == {}
