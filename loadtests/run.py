@@ -6,6 +6,8 @@
     python -m loadtests.run adapters   # issue 8: 1, 10, 100, 1000 adapters, Zipf(1.0), + base reference
     python -m loadtests.run sweep      # open-loop Poisson request-rate sweep, 100 adapters, Zipf(1.0)
     python -m loadtests.run native     # stock vLLM LoRA baselines (16 full adapters, 100 q/v adapters)
+    python -m loadtests.run fairness   # issue 17: a quiet tenant's TTFT alone, under fair load, next to a noisy one
+    python -m loadtests.run soak       # issue 17: 10 minutes of mixed load; RSS and open files over time
     python -m loadtests.run all        # engine + adapters + sweep in two engine sessions (FlyLoRA, then
                                        # stock vLLM LoRA with its 16-adapter baseline; the 100 q/v stock run
                                        # is left to `native` to keep `all` under 30 minutes on 2 cores)
@@ -344,7 +346,9 @@ def markdown_tables(b: Bench, partial: bool) -> str:
 
 # --- sessions --------------------------------------------------------------------------------------------------
 
-SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "all")
+SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "all", "fairness", "soak")
+#: Default --duration per scenario (seconds of load per measured run; the soak's whole run).
+DEFAULT_DURATION = {"fairness": 60.0, "soak": 600.0}
 
 
 async def session(b: Bench, name: str, flylora: bool, parts) -> None:
@@ -383,12 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per measured run (default 30)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of load per measured run (default 30; fairness 60, soak 600)")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")
     p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON, PNG and tables (docs/bench)")
     args = p.parse_args(argv)
+    if args.duration is None:
+        args.duration = DEFAULT_DURATION.get(args.scenario, 30.0)
+    if args.scenario in ("fairness", "soak"):  # docs/RELIABILITY.md: their own stacks and outputs
+        from loadtests import fairness, soak
+
+        t0 = time.monotonic()
+        runner = fairness.benchmark if args.scenario == "fairness" else soak.benchmark
+        asyncio.run(runner(args.out, args.duration))
+        _log(f"{args.scenario} done in {(time.monotonic() - t0) / 60:.1f} min")
+        return 0
     b = Bench(duration_s=args.duration, concurrency=args.concurrency, output_tokens=args.output_tokens,
               progress=not args.no_progress, out=args.out)
     t0 = time.monotonic()
