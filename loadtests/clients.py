@@ -43,14 +43,15 @@ class Outcome:
 
 
 async def request(client: httpx.AsyncClient, tenant: str, key: str, model: str, *, stream: bool, max_tokens: int,
-                  prompt: str = PROMPT, live: list[Outcome] | None = None, cancel_after: int | None = None
-                  ) -> Outcome:
+                  prompt: str = PROMPT, live: list[Outcome] | None = None, cancel_after: int | None = None,
+                  ignore_eos: bool = True) -> Outcome:
     """One completion; every way it can end is recorded, nothing raises. ``cancel_after``: hang up a stream
-    after that many content events."""
+    after that many content events; ``ignore_eos``: always ``max_tokens`` tokens (vLLM's extra parameter)."""
     out = Outcome(tenant=tenant, model=model, stream=stream, began=time.monotonic())
     if live is not None:
         live.append(out)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "ignore_eos": ignore_eos}
     headers = {"authorization": f"Bearer {key}"}
     try:
         if not stream:

@@ -5,17 +5,18 @@
 One engine (the fp32 demo model, ``--max-num-seqs`` = ``BATCH``) behind one gateway with fair admission
 sized to that batch (``FLYLORA_ADMISSION_IN_FLIGHT_PER_ENGINE=BATCH``, a tenant holds at most 3/4 of it). A
 quiet tenant sends one streamed request at a time (``QUIET_TOKENS`` tokens, a short pause between them) and
-its time to first token (TTFT, measured by the client) is recorded in four runs of ``--duration`` seconds:
+its time to first token (TTFT, measured by its own client) is recorded in four runs of ``--duration`` seconds,
+while other tenants keep non-streamed requests of ``LOAD_TOKENS`` tokens in flight:
 
 * ``alone``: nobody else;
-* ``fair``: six more tenants, one stream each: the engine runs as many requests as in ``noisy``, every tenant
-  within its share;
-* ``noisy``: one more tenant with ten times what the engine can take in flight (``10 x BATCH`` streams);
+* ``fair``: six more tenants, one request each: the engine runs as many requests as in ``noisy``, every
+  tenant within its share;
+* ``noisy``: one more tenant with ten times what the engine can take in flight (``10 x BATCH`` requests);
 * ``noisy_no_admission``: the same, through a second gateway with fair admission off (every request goes
   straight to vLLM's first-come-first-served queue): what the gateway's admission buys.
 
 The promise (docs/RELIABILITY.md): the quiet tenant's p99 TTFT with the noisy tenant is within 2x of ``fair``.
-The engine's running and waiting requests are sampled from its ``/metrics`` every half second. Results go to
+The engine's running and waiting requests and the gateway's admission gauges are sampled every half second. Results go to
 ``docs/bench/fairness.json`` and ``fairness.png``.
 """
 
@@ -51,28 +52,36 @@ class Load:
     concurrency: int
 
 
-async def engine_sampler(engine_url: str, stop: asyncio.Event, samples: list[tuple[float, float]]) -> None:
-    """(running, waiting) requests on the engine, every half second."""
+GAUGES = {"vllm:num_requests_running": "engine_running", "vllm:num_requests_waiting": "engine_waiting",
+          "flylora_gateway_admission_in_flight": "gateway_in_flight",
+          "flylora_gateway_admission_waiting": "gateway_waiting"}
+
+
+async def sampler(urls: list[str], stop: asyncio.Event, samples: list[dict[str, float]]) -> None:
+    """The engine's running and waiting requests and the gateway's admission gauges, every half second."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
         while not stop.is_set():
-            try:
-                text = (await client.get(engine_url + "/metrics")).text
-                running = waiting = 0.0
-                for line in text.splitlines():
-                    if line.startswith("vllm:num_requests_running"):
-                        running += float(line.rsplit(" ", 1)[1])
-                    elif line.startswith("vllm:num_requests_waiting"):
-                        waiting += float(line.rsplit(" ", 1)[1])
-                samples.append((running, waiting))
-            except (httpx.HTTPError, ValueError, IndexError):
-                pass
+            sample: dict[str, float] = {}
+            for url in urls:
+                try:
+                    text = (await client.get(url + "/metrics")).text
+                except httpx.HTTPError:
+                    continue
+                for family in text_string_to_metric_families(text):
+                    for s in family.samples:
+                        if s.name in GAUGES:
+                            sample[GAUGES[s.name]] = sample.get(GAUGES[s.name], 0.0) + s.value
+            samples.append(sample)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
             except TimeoutError:
                 pass
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
@@ -86,32 +95,33 @@ async def scenario(url: str, engine_url: str, quiet_key: str, loads: list[Load],
     """Run the quiet tenant against ``loads`` for ``duration_s``; the quiet tenant's TTFT and everyone's outcomes."""
     quiet: list[Outcome] = []
     loaded: list[Outcome] = []
-    samples: list[tuple[float, float]] = []
+    samples: list[dict[str, float]] = []
     stop = asyncio.Event()
-    connections = 64 + sum(ld.concurrency for ld in loads)
-    async with async_client(url, connections=connections) as client:
+    connections = 8 + sum(ld.concurrency for ld in loads)
+    # The quiet tenant has a client (connection pool) of its own, as a separate customer would.
+    async with async_client(url, connections=connections) as client, async_client(url, connections=4) as own:
 
         async def quiet_loop() -> None:
             while not stop.is_set():
-                quiet.append(await request(client, "quiet", quiet_key, model, stream=True, max_tokens=quiet_tokens))
+                quiet.append(await request(own, "quiet", quiet_key, model, stream=True, max_tokens=quiet_tokens))
                 await asyncio.sleep(QUIET_PAUSE_S)
 
         async def load_loop(ld: Load) -> None:
             while not stop.is_set():
-                o = await request(client, ld.tenant, ld.key, model, stream=True, max_tokens=load_tokens)
+                o = await request(client, ld.tenant, ld.key, model, stream=False, max_tokens=load_tokens)
                 loaded.append(o)
                 if o.status == 429:
                     await asyncio.sleep(float(o.retry_after or 1))
 
         tasks = [asyncio.create_task(load_loop(ld)) for ld in loads for _ in range(ld.concurrency)]
         await asyncio.sleep(3 if loads else 0)  # the load settles before the quiet tenant starts
-        sampler = asyncio.create_task(engine_sampler(engine_url, stop, samples))
+        sampling = asyncio.create_task(sampler([url, engine_url], stop, samples))
         t0 = time.monotonic()
         qtask = asyncio.create_task(quiet_loop())
         await asyncio.sleep(duration_s)
         stop.set()
         await qtask
-        await sampler
+        await sampling
         for t in tasks:  # hang up on the load: streams are aborted, queued requests leave the queue
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -126,9 +136,9 @@ async def scenario(url: str, engine_url: str, quiet_key: str, loads: list[Load],
         "quiet_errors": [o.error or o.transport_error for o in quiet if not o.ok][:5],
         "load_tenants": [{"tenant": ld.tenant, "concurrency": ld.concurrency} for ld in loads],
         "load_requests_done": sum(o.ok for o in loaded), "load_statuses": statuses,
-        "load_output_tokens_per_s": sum(o.events for o in loaded if o.ok) / elapsed,
-        "engine_running_mean": _mean([r for r, _ in samples]), "engine_waiting_mean": _mean([w for _, w in samples]),
-        "engine_samples": len(samples), "seconds": elapsed,
+        "load_output_tokens_per_s": sum(o.ok for o in loaded) * load_tokens / elapsed,
+        **{f"{key}_mean": _mean([s.get(key) for s in samples]) for key in GAUGES.values()},
+        "samples": len(samples), "seconds": elapsed,
     }
 
 
@@ -142,7 +152,8 @@ async def three_runs(url: str, engine_url: str, keys: dict[str, str], model: str
         out[name] = await scenario(url, engine_url, keys["quiet"], loads, model, duration_s)
         q = out[name]["quiet_ttft_s"]
         _log(f"{name}: quiet TTFT p50 {q['p50']:.3f} s p99 {q['p99']:.3f} s over {q['n']}; engine running "
-             f"{out[name]['engine_running_mean']:.1f}, waiting {out[name]['engine_waiting_mean']:.1f}; "
+             f"{out[name]['engine_running_mean']}, waiting {out[name]['engine_waiting_mean']}; gateway in flight "
+             f"{out[name]['gateway_in_flight_mean']}, waiting {out[name]['gateway_waiting_mean']}; "
              f"load {out[name]['load_statuses']}")
         await asyncio.sleep(2)
     return out

@@ -53,19 +53,20 @@ class Gateway:
             tenant_share=settings.admission_tenant_share, queue_depth=settings.admission_queue_depth,
             queue_timeout_s=settings.admission_queue_timeout_s)
         admission.export(metrics.registry)
+        upstream = UpstreamPool(settings, metrics)
         return cls(
             settings=settings,
             registry=Registry.open(settings.db_url),
             store=store,
-            upstream=UpstreamPool(settings, metrics),
+            upstream=upstream,
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
                                   tokens_per_minute=settings.tokens_per_minute_per_tenant),
             metrics=metrics,
             tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
             adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
             admission=admission,
-            integrity=IntegrityChecker(store.root, metrics.registry,
-                                       check_interval_s=settings.adapter_check_interval_s),
+            integrity=IntegrityChecker(store.root, metrics.registry, check_interval_s=settings.adapter_check_interval_s,
+                                       evict=upstream.unload),
         )
 
     async def aclose(self) -> None:

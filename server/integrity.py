@@ -15,8 +15,13 @@ An adapter that fails is **unavailable**: its requests get 503 ``adapter_unavail
 service's storage, not of the request; it clears by itself as soon as the files are restored, which the
 next check sees), ``GET /v1/adapters/{name}`` shows ``status: "unavailable"`` with the reason in
 ``status_details``, and the metrics ``flylora_gateway_adapters_unavailable`` (how many now) and
-``flylora_gateway_adapter_integrity_failures_total{reason}`` (each time one is found) count it. Nothing else
-changes: other adapters keep serving, the engines are not involved.
+``flylora_gateway_adapter_integrity_failures_total{reason}`` (each time one is found) count it, and the engines
+are told to unload it (so none reloads the damaged files from a scheduling step). Nothing else changes: other
+adapters keep serving.
+
+Left open: files damaged after the last check (at most ``check_interval_s`` ago) while the request is on its
+way, and an engine that must reload them (the adapter dropped out of its CPU cache) in that window; vLLM 0.32
+has no way to fail only that request, so its engine core dies and is restarted (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +121,10 @@ class IntegrityChecker:
     """Per-adapter verdicts on the store's files (see the module docstring)."""
 
     def __init__(self, store_root: Path, registry: CollectorRegistry, *, check_interval_s: float = 1.0,
-                 clock=time.monotonic):
+                 evict: Callable[[str], Awaitable[object]] | None = None, clock=time.monotonic):
         self.root = Path(store_root)
+        self.evict = evict
+        self._evictions: set[asyncio.Future[object]] = set()
         self.check_interval_s = check_interval_s
         self.clock = clock
         self.verdicts: dict[str, Verdict] = {}
@@ -173,6 +181,13 @@ class IntegrityChecker:
             verdict.confirmed = True
             self.failures.labels(verdict.reason).inc()
             log.error("adapter %s (%s) is unavailable: %s", adapter.internal_id, adapter.name, verdict.detail)
+            if self.evict is not None:
+                # The engines forget it: should a request for it still reach one (another gateway replica that
+                # has not looked yet), the engine resolves it anew, and its resolver refuses damaged files
+                # cleanly, instead of reloading them inside a scheduling step (which kills vLLM's engine core).
+                task = asyncio.ensure_future(self.evict(adapter.internal_id))
+                self._evictions.add(task)
+                task.add_done_callback(self._evictions.discard)
 
 
 async def ensure_servable(checker: IntegrityChecker, registry: Registry, adapter: Adapter) -> None:

@@ -30,6 +30,7 @@ from server.upstream import UpstreamResponse
 from server.errors import (
     EngineProtocolError,
     EngineTimeout,
+    EngineUnavailable,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
@@ -228,6 +229,9 @@ class Flight:
 
     # non-streamed answers (and every error answer) ----------------------------------------------------------
     def json_response(self, status: int, raw: bytes, content_type: str | None) -> Response:
+        if status >= 500:  # reliability: the engine's internals stay in the log; the client gets a clean 503
+            log.warning("engine answered HTTP %d for %s: %s", status, self.endpoint, raw[:300])
+            raise EngineUnavailable(f"The engine could not serve the request (HTTP {status}); retry shortly.")
         if status != 200:
             return Response(self.sanitize(raw), status_code=status, media_type=content_type or "application/json")
         try:

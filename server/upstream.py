@@ -193,6 +193,14 @@ class UpstreamPool:
                 self.router.record_success(url, adapter_id if response.status_code == 200 else None)
             else:
                 self.metrics.upstream_errors.labels(url, "status_5xx").inc()
+                if not retried and any(u not in tried for u in self.urls):
+                    # reliability: an engine that failed the request without output (vLLM answers 500/503 while
+                    # it shuts down or its core died): once more on another replica. No cooldown here: the
+                    # health check judges the replica, a request cannot take it out of service.
+                    retried = True
+                    await self._release(url, response)
+                    log.warning("engine %s answered HTTP %d; trying another replica", url, response.status_code)
+                    continue
             return upstream
         raise EngineUnavailable(f"No engine could be reached (tried {len(tried)}).")
 

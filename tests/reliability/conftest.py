@@ -121,7 +121,8 @@ class Stack:
 
     def complete(self, key: str, model: str, max_tokens: int = 6, timeout: float = 120) -> httpx.Response:
         return httpx.post(self.url + "/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=timeout,
-                          json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+                          json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                                "ignore_eos": True})
 
 
 @pytest.fixture(scope="session")

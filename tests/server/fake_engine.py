@@ -42,6 +42,8 @@ class FakeEngineState:
     loaded: set[str] = field(default_factory=set)
     #: make every stream break off (connection dropped): "before_first_chunk" or "after_first_chunk"
     break_streams: str | None = None
+    #: answer every completion request with this HTTP error (an engine shutting down, a dead engine core)
+    force_status: int | None = None
     #: completion requests being answered now, and the most at once
     in_flight: int = 0
     max_in_flight: int = 0
@@ -79,6 +81,8 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         state.requests.append({"path": request.url.path, "body": body, "id": rid,
                                "headers": dict(request.headers)})
         model = body.get("model", "")
+        if state.force_status is not None:
+            return _error(state.force_status, "EngineCore encountered an issue.")
         if body.get("fake_status"):
             return _error(int(body["fake_status"]), f"Engine refused the request for model `{model}`.")
         missing = resolve(model)

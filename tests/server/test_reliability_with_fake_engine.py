@@ -121,6 +121,7 @@ def test_damaged_or_removed_adapter_files_make_only_that_adapter_unavailable(mak
         assert metric(gw.url, "flylora_gateway_adapters_unavailable") == 2
         assert metric(gw.url, "flylora_gateway_adapter_integrity_failures_total", reason="checksum_mismatch") == 1
         assert metric(gw.url, "flylora_gateway_adapter_integrity_failures_total", reason="missing") == 1
+        wait_until(lambda: {ids["bad"], ids["gone"]} <= set(engine.state.unloads), 5, "the engines to unload them")
         weights.write_bytes(original)  # restored: serves again, by itself
         assert c.post("/v1/completions", json={"model": "bad", "prompt": "x"}).status_code == 200
         assert c.get("/v1/adapters/bad").json()["status"] == "ready"
@@ -265,3 +266,21 @@ def test_a_client_that_hangs_up_while_queued_gives_its_place_back(make_engine, m
         assert holder.result(10).status_code == 200
     assert len(engine.state.requests) == 1  # the one that hung up never reached the engine
     assert gw.gw.admission.in_flight == 0 and gw.gw.limiter.in_flight == {}
+
+
+def test_an_engine_5xx_is_retried_on_another_replica_else_a_clean_503(make_engine, make_gateway):
+    sick, well = make_engine(), make_engine()
+    sick.state.force_status = 500  # e.g. draining after SIGTERM: vLLM fails new requests
+    gw = make_gateway([sick.url, well.url])
+    _, key = gw.new_tenant()
+    with gw.client(key) as c:
+        for _ in range(4):  # base requests go to the least loaded replica: the sick one gets some
+            assert c.post("/v1/completions", json={"model": BASE_ID, "prompt": "x", "max_tokens": 2}).status_code == 200
+    assert sick.state.requests, "the sick replica was never tried"
+    assert not gw.gw.upstream.router.is_down(sick.url)  # an answer is not a connection failure
+    lone = make_gateway([sick.url])
+    _, key = lone.new_tenant()
+    with lone.client(key) as c:
+        r = c.post("/v1/completions", json={"model": BASE_ID, "prompt": "x"})
+    err = assert_openai_error(r, 503)
+    assert err["code"] == "engine_unavailable" and "EngineCore" not in err["message"] and r.headers["retry-after"]
