@@ -67,6 +67,8 @@ class FlightHandle:
 
 
 class AdapterFlights:
+    abort_settle_s = 0.5
+
     def __init__(self) -> None:
         self._flights: dict[str, set[FlightHandle]] = {}
         self._closed: dict[str, int] = {}  # internal id -> deletions in progress
@@ -111,6 +113,9 @@ class AdapterFlights:
                 await handle._ended.wait()
         stuck = sum(not h._ended.is_set() for h in left)
         if left:
+            # The engine aborts a request when its connection closes; let it do so before the unload that
+            # follows (an adapter unloaded under a running request is reloaded from the store next step).
+            await asyncio.sleep(self.abort_settle_s)
             log.warning("adapter %s deleted with %d requests still running after %.0f s: cut (%d did not end)",
                         internal_id, len(left), grace_s, stuck)
         return len(running), len(left)
