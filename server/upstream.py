@@ -145,8 +145,10 @@ class UpstreamPool:
         A replica that cannot be reached (connection refused) is skipped for the next one, through every
         replica. A replica that fails after taking the request (connection closed before a complete
         non-streamed answer or before the first streamed chunk: the client has received nothing yet) is
-        retried once on another replica. Both put the failed replica in cooldown. A read timeout, a 4xx or
-        a 5xx answer is not retried. The caller reads the rest of a stream, then closes.
+        retried once on another replica. Both put the failed replica in cooldown. A 5xx answer (no output
+        yet) is retried once on another replica, with no cooldown. A read timeout or a 4xx answer is not
+        retried. While every replica is down (failed, no health check passed since) nothing is tried: 503
+        at once. The caller reads the rest of a stream, then closes.
         """
         if self.settings.health_check_interval_s > 0 and self.router.all_down():
             # reliability: every replica failed and none has passed a health check since: answer at once
