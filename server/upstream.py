@@ -245,27 +245,28 @@ class UpstreamPool:
         return False
 
     async def health(self) -> dict[str, bool]:
-        """Each replica: did ``GET /health`` answer 200 within the health timeout?"""
+        """Each replica: did ``GET /health`` answer 200 within the health timeout? A replica that passes is
+        routed to again at once (it may have been ejected or cooling down), so ``/ready`` and routing agree."""
         results = await asyncio.gather(*(self._health_one(url) for url in self.urls))
         for url, ok in zip(self.urls, results, strict=True):
             self.metrics.engine_ready.labels(url).set(1 if ok else 0)
+            if ok and self.router.is_down(url):
+                if self.router.is_ejected(url):
+                    log.warning("engine %s passes its health check again: readmitted", url)
+                self.router.readmit(url)
         return dict(zip(self.urls, results, strict=True))
 
     async def watch_health(self) -> None:
         """Active health checks, forever: every ``health_check_interval_s`` probe each replica's ``/health``;
-        after ``health_check_failures`` failures in a row eject it from routing, readmit it on the first
-        probe that passes. Runs as a task for the app's lifetime."""
+        after ``health_check_failures`` failures in a row eject it from routing; the first probe that passes
+        (here or by ``/ready``) readmits it. Runs as a task for the app's lifetime."""
         interval = self.settings.health_check_interval_s
         needed = self.settings.health_check_failures
         failures = dict.fromkeys(self.urls, 0)
         while True:
             for url, ok in (await self.health()).items():
                 failures[url] = 0 if ok else failures[url] + 1
-                if ok and self.router.is_down(url):
-                    if self.router.is_ejected(url):
-                        log.warning("engine %s passes its health check again: readmitted", url)
-                    self.router.readmit(url)  # reliability: a passing check also ends a cooldown
-                elif failures[url] >= needed and not self.router.is_ejected(url):
+                if not ok and failures[url] >= needed and not self.router.is_ejected(url):
                     self.router.eject(url)
                     log.warning("engine %s failed %d health checks in a row: ejected", url, failures[url])
             await asyncio.sleep(interval)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import BASE_ID, start_fake_engine
 from tests.server.fake_engine import FakeEngineState, create_fake_engine
-from tests.server.helpers import ServerThread, assert_openai_error
+from tests.server.helpers import ServerThread, assert_openai_error, free_port_url
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -284,3 +284,22 @@ def test_an_engine_5xx_is_retried_on_another_replica_else_a_clean_503(make_engin
         r = c.post("/v1/completions", json={"model": BASE_ID, "prompt": "x"})
     err = assert_openai_error(r, 503)
     assert err["code"] == "engine_unavailable" and "EngineCore" not in err["message"] and r.headers["retry-after"]
+
+
+def test_ready_taking_an_engine_back_means_requests_go_to_it_at_once(make_gateway):
+    """A gateway started before its engine (ejected at the first check): as soon as /ready says 200, requests
+    are served, not answered 503 until the next periodic check."""
+    url = free_port_url()
+    gw = make_gateway([url], health_check_interval_s=60, health_check_failures=1)
+    wait_until(lambda: gw.gw.upstream.router.is_ejected(url), 5, "the first check to eject the engine")
+    _, key = gw.new_tenant()
+    body = {"model": BASE_ID, "prompt": "x", "max_tokens": 2}
+    with gw.client(key) as c:
+        assert_openai_error(c.post("/v1/completions", json=body), 503)
+        engine = ServerThread(create_fake_engine(FakeEngineState(base_model=BASE_ID)),
+                              port=int(url.rsplit(":", 1)[1])).start()
+        try:
+            assert httpx.get(gw.url + "/ready").status_code == 200
+            assert c.post("/v1/completions", json=body).status_code == 200
+        finally:
+            engine.stop()
