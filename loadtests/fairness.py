@@ -207,7 +207,8 @@ def plot(path: Path, results: dict[str, dict]) -> None:
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("quiet tenant's time to first token (s)")
     ax.set_yscale("log")
-    ax.set_title(f"Quiet tenant's TTFT; engine batch {BATCH}, noisy tenant at 10x its capacity")
+    ax.set_title(f"Quiet tenant's time to first token (engine batch {BATCH}; the noisy tenant keeps 10x that "
+                 "in flight)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
