@@ -58,7 +58,7 @@ def test_the_first_process_creates_and_exports_the_folder(monkeypatch):
 def test_flylora_engine_gives_every_engine_its_own_folder(monkeypatch, tmp_path):
     from flylora_runtime.engine.launcher import EngineConfig, command
 
-    monkeypatch.setenv(metrics.METRICS_DIR_ENV, "/shared/by/accident")
+    monkeypatch.setenv(metrics.METRICS_DIR_ENV, "/elsewhere/by/accident")
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
