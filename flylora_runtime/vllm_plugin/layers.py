@@ -1,15 +1,16 @@
 """FlyLoRA layers for vLLM: subclasses of vLLM's linear LoRA layers that apply the FlyLoRA delta.
 
 vLLM keeps its LoRA layer classes in ``vllm.lora.utils._all_lora_classes`` and picks, for every linear
-layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`install_layers`
-replaces each linear entry with a subclass (same order) that mixes in :class:`FlyLoRALayerMixin`:
+layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`flylora_classes` (installed
+by :mod:`.patches`) replaces each linear entry with a subclass (same order) that mixes in
+:class:`FlyLoRALayerMixin`:
 
 - the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (A packed
   compact on CPU when the compiled kernel is available, in fp32 or, in bf16 engines, bf16; dense fp32
   otherwise; ``B^T`` with
   ``lora_alpha / r`` folded in, d, k, r and the routing flag per slot and slice);
 - ``set_lora`` (called by vLLM) notes an adapter's A and B for a slot;
-  :meth:`FlyLoRALayerMixin.set_flylora_routing` (called right after by the model manager hook in
+  :meth:`FlyLoRALayerMixin.set_flylora_weights` (called right after by the model manager hook in
   :mod:`.loading`, in the engine's loop, before any forward uses the slot) copies A, B, d, top-k and
   routing into the slot (:func:`~flylora_runtime.kernels.prepare_slot` on the adapter's first activation,
   then :func:`~flylora_runtime.kernels.write_slot` of the image the adapter keeps while it stays loaded);
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend, prepare_slot,
-                       write_slot)
+from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend,
+                                     native, prepare_slot, write_slot)
 from flylora_runtime.reference.ops import LayerAdapter
 
 
@@ -47,8 +48,6 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
     there, and at decode the A stream is most of the kernel's memory traffic (bf16 values: 0.79x the
     kernel time of a 16-adapter decode step). An fp32 engine keeps fp32 A, exact against the reference.
     Elsewhere: dense fp32."""
-    from flylora_runtime.kernels import native
-
     if torch.device(device).type != "cpu" or native.library() is None:
         return {"a_dtype": torch.float32}
     return {"max_nnz": in_features, "packed": True,
@@ -104,14 +103,15 @@ class FlyLoRALayerMixin:
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         """Remember slot ``index``'s A and B (``lora_b`` already holds alpha/r) until its routing is set.
 
-        vLLM calls this from ``activate_adapter``; the FlyLoRA hook (:func:`.loading.apply_routing`) then
-        calls :meth:`set_flylora_routing` for the same slot, which copies everything into the slot at once.
+        vLLM calls this from ``activate_adapter``; the FlyLoRA hook (:func:`.loading.set_slot_weights`) then
+        calls :meth:`set_flylora_weights` for the same slot, which copies everything into the slot at once.
         """
         self._flylora_pending[index] = self._slices(lora_a, lora_b)
 
-    def set_flylora_routing(self, index: int, d: list[torch.Tensor | None], top_k: int | None,
+    def set_flylora_weights(self, index: int, d: list[torch.Tensor | None], top_k: int | None,
                             magnitude: bool, image: SlotImage | None = None) -> SlotImage | None:
-        """Copy slot ``index``'s adapter in: per-slice bias ``d[i]`` (None: zeros), ``top_k`` (None: r).
+        """Copy slot ``index``'s adapter in: A and B (from :meth:`set_lora`), per-slice bias ``d[i]`` (None:
+        zeros), ``top_k`` (None: r) and the routing (``magnitude``).
 
         A slice the adapter does not target gets a zero rank-1 entry (it contributes nothing); a layer none of
         whose slices it targets is cleared instead (an empty slot, skipped by the kernels).
@@ -190,21 +190,14 @@ def flylora_classes(base_classes: tuple[type, ...]) -> tuple[type, ...]:
     return tuple(out)
 
 
-def install_layers() -> None:
-    """Swap the FlyLoRA classes into ``vllm.lora.utils._all_lora_classes`` (idempotent), and have the
-    punica wrapper note, on the host, which slots the current step's tokens use."""
-    import vllm.lora.utils as lora_utils
-    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
-
-    lora_utils._all_lora_classes = flylora_classes(lora_utils._all_lora_classes)
-    if getattr(PunicaWrapperBase, "_flylora_active", False):
-        return
-    original = PunicaWrapperBase.update_metadata
+def note_active_slots(original):
+    """``PunicaWrapperBase.update_metadata`` that also notes, on the host, which slots the step's tokens use
+    (``flylora_active_slots``, read by :meth:`FlyLoRALayerMixin._apply_lora_to_output`). Installed by
+    :mod:`.patches`."""
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         original(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         slot_of = {lora_id: i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
         self.flylora_active_slots = frozenset(slot_of[i] for i in set(mapping.index_mapping) if i > 0 and i in slot_of)
 
-    PunicaWrapperBase.update_metadata = update_metadata
-    PunicaWrapperBase._flylora_active = True
+    return update_metadata

@@ -6,8 +6,8 @@
   read), then handed to the engine, which loads it into its CPU cache and a device slot on first use.
   Ids must match :data:`ADAPTER_ID_RE`, so a name can never address a path outside the store.
 - vLLM's ``/v1/unload_lora_adapter`` only forgets the name (upstream issue #54839): the engine keeps the
-  weights in its CPU cache and slot. :func:`install_unload` makes it also call ``engine.remove_lora``, so
-  unloading really frees the engine's copy.
+  weights in its CPU cache and slot. :func:`unload_frees_engine_copy` (installed by :mod:`.patches`) makes it
+  also call ``engine.remove_lora``, so unloading really frees the engine's copy.
 """
 
 from __future__ import annotations
@@ -78,13 +78,8 @@ def install_resolver() -> None:
     LoRAResolverRegistry.register_resolver("FlyLoRA store", StoreResolver(store, _base_spec_from_vllm_args()))
 
 
-def install_unload() -> None:
-    """Make ``/v1/unload_lora_adapter`` free the engine's copy too (idempotent)."""
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-
-    if getattr(OpenAIServingModels, "_flylora_unload", False):
-        return
-    original = OpenAIServingModels.unload_lora_adapter
+def unload_frees_engine_copy(original):
+    """``OpenAIServingModels.unload_lora_adapter`` that also removes the adapter from the engine."""
 
     async def unload_lora_adapter(self, request):
         known = self.lora_requests.get(request.lora_name)
@@ -95,5 +90,4 @@ def install_unload() -> None:
                         known.lora_int_id)
         return result
 
-    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
-    OpenAIServingModels._flylora_unload = True
+    return unload_lora_adapter
