@@ -273,3 +273,28 @@ def test_lookups_racing_a_revocation_never_see_the_key_afterwards(registry):
         for th in threads:
             th.join()
     assert after == [None] * 20 and any(seen)
+
+
+# --- the gateway on PostgreSQL, through its HTTP API --------------------------------------------------------
+
+def test_the_gateway_serves_tenants_keys_and_adapters_from_postgresql(engine, make_gateway, postgres_url, tmp_path):
+    gw = make_gateway([engine.url], database_url=postgres_url)
+    engine.state.store = gw.settings.store_dir
+    assert gw.gw.registry.engine.dialect.name == "postgresql"
+    name, key = gw.new_tenant()
+    assert gw.upload(key, "support", tmp_path / "a").status_code == 201
+    with gw.client(key) as c:
+        r = c.post("/v1/chat/completions", json={"model": "support", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["model"] == "support"
+    with gw.admin() as admin:
+        second = admin.post(f"/admin/tenants/{name}/keys").json()
+        first_id = admin.get(f"/admin/tenants/{name}/keys").json()["data"][0]["id"]
+        assert admin.delete(f"/admin/tenants/{name}/keys/{first_id}").status_code == 204
+    with gw.client(key) as c:
+        assert c.get("/v1/adapters").status_code == 401
+    with gw.client(second["api_key"]) as c:
+        assert [a["id"] for a in c.get("/v1/adapters").json()["data"]] == ["support"]
+    with gw.admin() as admin:
+        assert admin.delete(f"/admin/tenants/{name}").status_code == 204
+    assert gw.store_entries() == set() and _rows(gw.gw.registry, "SELECT count(*) FROM adapters") == [(0,)]
