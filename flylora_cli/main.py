@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(tenants, "create", tenants_create, "create a tenant and print its first API key (shown once)")
     sub.add_argument("name", type=_name, help="tenant name: 1-64 of a-z 0-9 . _ -")
     sub.add_argument("--max-concurrency", type=int, help="requests in flight at once (default: the gateway's)")
-    sub.add_argument("--tokens-per-minute", type=int, help="token budget per minute, 0 unlimited (default: the gateway's)")
+    sub.add_argument("--tokens-per-minute", type=int,
+                     help="token budget per minute, 0 unlimited (default: the gateway's)")
     command(tenants, "list", tenants_list, "list tenants with their adapter counts and limits")
     sub = command(tenants, "delete", tenants_delete, "delete a tenant with all its adapters and keys")
     sub.add_argument("name", type=_name)

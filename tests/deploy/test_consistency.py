@@ -119,7 +119,8 @@ def test_dockerfile_engine_listens_where_it_exposes_and_checks_health(only_env, 
 # --- docker-compose ---------------------------------------------------------------------------------------
 
 #: What an operator exports before `docker compose up` (the file refuses to start without them).
-OPERATOR_ENV = {"FLYLORA_ADMIN_KEY": "a" * 8 + "0123456789abcdef" * 3, "FLYLORA_ENGINE_API_KEY": "e" * 8 + "fedcba9876543210" * 3}
+OPERATOR_ENV = {"FLYLORA_ADMIN_KEY": "a" * 8 + "0123456789abcdef" * 3,
+                "FLYLORA_ENGINE_API_KEY": "e" * 8 + "fedcba9876543210" * 3}
 
 
 @pytest.fixture

@@ -150,7 +150,8 @@ def test_a_key_issued_by_another_replica_works_here(engine, make_gateway, tmp_pa
                                      ("a" * 48, "distinct")])
 def test_weak_admin_keys_are_refused_at_start(key, why, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYLORA_")}
-    env.update({"FLYLORA_ADMIN_KEY": key, "FLYLORA_DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    env.update({"FLYLORA_ADMIN_KEY": key, "FLYLORA_DATA_DIR": str(tmp_path),
+                "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     done = subprocess.run([sys.executable, "-m", "server.cli", "--port", "0"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2, done.stderr
