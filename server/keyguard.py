@@ -15,7 +15,9 @@ A key reaches the registry only when it could be a real one. In order:
    here after the next directory reload at the latest.
 
 So however many distinct random keys arrive, the registry sees at most ``unknown_key_lookups_per_s`` of
-them per second (plus the burst), and tenants with real keys are never slowed by them.
+them per second (plus the burst), and tenants with real keys are never slowed by them. With the directory
+turned off (``key_directory_refresh_s = 0``) every key not cached is looked up, as before this module
+existed, and only repeats of an unknown key are answered from memory.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class KeyGuard:
 
     def admit(self, digest: str) -> bool:
         """True: look the key up in the registry. False: refuse it now (no query)."""
-        if self.known is not None and digest in self.known:
+        if self.known is None:  # no directory (turned off): every uncached key is looked up, repeats excepted
+            return self.unknown.get(digest) is None
+        if digest in self.known:
             return True
         if self.unknown.get(digest) is not None or not self.bucket.take():
             self.refused += 1

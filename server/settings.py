@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="Seconds a key -> tenant or name -> adapter lookup is cached (0: never).")
     key_directory_refresh_s: float = Field(
         default=10.0, ge=0, description="Seconds between reloads of the in-memory set of key hashes that lets "
-                                        "unknown keys be refused without a query (0: no such set).")
+                                        "unknown keys be refused without a query (0: no such set; every "
+                                        "uncached key is then looked up, only repeats are answered from memory).")
     unknown_key_lookups_per_s: float = Field(
         default=20.0, gt=0, description="Registry lookups per second for keys not in that set (keys issued by "
                                         "another replica since the last reload); beyond it they get 401 at once.")

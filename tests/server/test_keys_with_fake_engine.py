@@ -188,3 +188,20 @@ def test_directory_reload_keeps_keys_issued_and_revoked_while_it_ran():
         assert guard.admit("old") and not guard.admit("x1")
 
     asyncio.run(main())
+
+
+def test_without_a_directory_real_keys_are_never_rate_limited():
+    import asyncio
+
+    from server.keyguard import KeyGuard
+
+    async def main() -> None:
+        guard = KeyGuard(lambda: asyncio.sleep(0, set()), refresh_s=0, lookups_per_s=1, negative_entries=4,
+                         clock=lambda: 0.0)
+        await guard.reload()  # turned off: loads nothing
+        assert guard.known is None
+        assert all(guard.admit(f"k{i}") for i in range(10))  # no bucket in the way
+        guard.found("k1", False)
+        assert not guard.admit("k1")  # a repeat of an unknown key costs nothing
+
+    asyncio.run(main())
