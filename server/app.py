@@ -32,9 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if resumed:
                 log.warning("finished %d adapter deletions interrupted by a previous shutdown", resumed)
             await gw.sweep_store()
+            await gw.keys.reload()
             async with anyio.create_task_group() as tg:
                 if settings.health_check_interval_s > 0:
                     tg.start_soon(gw.engines.watch_health)
+                tg.start_soon(gw.keys.watch)
                 yield
                 tg.cancel_scope.cancel()
         finally:

@@ -2,7 +2,8 @@
 
 Settings come from the environment (``FLYLORA_*``) and an optional dotenv file (``--env-file`` or
 ``FLYLORA_ENV_FILE``). ``--host`` / ``--port`` override the settings. When no admin key is configured one is
-generated and printed once, to stderr.
+generated and printed once, to stderr. With ``FLYLORA_METRICS_PORT`` set, ``/metrics`` is served on that port
+only (:mod:`server.serve`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"flylora-gateway: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
+    from server import serve
     from server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
-                log_level=args.log_level, access_log=args.access_log, proxy_headers=False, server_header=False)
+    serve.run(create_app(settings), settings, log_level=args.log_level, access_log=args.access_log)
     return 0
 
 

@@ -100,6 +100,15 @@ class TenantExists(GatewayError):
         super().__init__(f"A tenant named `{name}` already exists.", param="name")
 
 
+class KeyNotFound(GatewayError):
+    """The tenant has no API key of that id (revoked already, or another tenant's)."""
+
+    status, type_, code = 404, "invalid_request_error", "key_not_found"
+
+    def __init__(self, key_id: int):
+        super().__init__(f"The tenant has no API key with id {key_id}.", param="key_id")
+
+
 class PayloadTooLarge(GatewayError):
     """A request body or an uploaded file is over its limit."""
 

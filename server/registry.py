@@ -8,7 +8,7 @@ frozen records detached from any session, and raise the gateway's error types (`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import (
@@ -21,15 +21,16 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from server.errors import AdapterExists, TenantExists, TenantNotFound
-from server.security import hash_key, new_api_key, same_hash
+from server.errors import AdapterExists, KeyNotFound, TenantExists, TenantNotFound
+from server.security import hash_key, key_hint, new_api_key, same_hash
 
 READY = "ready"
 DELETING = "deleting"
@@ -56,6 +57,9 @@ class ApiKeyRow(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True, nullable=False)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     created: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Added after the first release (nullable: rows of older databases have neither; see _add_missing_columns).
+    label: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hint: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class AdapterRow(Base):
@@ -86,6 +90,21 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One of a tenant's keys, as listed: never the key itself (only its hash is stored)."""
+
+    id: int
+    tenant_id: int
+    created: int
+    label: str | None = None
+    hint: str | None = None
+    key_hash: str = field(default="", repr=False)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "api_key", "created": self.created, "label": self.label, "hint": self.hint}
+
+
+@dataclass(frozen=True)
 class Adapter:
     tenant_id: int
     name: str
@@ -113,6 +132,11 @@ def _tenant(row: TenantRow) -> Tenant:
                   tokens_per_minute=row.tokens_per_minute)
 
 
+def _key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(id=row.id, tenant_id=row.tenant_id, created=row.created, label=row.label, hint=row.hint,
+                  key_hash=row.key_hash)
+
+
 def _adapter(row: AdapterRow) -> Adapter:
     return Adapter(tenant_id=row.tenant_id, name=row.name, internal_id=row.internal_id, base_model=row.base_model,
                    r=row.r, top_k=row.top_k, routing=row.routing, bytes=row.bytes, sha256=row.sha256,
@@ -136,6 +160,42 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+#: Serialises schema set-up between gateway replicas starting at once on one PostgreSQL database.
+_SCHEMA_LOCK_ID = 0x466C794C6F5241  # "FlyLoRA"
+
+
+def create_schema(conn: Connection) -> list[str]:
+    """Create missing tables, then add columns newer releases introduced; returns the columns added.
+
+    Migrations are additive only (new nullable columns), so an older database opens as it is and a newer
+    gateway never rewrites existing rows. Processes that start together do not race on ``CREATE TABLE`` /
+    ``ALTER TABLE``: on PostgreSQL an advisory lock is held for the transaction, on SQLite the write lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_ID})")
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    Base.metadata.create_all(conn)
+    return _add_missing_columns(conn)
+
+
+def _add_missing_columns(conn: Connection) -> list[str]:
+    added = []
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing "
+                                   "database: migrations must add nullable columns only")
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}')
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
 class Registry:
     """Tenants, keys and adapters. Create with :meth:`open`; the schema is created if absent."""
 
@@ -146,7 +206,8 @@ class Registry:
     @classmethod
     def open(cls, url: str) -> Registry:
         engine = make_engine(url)
-        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            create_schema(conn)
         return cls(engine)
 
     def close(self) -> None:
@@ -164,7 +225,7 @@ class Registry:
             s.add(row)
             try:
                 s.flush()
-                s.add(ApiKeyRow(tenant_id=row.id, key_hash=hash_key(key), created=now))
+                s.add(ApiKeyRow(tenant_id=row.id, key_hash=hash_key(key), created=now, hint=key_hint(key)))
                 s.commit()
             except IntegrityError:
                 s.rollback()
@@ -187,14 +248,53 @@ class Registry:
                 raise TenantNotFound(name)
             return _tenant(row)
 
-    def add_key(self, tenant_name: str) -> str:
-        """A new API key for the tenant (older keys stay valid)."""
-        tenant = self.get_tenant(tenant_name)
+    def add_key(self, tenant_name: str, *, label: str | None = None) -> tuple[ApiKey, str]:
+        """A new API key for the tenant (older keys stay valid): its record and the key, returned once."""
         key = new_api_key()
         with self._session() as s:
-            s.add(ApiKeyRow(tenant_id=tenant.id, key_hash=hash_key(key), created=int(time.time())))
+            tenant_id = self._tenant_id(s, tenant_name)
+            row = ApiKeyRow(tenant_id=tenant_id, key_hash=hash_key(key), created=int(time.time()), label=label,
+                            hint=key_hint(key))
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                if s.get(TenantRow, tenant_id) is None:  # deleted since it was read
+                    raise TenantNotFound(tenant_name) from None
+                raise
+            return _key(row), key
+
+    def list_keys(self, tenant_name: str) -> list[ApiKey]:
+        """The tenant's keys, oldest first."""
+        with self._session() as s:
+            tenant_id = self._tenant_id(s, tenant_name)
+            return [_key(r) for r in s.scalars(select(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id)
+                                               .order_by(ApiKeyRow.id))]
+
+    def revoke_key(self, tenant_name: str, key_id: int) -> ApiKey:
+        """Delete one of the tenant's keys; :class:`KeyNotFound` when the tenant has no key of that id."""
+        with self._session() as s:
+            tenant_id = self._tenant_id(s, tenant_name)
+            row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.id == key_id, ApiKeyRow.tenant_id == tenant_id))
+            if row is None:
+                raise KeyNotFound(key_id)
+            key = _key(row)
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.id == key_id))
             s.commit()
-        return key
+            return key
+
+    def key_hashes(self) -> set[str]:
+        """The hash of every key (the gateway's in-memory key directory)."""
+        with self._session() as s:
+            return set(s.scalars(select(ApiKeyRow.key_hash)))
+
+    @staticmethod
+    def _tenant_id(s: Any, name: str) -> int:
+        tenant_id = s.scalar(select(TenantRow.id).where(TenantRow.name == name))
+        if tenant_id is None:
+            raise TenantNotFound(name)
+        return tenant_id
 
     def delete_tenant(self, tenant_id: int) -> None:
         """Remove the tenant, its keys and any adapter rows (the caller removes adapter files first)."""
@@ -216,13 +316,16 @@ class Registry:
 
     # --- adapters -----------------------------------------------------------------------------------------
     def add_adapter(self, adapter: Adapter) -> Adapter:
-        """Register an adapter; :class:`AdapterExists` when the tenant already has that name."""
+        """Register an adapter; :class:`AdapterExists` when the tenant already has that name,
+        :class:`TenantNotFound` when the tenant was deleted meanwhile (a foreign key refuses the row)."""
         with self._session() as s:
             s.add(AdapterRow(**{f: getattr(adapter, f) for f in adapter.__dataclass_fields__}))
             try:
                 s.commit()
             except IntegrityError:
                 s.rollback()
+                if s.get(TenantRow, adapter.tenant_id) is None:
+                    raise TenantNotFound(str(adapter.tenant_id)) from None
                 raise AdapterExists(adapter.name) from None
         return adapter
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.security import admin_key_problem
 
 #: The repository root: the parent of the ``server`` package.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +34,9 @@ DEFAULT_BASE_MODEL_ID = "SmolLM2-135M-Instruct"
 class Settings(BaseSettings):
     """Everything the gateway can be told. Invalid values raise ``ValueError`` naming the value."""
 
-    model_config = SettingsConfigDict(env_prefix="FLYLORA_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a refused admin key or database URL (with its password) is never echoed to a log.
+    model_config = SettingsConfigDict(env_prefix="FLYLORA_", extra="ignore", validate_default=True,
+                                      hide_input_in_errors=True)
 
     # --- where things live -------------------------------------------------------------------------------
     data_dir: Path = Field(default=REPO_ROOT / ".work", description="Data folder (registry, adapter store, models).")
@@ -51,7 +55,8 @@ class Settings(BaseSettings):
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default=["http://127.0.0.1:8100"], description="vLLM OpenAI servers, comma-separated in the environment.")
     engine_api_key: SecretStr | None = Field(
-        default=None, description="Bearer key the engines require (vLLM --api-key), if any.")
+        default=None, description="Bearer key the engines require (FLYLORA_ENGINE_API_KEY, shared with "
+                                  "flylora-engine); needed when engines listen beyond loopback.")
     engine_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout to an engine.")
     engine_read_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest wait between two bytes from an engine (long prefill, slow stream).")
@@ -84,6 +89,20 @@ class Settings(BaseSettings):
         default=True, description="Serve the completion routes from an ASGI middleware (faster, same behaviour).")
     auth_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="Seconds a key -> tenant or name -> adapter lookup is cached (0: never).")
+    key_directory_refresh_s: float = Field(
+        default=10.0, ge=0, description="Seconds between reloads of the in-memory set of key hashes that lets "
+                                        "unknown keys be refused without a query (0: no such set; every "
+                                        "uncached key is then looked up, only repeats are answered from memory).")
+    unknown_key_lookups_per_s: float = Field(
+        default=20.0, gt=0, description="Registry lookups per second for keys not in that set (keys issued by "
+                                        "another replica since the last reload); beyond it they get 401 at once.")
+    unknown_key_cache_entries: int = Field(
+        default=10_000, ge=1, description="Key hashes found unknown, remembered (LRU) so repeats cost no query.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /metrics on this port only (keep it off the public network); unset: on the main port.")
+    metrics_host: str | None = Field(
+        default=None, description="Address of the metrics port; default the gateway's address.")
 
     # --- limits --------------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(default=1 << 30, ge=1, description="Largest adapter weights file (413 above).")
@@ -116,6 +135,15 @@ class Settings(BaseSettings):
             return urls
         return value
 
+    @field_validator("admin_key", "engine_api_key")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:
+            problem = admin_key_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(f"FLYLORA_{str(info.field_name).upper()} is refused: {problem}")
+        return value
+
     @field_validator("base_model_id")
     @classmethod
     def _check_base_id(cls, value: str) -> str:
@@ -131,6 +159,9 @@ class Settings(BaseSettings):
             self.adapter_store = self.data_dir / "adapters"
         if self.base_model_dir is None:
             self.base_model_dir = self.data_dir / "models" / self.base_model_id
+        if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.gateway_port:
+            raise ValueError(f"metrics_port must differ from gateway_port ({self.gateway_port}): the point of it "
+                             "is to keep /metrics off the public port")
         return self
 
     # Typed accessors for the derived fields (never None after validation).

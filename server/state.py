@@ -13,6 +13,7 @@ from flylora_runtime.format.modelspec import BaseModelSpec
 from server.cache import TTLCache
 from server.engines import EnginePool
 from server.errors import BaseModelUnavailable
+from server.keyguard import KeyGuard
 from server.limits import TenantLimiter
 from server.metrics import GatewayMetrics
 from server.registry import Adapter, Registry, Tenant
@@ -32,6 +33,7 @@ class Gateway:
     metrics: GatewayMetrics
     tenants_by_key: TTLCache[Tenant]
     adapters_by_name: TTLCache[Adapter]
+    keys: KeyGuard
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
@@ -39,9 +41,10 @@ class Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
                                  base_model_id=settings.base_model_id)
+        registry = Registry.open(settings.db_url)
         return cls(
             settings=settings,
-            registry=Registry.open(settings.db_url),
+            registry=registry,
             store=AdapterStore(settings.store_dir),
             engines=EnginePool(settings, metrics),
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
@@ -49,6 +52,10 @@ class Gateway:
             metrics=metrics,
             tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
             adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
+            keys=KeyGuard(lambda: anyio.to_thread.run_sync(registry.key_hashes),
+                          refresh_s=settings.key_directory_refresh_s,
+                          lookups_per_s=settings.unknown_key_lookups_per_s,
+                          negative_entries=settings.unknown_key_cache_entries),
         )
 
     async def aclose(self) -> None:

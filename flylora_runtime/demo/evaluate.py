@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     store.mkdir()
     config = EngineConfig(model=str(model_dir), adapter_store=str(store), port=free_port(), dtype="float32",
                           max_loras=4, max_cpu_loras=8, max_lora_rank=32, max_num_seqs=64)
-    admin = "eval-admin-" + os.urandom(8).hex()
+    admin = "eval-admin-" + os.urandom(16).hex()
     settings = Settings(_env_file=None, data_dir=tmp, database_url=f"sqlite:///{tmp / 'registry.db'}",
                         adapter_store=store, base_model_id=BASE, base_model_dir=model_dir,
                         engine_urls=[f"http://127.0.0.1:{config.port}"], admin_key=admin,

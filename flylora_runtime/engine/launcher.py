@@ -5,7 +5,9 @@
 
 Every option is a field of :class:`EngineConfig` (one place for defaults; the CLI is generated from it).
 Environment overrides: ``FLYLORA_ENGINE_DTYPE``, ``FLYLORA_ENGINE_HOST``, ``FLYLORA_ENGINE_PORT``,
-``FLYLORA_ADAPTER_STORE``. The engine serves the base model under ``--served-model-name`` and resolves
+``FLYLORA_ADAPTER_STORE``. ``FLYLORA_ENGINE_API_KEY`` (environment only, never a flag: argv is visible to every
+local user) makes every route but /health and /metrics need that key (:mod:`.auth`); it is required to listen
+on a non-loopback address. The engine serves the base model under ``--served-model-name`` and resolves
 any other ``model`` as an adapter id in the store (``<store>/<id>/adapter_config.json`` + weights).
 
 vLLM wraps only the seven projections adapters may target (``--lora-target-modules``): left to itself it
@@ -23,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flylora_runtime.engine.auth import API_KEY_ENV, MIDDLEWARE, is_loopback, secret_problem
 from flylora_runtime.format.modelspec import PARENT
 from flylora_runtime.paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
 from flylora_runtime.vllm_plugin.metrics import METRICS_DIR_ENV
@@ -61,6 +64,8 @@ class EngineConfig:
                 "for LoRA anyway)"})
     flylora: bool = field(default=True, metadata={
         "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
+    api_key: str | None = field(default_factory=lambda: os.environ.get(API_KEY_ENV) or None, repr=False, metadata={
+        "cli": False, "help": f"engine key shared with the gateway (from {API_KEY_ENV} only)"})
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -77,6 +82,11 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size must be 1: FlyLoRA's top-k must follow the all-reduce of the "
                              f"shrink output, which is not implemented; got {self.tensor_parallel_size}")
+        if self.api_key is not None and (problem := secret_problem(self.api_key)) is not None:
+            raise ValueError(f"{API_KEY_ENV} is refused: {problem}")
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(f"host {self.host} is not a loopback address: set {API_KEY_ENV} (the same value as the "
+                             "gateway's) so that only the gateway can reach the engine, or bind 127.0.0.1")
         if not Path(self.model, "config.json").is_file():
             raise ValueError(f"model must be a Hugging Face checkpoint directory; {self.model}/config.json "
                              "is missing (run `make model` for the demo model)")
@@ -97,6 +107,8 @@ class EngineConfig:
         }
         if not self.flylora:
             env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: stock vLLM
+        if self.api_key is not None:
+            env[API_KEY_ENV] = self.api_key  # read by the middleware in vLLM's API server
         if on_cpu:
             env.update({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)})
         return env
@@ -114,6 +126,7 @@ class EngineConfig:
             # vocabulary for all tokens, adapter or not: 23% of a base-only step's worker time on this CPU.
             "--lora-target-modules", *PARENT,
             *(["--enforce-eager"] if self.enforce_eager else []),
+            *(["--middleware", MIDDLEWARE] if self.api_key is not None else []),
         ]
 
 
@@ -121,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flylora-engine", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(EngineConfig):
+        if f.metadata.get("cli") is False:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
@@ -143,6 +158,7 @@ def command(config: EngineConfig) -> tuple[list[str], dict[str, str]]:
     config.validate()
     env = dict(os.environ)
     env.pop(METRICS_DIR_ENV, None)  # each engine gets its own counters folder (the plugin creates it)
+    env.pop(API_KEY_ENV, None)  # set again below only when this config has a key
     env.update(config.environment(on_cpu()))
     for key in ("VLLM_RPC_BASE_PATH", "VLLM_CACHE_ROOT"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)

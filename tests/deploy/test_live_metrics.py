@@ -24,7 +24,7 @@ from tests.server.helpers import ServerThread, adapter_files
 from tests.deploy.tools import PROMETHEUS_DIR, dashboard_queries, grafana_to_promql, promql_metric_names, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-ADMIN_KEY = "deploy-admin-key"
+ADMIN_KEY = "deploy-admin-key-not-secret-0123456789"
 #: The series a metric family of each type exposes (OpenMetrics naming, as prometheus_client parses it).
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "summary": ("", "_sum", "_count", "_created"), "gauge": ("",), "info": ("_info",), "untyped": ("",)}

@@ -52,7 +52,7 @@ from tests.server.helpers import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-ADMIN_KEY = "scale-out-admin-key"
+ADMIN_KEY = "scale-out-admin-key-not-secret-0123456789"
 N_ADAPTERS = 20
 IN_FLIGHT = 8
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "What is rain?", "Give me a fruit.",

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("the gateway did not start under valgrind")
                 time.sleep(1)
             key = httpx.post(gateway + "/admin/tenants", json={"name": "bench"}, timeout=60,
-                             headers={"authorization": "Bearer bench-admin"}).json()["api_key"]
+                             headers={"authorization": f"Bearer {bench.BENCH_ADMIN_KEY}"}).json()["api_key"]
             uvloop.run(_load(gateway, key, 200, args.concurrency))  # warm-up, not counted
             def control(*command: str) -> None:
                 subprocess.run(["callgrind_control", *command, str(gw.pid)], check=True,

@@ -44,6 +44,7 @@ ANSWER = json.dumps({
 RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: " + str(len(ANSWER)).encode()
             + b"\r\n\r\n" + ANSWER)
 HEALTH = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+BENCH_ADMIN_KEY = "bench-admin-key-not-secret-0123456789"
 BODY = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
@@ -89,7 +90,7 @@ def _run_gateway(port: int, upstream: str, data_dir: str) -> None:
     from tests.server.helpers import write_base_model
 
     write_base_model(Path(data_dir) / "models" / "SmolLM2-135M-Instruct")
-    settings = Settings(_env_file=None, data_dir=data_dir, engine_urls=[upstream], admin_key="bench-admin",
+    settings = Settings(_env_file=None, data_dir=data_dir, engine_urls=[upstream], admin_key=BENCH_ADMIN_KEY,
                         max_concurrency_per_tenant=10_000, tokens_per_minute_per_tenant=0)
     # As `flylora-gateway` runs it (server/cli.py), with uvloop and httptools.
     uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="error", access_log=False,
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             _wait(upstream)
             _wait(gateway)
             key = httpx.post(gateway + "/admin/tenants", json={"name": "bench"},
-                             headers={"authorization": "Bearer bench-admin"}).json()["api_key"]
+                             headers={"authorization": f"Bearer {BENCH_ADMIN_KEY}"}).json()["api_key"]
             import uvloop
 
             run = uvloop.run

@@ -22,7 +22,7 @@ TINY_BASE_CONFIG = {
 OTHER_BASE_CONFIG = {**TINY_BASE_CONFIG, "hidden_size": 128, "intermediate_size": 192}
 
 #: The admin key of every test gateway (not a secret).
-ADMIN_KEY = "test-admin-key-not-secret"
+ADMIN_KEY = "test-admin-key-not-secret-0123456789"
 
 PICKLE_BYTES = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s."
 

@@ -20,7 +20,7 @@ from server.settings import Settings
 from tests.server.helpers import ServerThread, adapter_files
 
 pytestmark = pytest.mark.slow
-ADMIN_KEY = "e2e-admin-key"
+ADMIN_KEY = "e2e-admin-key-not-secret-0123456789"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 

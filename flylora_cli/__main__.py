@@ -1,0 +1,3 @@
+from flylora_cli.main import main
+
+raise SystemExit(main())
