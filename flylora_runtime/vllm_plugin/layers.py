@@ -23,6 +23,8 @@ shape and dtype (vLLM reads those to size warm-up adapters); they hold no memory
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend, prepare_slot,
@@ -46,10 +48,12 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
     fp32, or bf16 in a bf16 engine: vLLM's own LoRA holds A in the engine's dtype too, x is already bf16
     there, and at decode the A stream is most of the kernel's memory traffic (bf16 values: 0.79x the
     kernel time of a 16-adapter decode step). An fp32 engine keeps fp32 A, exact against the reference.
-    Elsewhere: dense fp32."""
+    Elsewhere (a GPU, no compiler, or another backend forced with ``FLYLORA_KERNEL_BACKEND``, e.g. the
+    Triton backend under ``TRITON_INTERPRET=1`` on CPU): dense fp32."""
     from flylora_runtime.kernels import native
 
-    if torch.device(device).type != "cpu" or native.library() is None:
+    on_cpu_backend = os.environ.get("FLYLORA_KERNEL_BACKEND", "cpu") == "cpu"
+    if torch.device(device).type != "cpu" or not on_cpu_backend or native.library() is None:
         return {"a_dtype": torch.float32}
     return {"max_nnz": in_features, "packed": True,
             "index_dtype": torch.int16 if in_features <= 32767 else torch.int32,
