@@ -23,6 +23,7 @@ shape and dtype (vLLM reads those to size warm-up adapters); they hold no memory
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -60,6 +61,16 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
             "a_dtype": torch.bfloat16 if lora_dtype == torch.bfloat16 else torch.float32}
 
 
+def _bind_static_buffers(backend, slots: FlyLoRASlots):
+    """The Triton backend with the layer's slice table built once: built per call it is a host-to-device
+    copy, which a CUDA graph cannot capture (its top-k workspaces are allocated per call, which can)."""
+    if getattr(backend, "__name__", "") != "apply_triton":
+        return backend
+    from flylora_runtime.kernels.triton_kernels import slice_table
+
+    return functools.partial(backend, slice_meta=slice_table(slots))
+
+
 class FlyLoRALayerMixin:
     """Mixed in front of a vLLM ``BaseLinearLayerWithLoRA`` subclass (see the module docstring)."""
 
@@ -81,7 +92,7 @@ class FlyLoRALayerMixin:
             **_a_layout(self.device, self.input_size, lora_config.lora_dtype))
         # Resolved once: the per-call dispatch (environment lookup, argument checks) is measurable at
         # 120 layer calls per decode step. The first call is checked in full (see _apply_lora_to_output).
-        self._flylora_backend = get_backend(self.device)
+        self._flylora_backend = _bind_static_buffers(get_backend(self.device), self.flylora_slots)
         self._flylora_checked = False
         self._flylora_pending: dict[int, tuple[list, list]] = {}
         self._flylora_weighted: set[int] = set()  # slots holding weights for at least one slice here
