@@ -24,6 +24,7 @@ shape and dtype (vLLM reads those to size warm-up adapters); they hold no memory
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -61,6 +62,23 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
             "a_dtype": torch.bfloat16 if lora_dtype == torch.bfloat16 else torch.float32}
 
 
+_backend_logged = False
+
+
+def _log_backend_once(backend, slots: FlyLoRASlots) -> None:
+    """Name the kernel backend and A layout in the engine's log, once per process (under vLLM's logger
+    namespace, which vLLM prints at INFO)."""
+    global _backend_logged
+    if _backend_logged:
+        return
+    _backend_logged = True
+    name = getattr(getattr(backend, "func", backend), "__name__", str(backend))
+    layout = "dense" if slots.a_idx is None else ("packed compact" if slots.a_packed else "compact")
+    logging.getLogger("vllm.flylora").info("FlyLoRA kernel backend: %s on %s, A %s %s, %d slots", name,
+                                           slots.device, layout, str(slots.a_val.dtype).removeprefix("torch."),
+                                           slots.num_slots)
+
+
 def _bind_static_buffers(backend, slots: FlyLoRASlots):
     """The Triton backend with the layer's slice table built once: built per call it is a host-to-device
     copy, which a CUDA graph cannot capture (its top-k workspaces are allocated per call, which can)."""
@@ -93,6 +111,7 @@ class FlyLoRALayerMixin:
         # Resolved once: the per-call dispatch (environment lookup, argument checks) is measurable at
         # 120 layer calls per decode step. The first call is checked in full (see _apply_lora_to_output).
         self._flylora_backend = _bind_static_buffers(get_backend(self.device), self.flylora_slots)
+        _log_backend_once(self._flylora_backend, self.flylora_slots)
         self._flylora_checked = False
         self._flylora_pending: dict[int, tuple[list, list]] = {}
         self._flylora_weighted: set[int] = set()  # slots holding weights for at least one slice here

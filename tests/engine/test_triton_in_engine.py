@@ -78,4 +78,5 @@ def test_triton_backend_in_the_engine_equals_the_oracle(demo_model_dir, triton_e
             _oracle_logprobs(oracle, adapters, name, ids, tokens), base_logprobs)) > 0.05)]
     assert len(moved) == 3, f"only {moved} change the output"
     log = proc.log_path.read_text(errors="replace")
+    assert "FlyLoRA kernel backend: apply_triton on cpu, A dense float32" in log  # the path under test ran
     assert "Traceback" not in log
