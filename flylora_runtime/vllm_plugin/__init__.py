@@ -5,6 +5,7 @@ model is built. It installs, idempotently:
 
 - :mod:`.layers`: FlyLoRA subclasses of vLLM's linear LoRA layers (the batched FlyLoRA kernel);
 - :mod:`.loading`: the FlyLoRA checkpoint loader and per-slot top-k / d / routing;
+- :mod:`.prefetch`: an adapter's first load in a background thread, off the engine loop;
 - :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` and an unload that frees;
 - :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
 
@@ -29,10 +30,12 @@ def register() -> None:
     from flylora_runtime.vllm_plugin.layers import install_layers
     from flylora_runtime.vllm_plugin.loading import install_loading
     from flylora_runtime.vllm_plugin.metrics import install_metrics
+    from flylora_runtime.vllm_plugin.prefetch import install_prefetch
     from flylora_runtime.vllm_plugin.resolver import install_resolver, install_unload
 
     install_metrics()
     install_layers()
+    install_prefetch()  # before install_loading, whose request counting then wraps the prefetching add_lora
     install_loading()
     install_resolver()
     install_unload()
