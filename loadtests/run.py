@@ -9,6 +9,8 @@
     python -m loadtests.run defaults --output-tokens 64 --out docs/bench/defaults
                                        # the engine's default settings (slots sized from memory): base vs
                                        # 16 FlyLoRA adapters, alternating phases (loadtests/defaults.py)
+    python -m loadtests.run cold --output-tokens 64 --out docs/bench/cold
+                                       # cold loads during decode, background first loads on/off (cold.py)
     python -m loadtests.run all        # engine + adapters + sweep in two engine sessions (FlyLoRA, then
                                        # stock vLLM LoRA with its 16-adapter baseline; the 100 q/v stock run
                                        # is left to `native` to keep `all` under 30 minutes on 2 cores)
@@ -347,7 +349,7 @@ def markdown_tables(b: Bench, partial: bool) -> str:
 
 # --- sessions --------------------------------------------------------------------------------------------------
 
-SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "defaults", "all")
+SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "defaults", "cold", "all")
 
 
 async def session(b: Bench, name: str, flylora: bool, parts) -> None:
@@ -361,10 +363,11 @@ async def session(b: Bench, name: str, flylora: bool, parts) -> None:
 
 
 async def main_async(scenario: str, b: Bench) -> None:
-    if scenario == "defaults":
+    if scenario in ("defaults", "cold"):
+        from loadtests.cold import run_cold
         from loadtests.defaults import run_defaults
 
-        await run_defaults(b, BASE)
+        await (run_defaults if scenario == "defaults" else run_cold)(b, BASE)
         return
     fly_parts = {"engine": [part_base, part_flylora16, part_cold], "decode": [part_base, part_flylora16],
                  "adapters": [part_base, part_curve],

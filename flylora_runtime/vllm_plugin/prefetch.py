@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -125,8 +126,8 @@ def install_prefetch() -> None:
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
     from vllm.v1.worker.worker_base import WorkerBase
 
-    if getattr(WorkerLoRAManager, "_flylora_prefetch", False):
-        return
+    if getattr(WorkerLoRAManager, "_flylora_prefetch", False) or os.environ.get("FLYLORA_PREFETCH", "1") == "0":
+        return  # FLYLORA_PREFETCH=0: loads in the loop, as vLLM does (for comparisons)
     original_add = LoRAModelRunnerMixin.add_lora
     original_remove = LoRAModelRunnerMixin.remove_lora
     original_load = WorkerLoRAManager._load_adapter
