@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup model tools serve test clean-venv
+.PHONY: setup model tools serve test clean-venv gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ tools:
 
 test: model tools
 	FLYLORA_DATA_DIR=$(DATA) $(PY) -m pytest
+
+# The Triton kernel on one NVIDIA GPU (tests, CUDA-graph replay, bandwidth benchmark; docs/KERNELS.md):
+# the system python with PyTorch and Triton, no venv, no vLLM, no network. Report: GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= $(DATA)/gpu_check.json
+gpu-check:
+	@mkdir -p "$(dir $(GPU_CHECK_OUT))"
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m flylora_runtime.bench.gpu_check --out "$(GPU_CHECK_OUT)"
 
 clean-venv:
 	rm -rf $(VENV)

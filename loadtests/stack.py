@@ -77,11 +77,13 @@ class Stack:
 
     def __init__(self, workdir: Path, *, flylora: bool = True, max_loras: int = 16, max_cpu_loras: int = 64,
                  max_num_seqs: int = 64, dtype: str = "auto"):
+        """``max_loras``/``max_cpu_loras`` 0: sized from memory as by default; ``max_num_seqs`` 0: the default."""
         self.workdir = workdir
         self.store = workdir / "store"
+        seqs = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
         self.engine_config = EngineConfig(model=str(demo_model_dir()), adapter_store=str(self.store),
                                           port=free_port(), dtype=dtype, max_loras=max_loras,
-                                          max_cpu_loras=max_cpu_loras, max_num_seqs=max_num_seqs, flylora=flylora)
+                                          max_cpu_loras=max_cpu_loras, flylora=flylora, **seqs)
         self.admin_key = "flk-admin-" + secrets.token_hex(16)
         self.gateway_port = free_port()
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
@@ -91,7 +93,7 @@ class Stack:
         self._registered: set[str] = set()
 
     def describe(self) -> dict:
-        c = self.engine_config
+        c = self.engine.config if self.engine is not None else self.engine_config  # sized once started
         return {"flylora": c.flylora, "dtype": c.dtype, "max_loras": c.max_loras, "max_cpu_loras": c.max_cpu_loras,
                 "max_num_seqs": c.max_num_seqs, "max_lora_rank": c.max_lora_rank, "model": Path(c.model).name}
 

@@ -1,7 +1,7 @@
 """``flylora-engine``: vLLM's OpenAI server with the FlyLoRA plugin and defaults for CPU and GPU.
 
     flylora-engine                                   # demo model, CPU, 127.0.0.1:8100
-    flylora-engine --model /models/llama --dtype bfloat16 --max-loras 16 --adapter-store /data/adapters
+    flylora-engine --model /models/llama --dtype bfloat16 --adapter-store /data/adapters
 
 Every option is a field of :class:`EngineConfig` (one place for defaults; the CLI is generated from it).
 Environment overrides: ``FLYLORA_ENGINE_DTYPE``, ``FLYLORA_ENGINE_HOST``, ``FLYLORA_ENGINE_PORT``,
@@ -9,6 +9,8 @@ Environment overrides: ``FLYLORA_ENGINE_DTYPE``, ``FLYLORA_ENGINE_HOST``, ``FLYL
 local user) makes every route but /health and /metrics need that key (:mod:`.auth`); it is required to listen
 on a non-loopback address. The engine serves the base model under ``--served-model-name`` and resolves
 any other ``model`` as an adapter id in the store (``<store>/<id>/adapter_config.json`` + weights).
+Device slots and the CPU adapter cache are sized from memory unless set (:mod:`.sizing`; the arithmetic
+is printed at start).
 
 vLLM wraps only the seven projections adapters may target (``--lora-target-modules``): left to itself it
 also wraps ``lm_head`` and ``embed_tokens``, and then runs a LoRA pass over the whole vocabulary for every
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flylora_runtime.engine.auth import API_KEY_ENV, MIDDLEWARE, is_loopback, secret_problem
+from flylora_runtime.engine.sizing import MemoryPlan, plan_for
 from flylora_runtime.format.modelspec import PARENT
 from flylora_runtime.paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
 from flylora_runtime.vllm_plugin.metrics import METRICS_DIR_ENV
@@ -51,8 +54,16 @@ class EngineConfig:
     port: int = field(default_factory=lambda: int(_env("FLYLORA_ENGINE_PORT", 8100)), metadata={"help": "port"})
     dtype: str = field(default_factory=lambda: _env("FLYLORA_ENGINE_DTYPE", "auto"),
                        metadata={"help": f"model dtype, one of {DTYPES} (float32 for exactness checks)"})
-    max_loras: int = field(default=4, metadata={"help": "adapters resident in device slots at once"})
-    max_cpu_loras: int = field(default=16, metadata={"help": "adapters kept in the engine's CPU cache (LRU)"})
+    max_loras: int = field(default=0, metadata={
+        "help": "adapters resident in device slots at once (distinct adapters per step); 0: as many as "
+                "--max-num-seqs, as far as --adapter-memory-fraction of the device's memory holds them"})
+    max_cpu_loras: int = field(default=0, metadata={
+        "help": "adapters kept in the engine's CPU cache (LRU); 0: as many as --adapter-cache-fraction of host "
+                "memory holds (at least --max-loras)"})
+    adapter_memory_fraction: float = field(default=0.1, metadata={
+        "help": "share of the device's memory (GPU memory; RAM on CPU) for adapter slots when --max-loras is 0"})
+    adapter_cache_fraction: float = field(default=0.1, metadata={
+        "help": "share of host memory for the engine's CPU adapter cache when --max-cpu-loras is 0"})
     max_lora_rank: int = field(default=32, metadata={"help": "largest adapter rank accepted"})
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     max_num_seqs: int = field(default=64, metadata={"help": "sequences batched together"})
@@ -70,11 +81,16 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("port", "max_loras", "max_cpu_loras", "max_lora_rank", "max_model_len", "max_num_seqs",
-                     "kv_cache_gib"):
+        for name in ("port", "max_lora_rank", "max_model_len", "max_num_seqs", "kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_cpu_loras < self.max_loras:
+        for name in ("max_loras", "max_cpu_loras"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be positive, or 0 to size it from memory; got {getattr(self, name)}")
+        for name in ("adapter_memory_fraction", "adapter_cache_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_lora_rank not in (8, 16, 32, 64, 128, 256, 320, 512):
             raise ValueError(f"max_lora_rank must be one of vLLM's 8, 16, 32, 64, 128, 256, 320, 512; "
@@ -153,9 +169,25 @@ def on_cpu() -> bool:
         return True
 
 
-def command(config: EngineConfig) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that start the engine."""
+def sized(config: EngineConfig) -> tuple[EngineConfig, MemoryPlan | None]:
+    """``config`` with ``max_loras``/``max_cpu_loras`` of 0 replaced by the memory plan's numbers, and the
+    plan (None when both were set and the model's shapes are unknown to the sizing)."""
     config.validate()
+    try:
+        memory = plan_for(config)
+    except ValueError as exc:
+        if config.max_loras and config.max_cpu_loras:
+            return config, None
+        raise ValueError(f"cannot size the adapter slots and cache from memory ({exc}); set --max-loras and "
+                         "--max-cpu-loras") from exc
+    return dataclasses.replace(config, max_loras=memory.max_loras, max_cpu_loras=memory.max_cpu_loras), memory
+
+
+def command(config: EngineConfig) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start the engine (slot and cache counts sized: :func:`sized`)."""
+    config.validate()
+    if not (config.max_loras and config.max_cpu_loras):
+        config = sized(config)[0]
     env = dict(os.environ)
     env.pop(METRICS_DIR_ENV, None)  # each engine gets its own counters folder (the plugin creates it)
     env.pop(API_KEY_ENV, None)  # set again below only when this config has a key
@@ -170,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = EngineConfig(**vars(args))
     try:
+        config, memory = sized(config)
         cmd, env = command(config)
     except ValueError as exc:
         print(f"flylora-engine: error: {exc}", file=sys.stderr)
         return 2
+    for line in memory.describe() if memory else ():
+        print(f"[flylora-engine] {line}", file=sys.stderr)
     print(f"[flylora-engine] {config.served_model_name} on http://{config.host}:{config.port} "
           f"(dtype {config.dtype}, {config.max_loras} slots, {config.max_cpu_loras} cached, store "
           f"{config.adapter_store})", file=sys.stderr, flush=True)

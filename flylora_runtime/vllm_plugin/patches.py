@@ -22,6 +22,8 @@ from flylora_runtime.vllm_plugin.cache_counting import count_cache_on_schedule, 
 from flylora_runtime.vllm_plugin.layers import flylora_classes, note_active_slots
 from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_with_flylora_weights,
                                                  load_flylora_checkpoint, remove_and_release_memory)
+from flylora_runtime.vllm_plugin.prefetch import (discarding_remove_lora, prefetching_add_lora, status_method,
+                                                  take_prefetched_load, waiting_async_add_lora)
 from flylora_runtime.vllm_plugin.resolver import unload_frees_engine_copy
 
 
@@ -36,6 +38,8 @@ class Patch:
         why: what FlyLoRA needs from it.
         params: the original's parameters the replacement relies on (``inspect.signature`` names, as of the
             supported vLLM), checked by the test suite; ``None`` for a value that is not called.
+        adds: the attribute is new (vLLM has no such symbol; ``replacement`` gets ``None``); the test suite
+            checks that vLLM still has none, so the addition shadows nothing.
     """
 
     owner: str
@@ -43,6 +47,7 @@ class Patch:
     replacement: Callable[[Any], Any]
     why: str
     params: tuple[str, ...] | None = None
+    adds: bool = False
 
     @property
     def name(self) -> str:
@@ -77,9 +82,23 @@ PATCHES: tuple[Patch, ...] = (
     Patch("vllm.lora.model_manager:LoRAModelManager", "remove_adapter", remove_and_release_memory,
           "After an unload or in-place reload, hand free heap pages back to the OS (loading.release_free_memory).",
           ("self", "adapter_id")),
-    Patch("vllm.v1.worker.lora_model_runner_mixin:LoRAModelRunnerMixin", "add_lora", track_preloaded_adapters,
-          "Remember adapters loaded ahead of their first request, so that request counts as a cache miss.",
+    Patch("vllm.v1.worker.lora_model_runner_mixin:LoRAModelRunnerMixin", "add_lora",
+          lambda original: track_preloaded_adapters(prefetching_add_lora(original)),
+          "A new adapter is loaded in a background thread (prefetch) and add_lora returns at once, so the engine "
+          "keeps stepping; adapters loaded ahead of their first request are remembered, so that request counts "
+          "as a cache miss.", ("self", "lora_request")),
+    Patch("vllm.v1.worker.lora_model_runner_mixin:LoRAModelRunnerMixin", "remove_lora", discarding_remove_lora,
+          "A removed adapter's background load, if still pending, is dropped (prefetch).", ("self", "lora_id")),
+    Patch("vllm.lora.worker_manager:WorkerLoRAManager", "_load_adapter", take_prefetched_load,
+          "When the scheduler first needs an adapter, the loop takes its prefetched model (waiting only for what "
+          "is left of the load) instead of loading it in the loop.", ("self", "lora_request")),
+    Patch("vllm.v1.engine.async_llm:AsyncLLM", "add_lora", waiting_async_add_lora,
+          "The API server waits (polling the worker between steps) for the background load's outcome, and raises "
+          "its error, so a failing load fails its own requests (400) and never reaches the scheduler.",
           ("self", "lora_request")),
+    Patch("vllm.v1.worker.worker_base:WorkerBase", "flylora_prefetch_status", status_method,
+          "Added: the RPC the API server polls for a background load's state (prefetch.STATUS_METHOD).",
+          adds=True),
     Patch("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_update_states", count_cache_on_schedule,
           "Count each newly scheduled request's adapter as a CPU-cache hit or miss (metrics, flylora_adapter_"
           "requests_total); the CPU model runner inherits it.", ("self", "scheduler_output")),
@@ -104,7 +123,7 @@ def install() -> None:
                 continue
             owner = patch.resolve_owner()
             own = vars(owner).get(patch.attribute, _MISSING)
-            original = getattr(owner, patch.attribute)
+            original = getattr(owner, patch.attribute, None) if patch.adds else getattr(owner, patch.attribute)
             new = patch.replacement(original)
             _originals[patch.name] = (owner, own, original)
             setattr(owner, patch.attribute, new)

@@ -73,7 +73,8 @@ def test_the_middleware_refuses_to_start_without_a_key(monkeypatch):
 def test_launcher_passes_the_key_by_environment_and_installs_the_middleware(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setenv(API_KEY_ENV, KEY)
-    config = EngineConfig(**vars(build_parser().parse_args(["--model", str(tmp_path), "--host", "0.0.0.0"])))
+    config = EngineConfig(**vars(build_parser().parse_args(["--model", str(tmp_path), "--host", "0.0.0.0",
+                                                                "--max-loras", "4", "--max-cpu-loras", "8"])))
     assert config.api_key == KEY and KEY not in repr(config)
     argv, env = command(config)
     assert argv[argv.index("--middleware") + 1] == MIDDLEWARE
@@ -84,7 +85,8 @@ def test_launcher_passes_the_key_by_environment_and_installs_the_middleware(tmp_
 def test_launcher_without_a_key_installs_nothing_and_drops_a_stale_one(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setenv(API_KEY_ENV, KEY)
-    argv, env = command(EngineConfig(model=str(tmp_path), host="127.0.0.1", api_key=None))
+    argv, env = command(EngineConfig(model=str(tmp_path), host="127.0.0.1", api_key=None, max_loras=4,
+                                         max_cpu_loras=8))
     assert "--middleware" not in argv and API_KEY_ENV not in env
 
 

@@ -30,7 +30,7 @@ def test_the_supported_vllm_is_installed() -> None:
 
 def test_the_table_names_each_symbol_once_and_says_why() -> None:
     names = [p.name for p in patches.PATCHES]
-    assert len(names) == len(set(names)) == 9
+    assert len(names) == len(set(names)) == 13
     for p in patches.PATCHES:
         assert p.why.strip() and callable(p.replacement), p.name
 
@@ -38,6 +38,12 @@ def test_the_table_names_each_symbol_once_and_says_why() -> None:
 @pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: p.name)
 def test_every_patched_symbol_exists_with_the_parameters_relied_on(patch) -> None:
     owner = patch.resolve_owner()
+    if patch.adds:
+        from flylora_runtime.vllm_plugin import patches as installed_patches
+
+        if patch.name not in installed_patches.installed():
+            assert not hasattr(owner, patch.attribute), f"vLLM now has {patch.name}: the addition would shadow it"
+        return
     assert patch.attribute in vars(owner), f"{patch.name} is gone from vLLM (or now inherited)"
     original = getattr(owner, patch.attribute)
     if patch.params is None:
@@ -48,7 +54,7 @@ def test_every_patched_symbol_exists_with_the_parameters_relied_on(patch) -> Non
 
 
 def test_install_is_idempotent_and_keeps_every_original(clean_install) -> None:
-    before = {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES}
+    before = {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES}
     patches.install()
     after = {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES}
     for name in before:
@@ -61,7 +67,7 @@ def test_install_is_idempotent_and_keeps_every_original(clean_install) -> None:
     assert patches.originals() == before
 
     patches.uninstall()
-    assert {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES} == before
+    assert {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES} == before
     assert patches.installed() == []
 
 
