@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         t_mix = time.perf_counter() - t2
         _log(f"phase 2: {len(jobs)} requests of 3 adapters interleaved, {args.mixed_concurrency} in flight, "
              f"{t_mix:.0f} s")
+    shutil.rmtree(tmp, ignore_errors=True)  # kept when something failed above: the logs are in it
 
     failures = check(isolated, list(TASKS)) + [f"(interleaved) {f}" for f in check(mixed, list(TASKS))]
     print("\nOne model at a time (held-out sets, through the gateway):\n")
