@@ -24,6 +24,16 @@ ROUNDS = 2
 N_ADAPTERS = 16
 
 
+def _plan(config) -> list[str] | None:
+    """The engine's memory plan for ``config`` (the arithmetic its log prints), or None if not sizable."""
+    from flylora_runtime.engine.launcher import sized
+
+    try:
+        return sized(config)[1].describe()
+    except (ValueError, AttributeError):
+        return None
+
+
 def _rate(runs: list[dict]) -> float:
     seconds = sum(r["duration_s"] for r in runs)
     return sum(r["output_tokens"] for r in runs) / seconds if seconds else 0.0
@@ -36,7 +46,7 @@ async def run_defaults(b, base_model: str) -> dict:
     t0 = time.monotonic()
     with Stack(workdir, max_loras=0, max_cpu_loras=0, max_num_seqs=0, dtype="bfloat16") as stack:
         described = {**stack.describe(), "started_rss_gib": stack.rss_bytes() / 2**30,
-                     "memory_plan": stack.engine.memory.describe() if stack.engine.memory else None}
+                     "memory_plan": _plan(stack.engine.config)}
         b.stacks["defaults"] = described
         await stack.upload(names, ensure_adapters(FLYLORA_FULL, N_ADAPTERS))
         base_runs, fly_runs = [], []

@@ -129,6 +129,16 @@ class EngineConfig:
             env.update({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)})
         return env
 
+    def argv(self) -> list[str]:
+        """This config as ``flylora-engine`` options (``build_parser().parse_args(config.argv())`` gives it back)."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            if f.metadata.get("cli") is False:
+                continue  # not an option (the API key travels in the environment: EngineProcess)
+            flag, value = "--" + f.name.replace("_", "-"), getattr(self, f.name)
+            out += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        return out
+
     def vllm_argv(self) -> list[str]:
         return [
             "--model", self.model, "--served-model-name", self.served_model_name,

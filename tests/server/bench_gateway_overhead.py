@@ -26,7 +26,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from flylora_runtime.client import GatewayClient
+from flylora_runtime.engine.process import free_port, wait_http
 
 ANSWER = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "SmolLM2-135M-Instruct",
@@ -44,8 +44,10 @@ ANSWER = json.dumps({
 RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: " + str(len(ANSWER)).encode()
             + b"\r\n\r\n" + ANSWER)
 HEALTH = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-BENCH_ADMIN_KEY = "bench-admin-key-not-secret-0123456789"
 BODY = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+BENCH_ADMIN_KEY = "bench-admin-key-not-secret-0123456789"
 
 
 class _Instant(asyncio.Protocol):
@@ -98,20 +100,11 @@ def _run_gateway(port: int, upstream: str, data_dir: str) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _wait(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not start")
+    wait_http(url + "/health", timeout=30, interval=0.1)
 
 
 async def _sequential(url: str, key: str | None, n: int) -> list[float]:
@@ -295,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _wait(upstream)
             _wait(gateway)
-            key = httpx.post(gateway + "/admin/tenants", json={"name": "bench"},
-                             headers={"authorization": f"Bearer {BENCH_ADMIN_KEY}"}).json()["api_key"]
+            with GatewayClient(gateway, BENCH_ADMIN_KEY) as admin:
+                key = admin.create_tenant("bench")
             import uvloop
 
             run = uvloop.run

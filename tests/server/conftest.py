@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from flylora_runtime.client import GatewayClient
 from server.app import create_app
 from server.settings import Settings
 from server.state import Gateway
@@ -60,12 +61,11 @@ class GatewayHandle:
 
     def new_tenant(self, **limits: Any) -> tuple[str, str]:
         name = f"tenant-{next(_names)}"
-        with self.admin() as c:
-            r = c.post("/admin/tenants", json={"name": name, **limits})
-        assert r.status_code == 201, r.text
-        return name, r.json()["api_key"]
+        with GatewayClient(self.url, ADMIN_KEY) as admin:
+            return name, admin.create_tenant(name, **limits)
 
     def upload(self, key: str, name: str, folder: Path, **adapter_kwargs: Any) -> httpx.Response:
+        """The raw response (API tests look at refusals too; :class:`GatewayClient` raises on them)."""
         config, weights = adapter_files(folder, **adapter_kwargs)
         data, files = upload_form(name, config.read_bytes(), weights.read_bytes())
         with self.client(key) as c:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from flylora_runtime.client import GatewayClient
 from server.app import create_app
 from server.settings import Settings
 
@@ -39,10 +40,8 @@ def real_gateway(tmp_path_factory: pytest.TempPathFactory, flylora_engine, demo_
 
 @pytest.fixture(scope="module")
 def key(real_gateway) -> str:
-    url, _ = real_gateway
-    r = httpx.post(url + "/admin/tenants", json={"name": "e2e"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-    assert r.status_code == 201, r.text
-    return r.json()["api_key"]
+    with GatewayClient(real_gateway[0], ADMIN_KEY) as admin:
+        return admin.create_tenant("e2e")
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +54,9 @@ def adapter(real_gateway, key, tmp_path_factory) -> str:
     url, settings = real_gateway
     base = json.loads((settings.base_dir / "config.json").read_text())
     folder: Path = tmp_path_factory.mktemp("adapter")
-    config, weights = adapter_files(folder, base=base, r=8, top_k=2, targets=("q_proj", "v_proj"), seed=1)
-    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=120) as c:
-        r = c.post("/v1/adapters", data={"name": "e2e-support"},
-                   files={"config": ("adapter_config.json", config.read_bytes()),
-                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
-    assert r.status_code == 201, r.text
+    adapter_files(folder, base=base, r=8, top_k=2, targets=("q_proj", "v_proj"), seed=1)
+    with GatewayClient(url, key, timeout=120) as c:
+        assert c.upload_adapter("e2e-support", folder)["id"] == "e2e-support"
     return "e2e-support"
 
 
@@ -101,13 +97,11 @@ def test_completions_streamed_equals_non_streamed_with_real_engine(client, adapt
 def test_deleted_adapter_is_gone_from_engine_and_gateway_with_real_engine(client, real_gateway, key, tmp_path):
     url, settings = real_gateway
     base = json.loads((settings.base_dir / "config.json").read_text())
-    config, weights = adapter_files(tmp_path, base=base, r=4, top_k=2, targets=("q_proj",), seed=2)
-    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=120) as c:
-        r = c.post("/v1/adapters", data={"name": "e2e-temp"},
-                   files={"config": ("adapter_config.json", config.read_bytes()),
-                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
-        assert r.status_code == 201, r.text
+    adapter_files(tmp_path, base=base, r=4, top_k=2, targets=("q_proj",), seed=2)
+    with GatewayClient(url, key, timeout=120) as c:
+        c.upload_adapter("e2e-temp", tmp_path)
         client.completions.create(model="e2e-temp", prompt="Hi", max_tokens=2, temperature=0)
-        assert c.delete("/v1/adapters/e2e-temp").status_code == 204
+        c.delete_adapter("e2e-temp")
+        assert "e2e-temp" not in [a["id"] for a in c.list_adapters()]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="e2e-temp", prompt="Hi", max_tokens=2)
