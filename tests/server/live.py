@@ -103,7 +103,7 @@ class CliResult:
 
 
 def flylora(*argv: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 120) -> CliResult:
-    """Run ``python -m flylora_cli ARGV`` (the ``flylora`` console script's module) as a process."""
-    done = subprocess.run([sys.executable, "-m", "flylora_cli", *argv], env=env if env is not None else clean_env(),
+    """Run ``python -m flylora_runtime.client ARGV`` (the ``flylora`` console script's module) as a process."""
+    done = subprocess.run([sys.executable, "-m", "flylora_runtime.client", *argv], env=env if env is not None else clean_env(),
                           input=stdin, capture_output=True, text=True, timeout=timeout)
     return CliResult(done)

@@ -93,8 +93,8 @@ def test_the_console_script_is_declared_and_the_cli_imports_neither_torch_nor_th
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["flylora"] == "flylora_cli.main:main"
-    probe = ("import sys, flylora_cli.main, flylora_cli.validate, flylora_cli.api; "
+    assert scripts["flylora"] == "flylora_runtime.client.cli:main"
+    probe = ("import sys, flylora_runtime.client.cli, flylora_runtime.client.validate, flylora_runtime.client.cli_api; "
              "print(sorted(m for m in ('torch', 'vllm', 'server', 'fastapi') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done
@@ -228,7 +228,7 @@ def test_upload_shows_a_progress_bar_on_a_terminal(gateway, tenant, tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     try:
-        done = subprocess.run([sys.executable, "-m", "flylora_cli", "adapters", "upload", str(folder)],
+        done = subprocess.run([sys.executable, "-m", "flylora_runtime.client", "adapters", "upload", str(folder)],
                               env=tenant_env(gateway, key), stdout=subprocess.PIPE, stderr=slave,
                               text=True, timeout=120)
         os.close(slave)
@@ -252,7 +252,7 @@ def test_upload_shows_a_progress_bar_on_a_terminal(gateway, tenant, tmp_path):
 
 
 def test_the_progress_callback_counts_every_byte_and_the_upload_has_a_length(gateway, tenant, tmp_path):
-    from flylora_cli.api import Gateway
+    from flylora_runtime.client.cli_api import Gateway
 
     _, key = tenant
     config, weights = adapter_files(tmp_path / "counted")

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flylora_cli import api
+from flylora_runtime.client import cli_api as api
 
 #: Exit codes (also in ``flylora --help``).
 OK, FAILED, USAGE, INVALID_ADAPTER, AUTH, NOT_FOUND, CONFLICT, REFUSED, SERVER_ERROR, UNREACHABLE = range(10)
@@ -131,12 +131,12 @@ def adapters_upload(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
     if not NAME_RE.fullmatch(name):
         raise UsageError(f"the folder name {name!r} is not a valid adapter name; give one with --name")
     if a.validate:
-        from flylora_cli.validate import validate_folder
+        from flylora_runtime.client.validate import validate_folder
 
         manifest = validate_folder(folder, base_config=Path(a.base_config) if a.base_config else None)
         _note(a, f"valid: r={manifest.config.r} top_k={manifest.config.top_k} "
                  f"{len(manifest.modules)} modules, {_size(manifest.weights_bytes)}")
-    from flylora_cli.validate import adapter_files
+    from flylora_runtime.client.validate import adapter_files
 
     config, weights = adapter_files(folder)
     total = weights.stat().st_size

@@ -1,3 +1,0 @@
-from flylora_cli.main import main
-
-raise SystemExit(main())
