@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -21,7 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flylora_runtime.client import cli_api as api
+from flylora_runtime.client import APIError, GatewayClient, MissingKey, Unreachable
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 #: Exit codes (also in ``flylora --help``).
 OK, FAILED, USAGE, INVALID_ADAPTER, AUTH, NOT_FOUND, CONFLICT, REFUSED, SERVER_ERROR, UNREACHABLE = range(10)
@@ -83,46 +86,46 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 # --- commands: each returns (json for --json, text for people) ----------------------------------------------
 
-def tenants_create(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
-    out = gw.create_tenant(a.name, max_concurrency=a.max_concurrency, tokens_per_minute=a.tokens_per_minute)
+def tenants_create(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
+    out = gw.new_tenant(a.name, max_concurrency=a.max_concurrency, tokens_per_minute=a.tokens_per_minute)
     return out, (f"created tenant {out['name']}\nAPI key (shown once, store it now; key id {out.get('key_id')}):\n"
                  f"{out['api_key']}")
 
 
-def tenants_list(gw: api.Gateway, _a: argparse.Namespace) -> tuple[Any, str]:
-    out = gw.list_tenants()
+def tenants_list(gw: GatewayClient, _a: argparse.Namespace) -> tuple[Any, str]:
+    out = _listing(gw.list_tenants())
     limit = lambda v: "default" if v is None else str(v)  # noqa: E731
     rows = [[t["name"], str(t["adapters"]), limit(t.get("max_concurrency")), limit(t.get("tokens_per_minute")),
              _when(t.get("created"))] for t in out["data"]]
     return out, _table(rows, ["NAME", "ADAPTERS", "MAX CONCURRENCY", "TOKENS/MIN", "CREATED (UTC)"])
 
 
-def tenants_delete(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
+def tenants_delete(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
     _confirm(a, f"delete tenant {a.name!r} with all its adapters and keys")
     gw.delete_tenant(a.name)
     return {"deleted": a.name, "object": "tenant"}, f"deleted tenant {a.name} (its adapters and keys too)"
 
 
-def tenants_new_key(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
+def tenants_new_key(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
     out = gw.new_key(a.name, label=a.label)
     return out, (f"new key {out.get('key_id')} for {a.name} (its other keys stay valid; shown once):\n"
                  f"{out['api_key']}")
 
 
-def tenants_keys(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
-    out = gw.list_keys(a.name)
+def tenants_keys(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
+    out = _listing(gw.list_keys(a.name))
     rows = [[str(k["id"]), k.get("hint") or "-", k.get("label") or "-", _when(k.get("created"))] for k in out["data"]]
     return out, _table(rows, ["KEY ID", "HINT", "LABEL", "CREATED (UTC)"])
 
 
-def tenants_revoke_key(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
+def tenants_revoke_key(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
     _confirm(a, f"revoke key {a.key_id} of tenant {a.name!r}")
     gw.revoke_key(a.name, a.key_id)
     return ({"revoked": a.key_id, "tenant": a.name, "object": "api_key"},
             f"revoked key {a.key_id} of {a.name} (the tenant, its adapters and other keys stay)")
 
 
-def adapters_upload(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
+def adapters_upload(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
     folder = Path(a.folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder (give the folder holding adapter_config.json and "
@@ -138,38 +141,50 @@ def adapters_upload(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
                  f"{len(manifest.modules)} modules, {_size(manifest.weights_bytes)}")
     from flylora_runtime.client.validate import adapter_files
 
-    config, weights = adapter_files(folder)
+    _config, weights = adapter_files(folder)  # a pickle-only or incomplete folder is refused here, unsent
     total = weights.stat().st_size
     bar = _progress_bar(a, total, f"uploading {name}")
     try:
-        out = gw.upload_adapter(name, config, weights, on_bytes=None if bar is None else bar.update)
+        out = gw.upload_adapter(name, folder, on_bytes=None if bar is None else bar.update)
     finally:
         if bar is not None:
             bar.close()
     return out, f"uploaded adapter {out['id']} (r={out.get('r')}, top_k={out.get('top_k')}, {_size(out.get('bytes'))})"
 
 
-def adapters_list(gw: api.Gateway, _a: argparse.Namespace) -> tuple[Any, str]:
-    out = gw.list_adapters()
+def adapters_list(gw: GatewayClient, _a: argparse.Namespace) -> tuple[Any, str]:
+    out = _listing(gw.list_adapters())
     rows = [[x["id"], str(x.get("r")), str(x.get("top_k")), x.get("routing", "-"), _size(x.get("bytes")),
              x.get("status", "-"), _when(x.get("created"))] for x in out["data"]]
     return out, _table(rows, ["NAME", "R", "TOP_K", "ROUTING", "SIZE", "STATUS", "CREATED (UTC)"])
 
 
-def adapters_show(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
+def adapters_show(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
     out = gw.get_adapter(a.name)
     fields = ["id", "status", "base_model", "r", "top_k", "routing", "bytes", "sha256", "created"]
     shown = {**out, "bytes": f"{out.get('bytes')} ({_size(out.get('bytes'))})", "created": _when(out.get("created"))}
     return out, "\n".join(f"{f:<11}{shown.get(f)}" for f in fields)
 
 
-def adapters_delete(gw: api.Gateway, a: argparse.Namespace) -> tuple[Any, str]:
+def adapters_delete(gw: GatewayClient, a: argparse.Namespace) -> tuple[Any, str]:
     _confirm(a, f"delete adapter {a.name!r}")
     gw.delete_adapter(a.name)
     return {"deleted": a.name, "object": "adapter"}, f"deleted adapter {a.name}"
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
+
+def _listing(data: list[dict[str, Any]]) -> dict[str, Any]:
+    """A list as the gateway sends it (what --json prints)."""
+    return {"object": "list", "data": data}
+
+
+def environment_defaults() -> dict[str, str | None]:
+    """Base URL and keys from the environment (``FLYLORA_BASE_URL``, ``FLYLORA_API_KEY``, ``FLYLORA_ADMIN_KEY``)."""
+    return {"base_url": os.environ.get("FLYLORA_BASE_URL") or DEFAULT_BASE_URL,
+            "api_key": os.environ.get("FLYLORA_API_KEY") or None,
+            "admin_key": os.environ.get("FLYLORA_ADMIN_KEY") or None}
+
 
 def _confirm(a: argparse.Namespace, what: str) -> None:
     if a.yes:
@@ -205,7 +220,7 @@ def _global_options(p: argparse.ArgumentParser, env: dict[str, str | None], *, s
 
     g = p.add_argument_group("connection and output")
     g.add_argument("--base-url", default=d(env["base_url"]),
-                   help=f"the gateway's URL (FLYLORA_BASE_URL; default {api.DEFAULT_BASE_URL})")
+                   help=f"the gateway's URL (FLYLORA_BASE_URL; default {DEFAULT_BASE_URL})")
     g.add_argument("--api-key", default=d(env["api_key"]), help="tenant key for adapter commands (FLYLORA_API_KEY)")
     g.add_argument("--admin-key", default=d(env["admin_key"]),
                    help="admin key for tenant commands (FLYLORA_ADMIN_KEY)")
@@ -217,7 +232,7 @@ def _global_options(p: argparse.ArgumentParser, env: dict[str, str | None], *, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env = api.environment_defaults()
+    env = environment_defaults()
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="flylora", description=__doc__, epilog=f"{ENVIRONMENT}\n\n{EXIT_CODES}",
                                 formatter_class=fmt)
@@ -302,18 +317,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        with api.Gateway(a.base_url, api_key=a.api_key, admin_key=a.admin_key, timeout=a.timeout) as gw:
+        # Each command sends one key, never the other: tenant commands the admin key, adapter commands a tenant key.
+        key = {"admin_key": a.admin_key} if a.group == "tenants" else {"api_key": a.api_key}
+        with GatewayClient(a.base_url, timeout=a.timeout, upload_timeout=a.timeout, user_agent="flylora-cli",
+                           **key) as gw:
             out, text = a.fn(gw, a)
     except UsageError as exc:
         return _fail(a, USAGE, str(exc))
-    except api.MissingKey as exc:
-        return _fail(a, USAGE, str(exc))
-    except api.ApiError as exc:
-        code = exc.error.get("code")
-        detail = f" (HTTP {exc.status}{', ' + code if code else ''})"
-        return _fail(a, _exit_code(exc.status), str(exc) + detail, exc.error)
-    except api.Unreachable as exc:
-        return _fail(a, UNREACHABLE, str(exc))
+    except MissingKey as exc:
+        which = "the admin key (--admin-key or FLYLORA_ADMIN_KEY)" if exc.admin else \
+            "a tenant key (--api-key or FLYLORA_API_KEY)"
+        return _fail(a, USAGE, f"this command needs {which}")
+    except Unreachable as exc:
+        return _fail(a, UNREACHABLE, exc.message)
+    except APIError as exc:
+        detail = f" (HTTP {exc.status}{', ' + exc.code if exc.code else ''})"
+        return _fail(a, _exit_code(exc.status), exc.message + detail, exc.error)
     except KeyboardInterrupt:
         return _fail(a, FAILED, "interrupted")
     except Exception as exc:  # noqa: BLE001 - local validation errors and the unexpected

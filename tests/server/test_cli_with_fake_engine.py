@@ -94,7 +94,7 @@ def test_the_console_script_is_declared_and_the_cli_imports_neither_torch_nor_th
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["flylora"] == "flylora_runtime.client.cli:main"
-    probe = ("import sys, flylora_runtime.client.cli, flylora_runtime.client.validate, flylora_runtime.client.cli_api; "
+    probe = ("import sys, flylora_runtime.client.cli, flylora_runtime.client.validate; "
              "print(sorted(m for m in ('torch', 'vllm', 'server', 'fastapi') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done
@@ -252,15 +252,19 @@ def test_upload_shows_a_progress_bar_on_a_terminal(gateway, tenant, tmp_path):
 
 
 def test_the_progress_callback_counts_every_byte_and_the_upload_has_a_length(gateway, tenant, tmp_path):
-    from flylora_runtime.client.cli_api import Gateway
+    from flylora_runtime.client import GatewayClient
+
+    class Recording(httpx.HTTPTransport):  # the real transport, noting each request's Content-Length
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append(request.headers.get("content-length"))
+            return super().handle_request(request)
 
     _, key = tenant
-    config, weights = adapter_files(tmp_path / "counted")
+    _, weights = adapter_files(tmp_path / "counted")
     seen: list[int] = []
-    with Gateway(gateway.url, api_key=key) as gw:
-        sent = []
-        gw.http.event_hooks["request"].append(lambda req: sent.append(req.headers.get("content-length")))
-        out = gw.upload_adapter("counted", config, weights, on_bytes=seen.append)
+    sent: list[str | None] = []
+    with GatewayClient(gateway.url, key, transport=Recording()) as gw:
+        out = gw.upload_adapter("counted", tmp_path / "counted", on_bytes=seen.append)
     assert out["id"] == "counted" and sum(seen) == weights.stat().st_size
     assert sent[0] is not None and int(sent[0]) > weights.stat().st_size
 

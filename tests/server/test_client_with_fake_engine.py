@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from flylora_runtime.client import APIError, GatewayClient
+from flylora_runtime.client import APIError, GatewayClient, MissingKey, Unreachable
 from flylora_runtime.engine.process import free_port
 
 from tests.server.helpers import ADMIN_KEY, adapter_files
@@ -52,6 +52,36 @@ def test_ensure_tenant_issues_a_new_key_for_an_existing_tenant(gateway):
             assert tenant.list_adapters() == []
 
 
+def test_keys_with_labels_are_listed_and_revoked_by_id_with_one_client_holding_both_keys(gateway):
+    name = _name("keys")
+    with GatewayClient(gateway.url, admin_key=ADMIN_KEY) as admin:
+        first = admin.new_tenant(name, max_concurrency=3)
+        assert first["name"] == name and first["api_key"].startswith("flk-")
+        second = admin.new_key(name, label="ci")
+        keys = admin.list_keys(name)
+        assert [(k["id"], k["label"]) for k in keys] == [(first["key_id"], None), (second["key_id"], "ci")]
+        assert all(first["api_key"] not in str(k) and second["api_key"] not in str(k) for k in keys)
+        with pytest.raises(MissingKey) as err:  # no tenant key: refused before anything is sent
+            admin.list_adapters()
+        assert not err.value.admin and err.value.status is None
+    # One client, both keys: the admin key goes to the tenant routes, the tenant key to the adapter routes.
+    with GatewayClient(gateway.url, first["api_key"], admin_key=ADMIN_KEY) as both:
+        assert both.list_adapters() == [] and name in {t["name"] for t in both.list_tenants()}
+        both.revoke_key(name, first["key_id"])
+        with pytest.raises(APIError) as err:  # the revoked key stops at once
+            both.list_adapters()
+        assert err.value.status == 401 and err.value.error["code"] == "invalid_api_key"
+        with pytest.raises(APIError) as err:
+            both.revoke_key(name, first["key_id"])
+        assert err.value.status == 404
+        assert [k["id"] for k in both.list_keys(name)] == [second["key_id"]]
+    with GatewayClient(gateway.url, second["api_key"]) as tenant:
+        assert tenant.list_adapters() == []
+    with GatewayClient(gateway.url) as nobody, pytest.raises(MissingKey) as err:
+        nobody.list_tenants()
+    assert err.value.admin and "admin key" in err.value.message
+
+
 def test_errors_carry_the_status_and_the_openai_error(gateway, tenant, tmp_path):
     _, key = tenant
     with GatewayClient(gateway.url, key) as c:
@@ -81,9 +111,9 @@ def test_errors_carry_the_status_and_the_openai_error(gateway, tenant, tmp_path)
 def test_an_unreachable_gateway_is_an_error_without_status(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     with GatewayClient(url, "k", timeout=2) as c:
-        with pytest.raises(APIError, match="cannot reach the gateway") as err:
+        with pytest.raises(Unreachable, match="cannot reach the gateway") as err:
             c.list_adapters()
-        assert err.value.status is None
+        assert err.value.status is None and isinstance(err.value, APIError)
         assert not c.ready()
         with pytest.raises(TimeoutError, match="not ready after 0 s"):
             c.wait_ready(timeout=0.3, interval=0.1)
