@@ -17,6 +17,7 @@ from server.errors import BaseModelUnavailable
 from server.limits import TenantLimiter
 from server.metrics import GatewayMetrics
 from server.registry import Adapter, Registry, Tenant
+from server.request_policy import CacheSalts, RequestPolicy
 from server.settings import Settings
 from server.store import AdapterStore
 
@@ -33,6 +34,8 @@ class Gateway:
     metrics: GatewayMetrics
     tenants_by_key: TTLCache[Tenant]
     adapters_by_name: TTLCache[Adapter]
+    policy: RequestPolicy
+    cache_salts: CacheSalts
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
@@ -50,6 +53,8 @@ class Gateway:
             metrics=metrics,
             tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
             adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
+            policy=RequestPolicy(settings),
+            cache_salts=CacheSalts.from_settings(settings),
         )
 
     async def aclose(self) -> None:

@@ -17,7 +17,7 @@ from server.app import create_app
 from server.settings import Settings
 from server.gateway import Gateway
 
-from tests.server.fake_engine import FakeEngineState, create_fake_engine
+from tests.server.fake_engine import FAKE_ENGINE_KNOBS, FakeEngineState, create_fake_engine
 from tests.server.helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
 
 BASE_ID = "SmolLM2-135M-Instruct"
@@ -86,6 +86,7 @@ def start_gateway(data_dir: Path, engine_urls: list[str], **overrides: Any) -> G
         "data_dir": data_dir, "engine_urls": engine_urls, "admin_key": ADMIN_KEY, "base_model_id": BASE_ID,
         "max_upload_bytes": 256 * 1024, "max_request_bytes": 64 * 1024, "max_prompt_chars": 8000,
         "engine_connect_timeout_s": 2.0, "engine_read_timeout_s": 20.0,
+        "passthrough_request_fields": list(FAKE_ENGINE_KNOBS),
     }
     values.update(overrides)
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
