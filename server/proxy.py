@@ -124,7 +124,7 @@ class Flight:
     async def forward(self, body: bytes) -> Response:
         """Check ``body``, send it to an engine and answer; raises :class:`GatewayError` on failure."""
         gw, tenant = self.gw, self.tenant
-        req = self.request = gw.policy.parse(body, self.endpoint)
+        req = self.request = await gw.policy.parse_async(body, self.endpoint)
         if req.model != gw.settings.base_model_id:
             self.adapter = await resolve_adapter(gw, tenant, req.model)
             if self.adapter is None:

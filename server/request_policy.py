@@ -25,10 +25,11 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import from_json
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
+from pydantic_core import PydanticCustomError, from_json
 
 from server.errors import InvalidRequest
 from server.settings import Settings
@@ -41,6 +42,11 @@ CHARS_PER_TOKEN = 4
 #: ``max_tokens`` of a legacy completion that sets none: OpenAI's documented default (and vLLM's).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Bodies above this many bytes are parsed and checked in a worker thread, at most
+#: :data:`PARALLEL_LARGE_PARSES` at once, so that parsing a large body never stalls the event loop that serves
+#: every other request (smaller bodies, nearly all of them, are parsed in place: a thread hop costs more).
+INLINE_PARSE_BYTES = 64 * 1024
+PARALLEL_LARGE_PARSES = 2
 TOKEN_ID_MAX = 2**31 - 1
 
 #: Hints for fields whose type is a union (pydantic reports one error per member; one sentence is clearer).
@@ -61,7 +67,43 @@ class UnsupportedParameter(InvalidRequest):
 
 
 class _Strict(BaseModel):
+    """Strict types, finite numbers, no field outside the model.
+
+    An unknown field is found by one set difference before any field is validated and reported alone, so a
+    body of a million unknown keys costs one error, not a million.
+    """
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    _accepted: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._accepted = frozenset(info.alias or name for name, info in cls.model_fields.items())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not cls._accepted.issuperset(data):
+            unknown = next(k for k in data if k not in cls._accepted)
+            raise PydanticCustomError("unknown_field", "unknown field `{field}`", {"field": str(unknown)[:200]})
+        return data
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PydanticCustomError("dict_type", "Input should be a valid dictionary")
+    return value
+
+
+#: A JSON object passed on as it is (a tool's parameters, a JSON schema): only its type is checked here, its
+#: size counts against a cap, and the engine reads it. (Validating every key would cost time for nothing.)
+JsonObject = Annotated[dict[str, Any], PlainValidator(_object, json_schema_input_type=dict[str, Any])]
+
+
+def _list(item: Any, max_length: int, min_length: int = 0) -> Any:
+    """A list type whose length is checked before its items, and whose first bad item stops validation."""
+    return Annotated[list[item], Field(min_length=min_length, max_length=max_length, fail_fast=True)]
 
 
 def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -84,7 +126,7 @@ def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
     class JsonSchemaFormat(_Strict):
         name: Annotated[str, Field(min_length=1, max_length=64)]
         description: str | None = None
-        schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+        schema_: JsonObject | None = Field(default=None, alias="schema")
         strict: bool | None = None
 
     class ResponseFormat(_Strict):
@@ -107,9 +149,9 @@ def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
         presence_penalty: Penalty | None = None
         repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
         seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
-        stop: StopString | Annotated[list[StopString], Field(max_length=s.max_stop)] | None = None
-        stop_token_ids: Annotated[list[TokenId], Field(max_length=s.max_stop)] | None = None
-        bad_words: Annotated[list[StopString], Field(max_length=s.max_bad_words)] | None = None
+        stop: StopString | _list(StopString, s.max_stop) | None = None
+        stop_token_ids: _list(TokenId, s.max_stop) | None = None
+        bad_words: _list(StopString, s.max_bad_words) | None = None
         logit_bias: Annotated[dict[TokenKey, Bias], Field(max_length=s.max_logit_bias)] | None = None
         min_tokens: MaxTokens | None = None
         ignore_eos: bool | None = None
@@ -138,9 +180,9 @@ def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
 
     class ChatMessage(_Strict):
         role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: str | list[TextPart] | None = None
+        content: str | _list(TextPart, s.max_messages) | None = None
         name: Short | None = None
-        tool_calls: list[ToolCall] | None = None
+        tool_calls: _list(ToolCall, s.max_tools) | None = None
         tool_call_id: Short | None = None
         refusal: str | None = None
         reasoning: str | None = None
@@ -152,7 +194,7 @@ def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
     class FunctionDefinition(_Strict):
         name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
         description: str | None = None
-        parameters: dict[str, Any] | None = None
+        parameters: JsonObject | None = None
         strict: bool | None = None
 
     class ChatTool(_Strict):
@@ -169,11 +211,11 @@ def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
     class ChatCompletionBody(Sampling):
         """POST /v1/chat/completions: OpenAI's fields plus vLLM's sampling extras, nothing else."""
 
-        messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=s.max_messages)]
+        messages: _list(ChatMessage, s.max_messages, min_length=1)
         max_completion_tokens: MaxTokens | None = None
         logprobs: bool | None = None
         top_logprobs: TopLogprobs | None = None
-        tools: Annotated[list[ChatTool], Field(max_length=s.max_tools)] | None = None
+        tools: _list(ChatTool, s.max_tools) | None = None
         tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
         parallel_tool_calls: bool | None = None
         add_generation_prompt: bool | None = None
@@ -182,9 +224,9 @@ def _models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
     class CompletionBody(Sampling):
         """POST /v1/completions: OpenAI's fields plus vLLM's sampling extras, nothing else."""
 
-        prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
-                 | Annotated[list[TokenId], Field(min_length=1)]
-                 | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+        prompt: (Annotated[str, Field(min_length=1)] | _list(str, s.max_n, min_length=1)
+                 | _list(TokenId, s.max_prompt_chars, min_length=1)
+                 | _list(_list(TokenId, s.max_prompt_chars, min_length=1), s.max_n, min_length=1))
         logprobs: TopLogprobs | None = None
         best_of: Choices | None = None
 
@@ -230,6 +272,7 @@ class RequestPolicy:
         self.models: dict[str, type[BaseModel]] = {"chat.completions": chat, "completions": completion}
         self.passthrough = frozenset(settings.passthrough_request_fields)
         self.known = {name for model in self._all_models() for name in _own_fields(model)}
+        self._large_parses: anyio.CapacityLimiter | None = None
 
     def _all_models(self) -> list[type[BaseModel]]:
         found: list[type[BaseModel]] = []
@@ -242,6 +285,14 @@ class RequestPolicy:
             for info in model.model_fields.values():
                 todo.extend(_nested_models(info.annotation))
         return found
+
+    async def parse_async(self, body: bytes, endpoint: str) -> CompletionRequest:
+        """:meth:`parse`, off the event loop for a large body (see :data:`INLINE_PARSE_BYTES`)."""
+        if len(body) <= INLINE_PARSE_BYTES:
+            return self.parse(body, endpoint)
+        if self._large_parses is None:
+            self._large_parses = anyio.CapacityLimiter(PARALLEL_LARGE_PARSES)
+        return await anyio.to_thread.run_sync(self.parse, body, endpoint, limiter=self._large_parses)
 
     def schema(self, endpoint: str, ref_template: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The JSON schema of an endpoint's body and its definitions (for the OpenAPI document)."""
@@ -316,7 +367,9 @@ class RequestPolicy:
         same = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
         first = min(same, key=lambda e: (_error_rank(e) == 3, -len(e["loc"]), _error_rank(e)))
         loc = first["loc"]
-        if first["type"] == "extra_forbidden":
+        if first["type"] in ("extra_forbidden", "unknown_field"):
+            if first["type"] == "unknown_field":
+                loc = (*loc, first["ctx"]["field"])
             name = str(loc[-1])
             if len(loc) == 1 and name in GATEWAY_FIELDS:
                 return UnsupportedParameter(GATEWAY_FIELDS[name], param=name)
@@ -337,7 +390,7 @@ def _error_rank(error: Any) -> int:
     kind = error["type"]
     if kind == "literal_error":
         return 1
-    if kind in ("extra_forbidden", "missing"):
+    if kind in ("extra_forbidden", "unknown_field", "missing"):
         return 2
     if kind.endswith("_type") or kind in ("union_tag_invalid", "is_instance_of"):
         return 3

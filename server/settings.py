@@ -87,7 +87,9 @@ class Settings(BaseSettings):
 
     # --- limits --------------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(default=1 << 30, ge=1, description="Largest adapter weights file (413 above).")
-    max_request_bytes: int = Field(default=8 << 20, ge=1, description="Largest completion request body (413).")
+    max_request_bytes: int = Field(
+        default=2 << 20, ge=1, description="Largest completion request body (413 above): bounds the memory and the "
+        "parsing time one request can cost.")
     max_concurrency_per_tenant: int = Field(
         default=16, ge=1, description="Requests one tenant may have in flight (429 above); tenants may override. "
         "The default is a quarter of an engine's default batch (64 sequences), so one tenant cannot fill it.")

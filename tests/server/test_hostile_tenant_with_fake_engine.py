@@ -100,7 +100,7 @@ def test_malformed_json_is_a_400_and_reaches_nothing_with_fake_engine(gateway, e
      "response_format"),
     ({"cache_salt": "0" * 64}, "cache_salt"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "http://169.254.169.254/latest/meta-data/"}}]}]}, "messages[0].content[0].type"),
+        "url": "http://169.254.169.254/latest/meta-data/"}}]}]}, "messages[0].content[0].image_url"),
     ({"tools": [{"type": "function", "function": {"name": "f", "description": "d" * 8001}}]}, "messages"),
 ])
 def test_costly_or_unknown_fields_are_refused_by_name_with_fake_engine(gateway, engine, tenant, extra, param):

@@ -3,6 +3,7 @@ survive, what is added for the engine, and the per-tenant prefix-cache salt."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -76,7 +77,7 @@ def test_nested_unknown_fields_and_non_text_parts_are_refused_with_their_path():
     assert refused({"model": "m", "messages": [{"role": "user", "content": "x", "x": 1}]}).param == "messages[0].x"
     image = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "http://169.254.169.254/latest/meta-data/"}}]}]}
-    assert refused(image).param == "messages[0].content[0].type"
+    assert refused(image).param == "messages[0].content[0].image_url"
     assert refused({"model": "m", "prompt": "x", "prompt_embeds": "AAAA"}, "completions").param == "prompt_embeds"
     assert refused({"model": "m", "prompt": "x", "suffix": "s"}, "completions").param == "suffix"
     assert refused({"model": "m", "prompt": "x", "tools": []}, "completions").param == "tools"
@@ -204,3 +205,89 @@ def test_cache_salts_are_keyed_per_tenant_and_never_the_name():
     assert len(salts(1)) == 64 and all(c in "0123456789abcdef" for c in salts(1))  # vLLM accepts it as is
     anonymous = CacheSalts.from_settings(Settings(_env_file=None))  # no key at all: random per process
     assert anonymous(1) != CacheSalts.from_settings(Settings(_env_file=None))(1)
+
+
+def _fit(make, limit: int) -> bytes:
+    """The largest ``make(n)`` (a body growing with n) that fits in ``limit`` bytes, near enough."""
+    n = max(1, int(1000 * limit / len(make(1000))))
+    while len(body := make(n)) > limit:
+        n = int(n * 0.98)
+    return body
+
+
+ONE = [{"role": "user", "content": "x"}]
+#: The costliest body of each shape: (endpoint, body of at most ``limit`` bytes).
+WORST_BODIES = {
+    "nesting": lambda limit: ("chat.completions", b'{"model":"m","messages":' + b"[" * (limit - 40)),
+    "one long prompt": lambda limit: ("completions", _fit(
+        lambda n: json.dumps({"model": "m", "prompt": "x" * n}).encode(), limit)),
+    "many messages": lambda limit: ("chat.completions", _fit(
+        lambda n: json.dumps({"model": "m", "messages": ONE * n}).encode(), limit)),
+    "many token ids": lambda limit: ("completions", _fit(
+        lambda n: json.dumps({"model": "m", "prompt": [1] * n}).encode(), limit)),
+    "many bad token ids": lambda limit: ("completions", _fit(
+        lambda n: json.dumps({"model": "m", "prompt": [-1] * n}).encode(), limit)),
+    "many unknown fields": lambda limit: ("chat.completions", _fit(
+        lambda n: json.dumps({f"f{i}": 0 for i in range(n)}).encode(), limit)),
+    "many nested unknown fields": lambda limit: ("chat.completions", _fit(lambda n: json.dumps({
+        "model": "m", "messages": [{"role": "user", "content": "x", **{f"k{i}": 0 for i in range(n)}}]}).encode(),
+        limit)),
+    "many stop strings": lambda limit: ("chat.completions", _fit(
+        lambda n: json.dumps({"model": "m", "messages": ONE, "stop": ["a"] * n}).encode(), limit)),
+    "a huge tool schema": lambda limit: ("chat.completions", _fit(lambda n: json.dumps({
+        "model": "m", "messages": ONE, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {f"k{i}": [1] for i in range(n)}}}]}).encode(), limit)),
+}
+
+
+@pytest.mark.parametrize("name", list(WORST_BODIES))
+def test_worst_case_bodies_at_the_size_cap_cost_bounded_time_and_memory(name):
+    """At the default body cap (2 MiB), the costliest bodies of each shape are refused with one error within a
+    bounded time; the Python memory they cost is linear in the body, under 32x (measured on a quarter-size
+    body: tracing every allocation is slow). Bounds are generous: the machine running the suite is shared."""
+    import tracemalloc
+
+    policy = RequestPolicy(Settings(_env_file=None))
+    endpoint, body = WORST_BODIES[name](policy.settings.max_request_bytes)
+    assert len(body) <= policy.settings.max_request_bytes
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest):
+        policy.parse(body, endpoint)
+    assert time.perf_counter() - started < 3.0
+    endpoint, body = WORST_BODIES[name](policy.settings.max_request_bytes // 4)
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(InvalidRequest):  # a quarter-size body may pass the caps
+            policy.parse(body, endpoint)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * len(body), peak
+
+
+def test_large_bodies_are_parsed_off_the_event_loop():
+    import threading
+
+    import anyio
+
+    from server.request_policy import INLINE_PARSE_BYTES
+
+    policy = RequestPolicy(Settings(_env_file=None))
+    small = json.dumps({"model": "m", "prompt": "x"}).encode()
+    large = json.dumps({"model": "m", "prompt": "x" * INLINE_PARSE_BYTES}).encode()
+    threads: list[int] = []
+    parse = policy.parse
+
+    def recording(body: bytes, endpoint: str):
+        threads.append(threading.get_ident())
+        return parse(body, endpoint)
+
+    policy.parse = recording  # type: ignore[method-assign]
+
+    async def main() -> int:
+        await policy.parse_async(small, "completions")
+        await policy.parse_async(large, "completions")
+        return threading.get_ident()
+
+    loop_thread = anyio.run(main)
+    assert threads[0] == loop_thread and threads[1] != loop_thread
