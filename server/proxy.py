@@ -107,9 +107,11 @@ class Flight:
     adapter: Adapter | None = None
     reserved: int = 0  # tokens held in the tenant's bucket
     sent: bool = False  # the request went to an engine
-    usage_seen: bool = False
+    usage_seen: bool = False  # the engine's usage of the whole request
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: a stream's usage so far, per choice index: (its prompt's tokens, its tokens so far)
+    partial: dict[int, tuple[int, int]] = field(default_factory=dict)
     status: int = 500
     first_token_seen: bool = False
     done: bool = False
@@ -173,10 +175,29 @@ class Flight:
             except (TypeError, ValueError):
                 log.warning("ignoring malformed usage from the engine: %r", usage)
 
+    def take_partial_usage(self, choices: Any, usage: Any) -> None:
+        """A stream chunk's usage: vLLM reports, for the choice in the chunk, its prompt's tokens and the tokens
+        it produced so far."""
+        try:
+            prompt, produced = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            for choice in choices:
+                self.partial[int(choice.get("index") or 0)] = (prompt, produced)
+        except (AttributeError, TypeError, ValueError):
+            log.warning("ignoring malformed usage from the engine: %r", usage)
+
     def used(self) -> int:
-        """Tokens to charge: the engine's usage (on a stream, the last chunk's: what it produced so far); with
-        none, the prompt's estimate when the engine may have worked on it (a client gone, an engine failure),
-        else nothing (refused before an engine saw it, or the engine refused it)."""
+        """Tokens to charge: the engine's usage; for a stream cut short, what each choice produced so far plus
+        its prompt; with neither, the prompt's estimate when the engine may have worked on it (a client gone,
+        an engine failure), else nothing (refused before an engine saw it, or the engine refused it)."""
+        if not self.usage_seen and self.partial and self.request is not None:
+            per_prompt = self.request.choices_per_prompt
+            prompts: dict[int, int] = {}
+            for index, (prompt, produced) in self.partial.items():
+                prompts[index // per_prompt] = prompt
+                self.completion_tokens += produced
+            self.prompt_tokens = sum(prompts.values())
+            self.partial.clear()
+            self.usage_seen = True
         if self.usage_seen:
             return self.prompt_tokens + self.completion_tokens
         if self.sent and self.request is not None and self.status in WORKED_WITHOUT_USAGE:
@@ -241,12 +262,16 @@ class Flight:
             if obj.get("usage"):
                 # The engine sends usage on every chunk (so a stream cut short is charged what it produced);
                 # the client gets the final usage chunk if it asked, and usage on every chunk if it asked.
-                self.take_usage(obj["usage"])
-                if obj.get("choices") == []:
+                choices = obj.get("choices")
+                if not choices:
+                    self.take_usage(obj["usage"])
+                    self.partial.clear()
                     if not req.wants_usage:
                         return None
-                elif not req.wants_continuous_usage:
-                    del obj["usage"]
+                else:
+                    self.take_partial_usage(choices, obj["usage"])
+                    if not req.wants_continuous_usage:
+                        del obj["usage"]
             if not self.first_token_seen and obj.get("choices"):
                 self.first_token_seen = True
                 self.gw.metrics.ttft_by[(self.endpoint,)].observe(time.perf_counter() - self.started)

@@ -245,6 +245,7 @@ class CompletionRequest:
     prompt_tokens: int  # estimated (exact for token-id prompts)
     max_tokens: int  # effective: what the client set, or the default
     sequences: int  # generated sequences: n (or best_of) times the number of prompts
+    choices_per_prompt: int = 1  # n: a stream's choice i answers prompt i // n
 
     @property
     def reservation(self) -> int:
@@ -358,7 +359,7 @@ class RequestPolicy:
             not isinstance(req.prompt[0], str) else math.ceil(chars / CHARS_PER_TOKEN)
         return CompletionRequest(payload=payload, model=req.model, stream=stream, wants_usage=wants_usage,
                                  wants_continuous_usage=wants_continuous, prompt_tokens=prompt_tokens,
-                                 max_tokens=max_tokens, sequences=sequences)
+                                 max_tokens=max_tokens, sequences=sequences, choices_per_prompt=req.n or 1)
 
     def _error(self, exc: ValidationError) -> InvalidRequest:
         errors = exc.errors(include_url=False, include_input=False)

@@ -110,16 +110,18 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         delay = float(body.get("fake_chunk_delay_s") or 0)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         continuous = include_usage and bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
-        produced = 0
+        produced: dict[int, int] = {}  # per choice, as vLLM counts continuous usage
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            nonlocal produced
-            produced += sum(1 for c in choices if c.get("text") or (c.get("delta") or {}).get("content"))
+            for c in choices:
+                produced[c["index"]] = produced.get(c["index"], 0) + bool(
+                    c.get("text") or (c.get("delta") or {}).get("content"))
             data = {"id": cid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created,
                     "model": model, "choices": choices, **extra}
-            if continuous and "usage" not in data:
-                data["usage"] = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": produced,
-                                 "total_tokens": usage["prompt_tokens"] + produced}
+            if continuous and "usage" not in data and choices:
+                done = produced[choices[0]["index"]]
+                data["usage"] = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": done,
+                                 "total_tokens": usage["prompt_tokens"] + done}
             return b"data: " + json.dumps(data).encode() + b"\n\n"
 
         async def events() -> Any:

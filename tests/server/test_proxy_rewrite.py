@@ -93,6 +93,18 @@ def test_usage_on_every_chunk_is_counted_and_shown_only_where_asked(include_usag
     flight = _flight("mine", "fl-" + "c" * 32, wants_usage=include_usage, continuous=continuous)
     out = [json.loads(o[6:]) for o in _run_events(flight, _pieces([body]))]
     assert [("usage" in o) for o in out] == [continuous, continuous]
-    assert (flight.prompt_tokens, flight.completion_tokens, flight.used()) == (3, 2, 5)
+    assert flight.used() == 5 and (flight.prompt_tokens, flight.completion_tokens) == (3, 2)
     final = flight.rewrite_event(b"data: " + json.dumps(chunk(None, 2)).encode())
     assert (final is not None) == include_usage
+
+
+def test_a_cut_stream_with_several_choices_and_prompts_is_charged_every_choice_and_each_prompt_once():
+    """vLLM's usage on a chunk is that choice's: its prompt's tokens and what it produced so far."""
+    flight = _flight("mine", "fl-" + "d" * 32, wants_usage=False)
+    flight.request.choices_per_prompt = 2  # two prompts (of 3 and 5 tokens), n = 2: choices 0-1 and 2-3
+    for index, prompt, produced in [(0, 3, 1), (1, 3, 1), (0, 3, 2), (2, 5, 1), (3, 5, 4), (1, 3, 3)]:
+        event = {"model": "x", "choices": [{"index": index, "text": "t"}],
+                 "usage": {"prompt_tokens": prompt, "completion_tokens": produced}}
+        assert "usage" not in json.loads(flight.rewrite_event(b"data: " + json.dumps(event).encode())[6:])
+    assert flight.used() == (3 + 5) + (2 + 3 + 1 + 4)
+    assert (flight.prompt_tokens, flight.completion_tokens) == (8, 10)
