@@ -60,7 +60,10 @@ def _load(raw: bytes) -> Any:
     try:
         return from_json(raw)
     except ValueError:
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
 
 
 def _dump(obj: Any) -> bytes:

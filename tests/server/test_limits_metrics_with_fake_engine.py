@@ -55,7 +55,7 @@ def test_default_concurrency_is_a_fair_share_of_the_engine_batch_with_fake_engin
     def one() -> None:
         with gateway.client(key) as c:
             statuses.append(c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1,
-                                                            "fake_sleep_s": 1.0}).status_code)
+                                                            "fake_sleep_s": 3.0}).status_code)
 
     threads = [threading.Thread(target=one) for _ in range(16)]
     for t in threads:

@@ -108,3 +108,11 @@ def test_a_cut_stream_with_several_choices_and_prompts_is_charged_every_choice_a
         assert "usage" not in json.loads(flight.rewrite_event(b"data: " + json.dumps(event).encode())[6:])
     assert flight.used() == (3 + 5) + (2 + 3 + 1 + 4)
     assert (flight.prompt_tokens, flight.completion_tokens) == (8, 10)
+
+
+def test_engine_json_the_parser_refuses_is_read_leniently_or_refused_cleanly():
+    from server.proxy import _load
+
+    assert _load(b'{"text": "\\ud800"}') == {"text": "\ud800"}  # a lone surrogate escape: read as it is
+    with pytest.raises(ValueError):
+        _load(b"[" * 5000 + b"]" * 5000)  # deeper than either parser goes: a ValueError, never RecursionError

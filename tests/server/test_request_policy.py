@@ -243,7 +243,7 @@ WORST_BODIES = {
 @pytest.mark.parametrize("name", list(WORST_BODIES))
 def test_worst_case_bodies_at_the_size_cap_cost_bounded_time_and_memory(name):
     """At the default body cap (2 MiB), the costliest bodies of each shape are refused with one error within a
-    bounded time; the Python memory they cost is linear in the body, under 32x (measured on a quarter-size
+    bounded time (10 s: it is a shared machine); the Python memory they cost is linear in the body, under 32x (measured on a quarter-size
     body: tracing every allocation is slow). Bounds are generous: the machine running the suite is shared."""
     import tracemalloc
 
@@ -253,7 +253,7 @@ def test_worst_case_bodies_at_the_size_cap_cost_bounded_time_and_memory(name):
     started = time.perf_counter()
     with pytest.raises(InvalidRequest):
         policy.parse(body, endpoint)
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started < 10.0  # 0.6 s for the slowest, a tool schema, on a busy 2-core machine
     endpoint, body = WORST_BODIES[name](policy.settings.max_request_bytes // 4)
     tracemalloc.start()
     try:
