@@ -27,7 +27,7 @@ from flylora_runtime.format.errors import AdapterError
 from server.errors import AdapterExists, AdapterNotFound, InvalidRequest
 from server.registry import READY, Adapter, Tenant
 from server.security import ADAPTER_NAME_RE, new_internal_id
-from server.state import Gateway
+from server.gateway import Gateway
 from server.uploads import receive_adapter_upload
 
 log = logging.getLogger("flylora.gateway.adapters")
@@ -95,7 +95,7 @@ async def resolve_adapter(gw: Gateway, tenant: Tenant, name: str) -> Adapter | N
 async def _purge(gw: Gateway, adapter: Adapter) -> None:
     """Evict from engines, remove files, remove the row: always all three."""
     gw.adapters_by_name.invalidate(lambda _k, v: v.internal_id == adapter.internal_id)
-    failed = await gw.engines.unload(adapter.internal_id)
+    failed = await gw.upstream.unload(adapter.internal_id)
     if failed:
         log.error("adapter %s (%s) may still be cached by %s; its files and row are removed anyway",
                   adapter.internal_id, adapter.name, failed)

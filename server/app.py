@@ -13,8 +13,9 @@ from server.adapters import finish_interrupted_deletions
 from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
 from server.routes import adapters, admin, health, openai
+from server.request_policy import RequestPolicy
 from server.settings import Settings
-from server.state import Gateway
+from server.gateway import Gateway
 
 log = logging.getLogger("flylora.gateway")
 
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await gw.keys.reload()
             async with anyio.create_task_group() as tg:
                 if settings.health_check_interval_s > 0:
-                    tg.start_soon(gw.engines.watch_health)
+                    tg.start_soon(gw.upstream.watch_health)
                 tg.start_soon(gw.keys.watch)
                 yield
                 tg.cancel_scope.cancel()
@@ -52,20 +53,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.completion_fast_path = settings.completion_fast_path
     for module in (openai, adapters, admin, health):
         app.include_router(module.router)
-    _declare_bearer_auth(app)
+    _document(app, RequestPolicy(settings))
     return app
 
 
 PUBLIC_PATHS = ("/health", "/ready", "/metrics")
 
 
-def _declare_bearer_auth(app: FastAPI) -> None:
-    """Declare the bearer scheme in the OpenAPI schema (the checks live in ``deps``)."""
+def _document(app: FastAPI, policy: RequestPolicy) -> None:
+    """Complete the OpenAPI schema: the bearer scheme (the checks live in ``deps``) and the completion bodies
+    the request policy accepts, with this app's caps."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
+            openai.document_completion_bodies(schema, policy)
             schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
                 "type": "http", "scheme": "bearer",
                 "description": "A tenant key, or on /admin routes the admin key (FLYLORA_ADMIN_KEY)."}

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from server.errors import Unauthorized
 from server.registry import Tenant
 from server.security import hash_key, is_well_formed, parse_bearer, same_hash
-from server.state import Gateway
+from server.gateway import Gateway
 
 ADMIN_HINT = "Admin routes need the admin key: 'Authorization: Bearer <FLYLORA_ADMIN_KEY>'."
 

@@ -25,6 +25,11 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def internal_error_response() -> JSONResponse:
+    """The one answer to an unexpected failure (the details go to the log, never to the client)."""
+    return JSONResponse(error_body("Internal server error.", "server_error"), status_code=500)
+
+
 class GatewayError(Exception):
     """Base of every gateway failure; subclasses fix the status, the OpenAI ``type`` and ``code``."""
 
@@ -188,7 +193,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("Internal server error.", "server_error"), status_code=500)
+        return internal_error_response()
 
     app.add_exception_handler(GatewayError, on_gateway_error)  # type: ignore[arg-type]
     app.add_exception_handler(adapter_errors.AdapterError, on_adapter_error)  # type: ignore[arg-type]

@@ -118,14 +118,6 @@ class Adapter:
     created: int
     state: str = READY
 
-    def public(self) -> dict[str, Any]:
-        """The adapter object of the public contract (no internal id)."""
-        return {
-            "id": self.name, "object": "adapter", "base_model": self.base_model, "r": self.r, "top_k": self.top_k,
-            "routing": self.routing, "bytes": self.bytes, "sha256": self.sha256, "created": self.created,
-            "status": self.state,
-        }
-
 
 def _tenant(row: TenantRow) -> Tenant:
     return Tenant(id=row.id, name=row.name, created=row.created, max_concurrency=row.max_concurrency,
@@ -143,8 +135,8 @@ def _adapter(row: AdapterRow) -> Adapter:
                    created=row.created, state=row.state)
 
 
-def make_engine(url: str) -> Engine:
-    """A SQLAlchemy engine; SQLite gets WAL, foreign keys and cross-thread use."""
+def make_db_engine(url: str) -> Engine:
+    """A SQLAlchemy engine (the database connection pool; unrelated to the vLLM engines); SQLite gets WAL, foreign keys and cross-thread use."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -199,19 +191,19 @@ def _add_missing_columns(conn: Connection) -> list[str]:
 class Registry:
     """Tenants, keys and adapters. Create with :meth:`open`; the schema is created if absent."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._session = sessionmaker(engine, expire_on_commit=False)
+    def __init__(self, db: Engine):
+        self.db = db  # the SQLAlchemy engine
+        self._session = sessionmaker(db, expire_on_commit=False)
 
     @classmethod
     def open(cls, url: str) -> Registry:
-        engine = make_engine(url)
-        with engine.begin() as conn:
+        db = make_db_engine(url)
+        with db.begin() as conn:
             create_schema(conn)
-        return cls(engine)
+        return cls(db)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.dispose()
 
     # --- tenants ------------------------------------------------------------------------------------------
     def create_tenant(self, name: str, *, max_concurrency: int | None = None,

@@ -106,15 +106,45 @@ class Settings(BaseSettings):
 
     # --- limits --------------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(default=1 << 30, ge=1, description="Largest adapter weights file (413 above).")
-    max_request_bytes: int = Field(default=8 << 20, ge=1, description="Largest completion request body (413).")
-    max_tokens_cap: int = Field(default=4096, ge=1, description="Largest max_tokens accepted (400 above).")
-    max_prompt_chars: int = Field(
-        default=512 * 1024, ge=1, description="Largest prompt, in characters (or token ids) over all messages.")
-    max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per request) accepted (400 above).")
+    max_request_bytes: int = Field(
+        default=2 << 20, ge=1, description="Largest completion request body (413 above): bounds the memory and the "
+        "parsing time one request can cost.")
     max_concurrency_per_tenant: int = Field(
-        default=64, ge=1, description="Requests one tenant may have in flight (429 above); tenants may override.")
+        default=16, ge=1, description="Requests one tenant may have in flight (429 above); tenants may override. "
+        "The default is a quarter of an engine's default batch (64 sequences), so one tenant cannot fill it.")
     tokens_per_minute_per_tenant: int = Field(
         default=2_000_000, ge=0, description="Prompt + completion tokens per tenant per minute (0: unlimited).")
+
+    # --- what a completion request may ask of the shared engine (docs/SECURITY.md) ---------------------------
+    max_tokens_cap: int = Field(default=4096, ge=1, description="Largest max_tokens accepted (400 above).")
+    default_max_tokens: int = Field(
+        default=1024, ge=1, description="max_tokens of a chat completion that sets none (a completion that sets "
+        "none gets OpenAI's default, 16); lowered to max_tokens_cap when above it.")
+    max_prompt_chars: int = Field(
+        default=512 * 1024, ge=1,
+        description="Largest prompt, in characters (or token ids) over all messages and tool definitions.")
+    max_n: int = Field(
+        default=16, ge=1, description="Most sequences one request may generate: n (or best_of) times the number "
+        "of prompts (400 above).")
+    max_messages: int = Field(default=1024, ge=1, description="Most messages in one chat request.")
+    max_stop: int = Field(default=8, ge=0, description="Most `stop` strings (and `stop_token_ids`) per request.")
+    max_bad_words: int = Field(default=16, ge=0, description="Most `bad_words` per request.")
+    max_stop_chars: int = Field(default=256, ge=1, description="Longest `stop` string or bad word, in characters.")
+    max_logit_bias: int = Field(default=300, ge=0, description="Most entries in `logit_bias`.")
+    max_logprobs: int = Field(default=20, ge=0, description="Largest `logprobs` / `top_logprobs`.")
+    prompt_logprobs_enabled: bool = Field(
+        default=False, description="Allow `prompt_logprobs` (and completions' `echo` with `logprobs`): a "
+        "log-softmax over the vocabulary for every prompt token.")
+    max_tools: int = Field(default=64, ge=0, description="Most tool definitions in one chat request.")
+    max_structured_output_chars: int = Field(
+        default=16384, ge=0, description="Largest `response_format` (a JSON schema is compiled into a grammar by "
+        "the engine), in characters of JSON; 0 refuses structured output.")
+    passthrough_request_fields: Annotated[list[str], NoDecode] = Field(
+        default=[], description="Extra request fields forwarded to the engine unchecked (comma-separated), for an "
+        "engine extension the operator trusts; every other field outside the policy is refused.")
+    cache_salt_key: SecretStr | None = Field(
+        default=None, description="Key of the per-tenant prefix-cache salt (an HMAC of the tenant id); default "
+        "derived from the admin key, so that every gateway replica computes the same salt.")
 
     # --- metrics -------------------------------------------------------------------------------------------
     max_adapter_labels: int = Field(
@@ -142,6 +172,13 @@ class Settings(BaseSettings):
             problem = admin_key_problem(value.get_secret_value())
             if problem is not None:
                 raise ValueError(f"FLYLORA_{str(info.field_name).upper()} is refused: {problem}")
+        return value
+
+    @field_validator("passthrough_request_fields", mode="before")
+    @classmethod
+    def _split_fields(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("base_model_id")

@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
 
 from server.adapters import delete_adapter, resolve_adapter, upload_adapter
 from server.deps import GatewayDep, TenantDep
 from server.errors import AdapterNotFound
+from server.registry import Adapter
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
-ADAPTER_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"}, "object": {"type": "string", "enum": ["adapter"]},
-        "base_model": {"type": "string"}, "r": {"type": "integer"}, "top_k": {"type": "integer"},
-        "routing": {"type": "string"}, "bytes": {"type": "integer"}, "sha256": {"type": "string"},
-        "created": {"type": "integer"}, "status": {"type": "string"},
-    },
-}
+
+class AdapterInfo(BaseModel):
+    """An adapter as its tenant sees it (never the internal id)."""
+
+    id: str = Field(description="The adapter's name: the `model` of completion requests.")
+    object: Literal["adapter"] = "adapter"
+    base_model: str
+    r: int
+    top_k: int
+    routing: str
+    bytes: int = Field(description="Size of the weights file.")
+    sha256: str = Field(description="SHA-256 of the weights file.")
+    created: int
+    status: str
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> AdapterInfo:
+        return cls(id=adapter.name, base_model=adapter.base_model, r=adapter.r, top_k=adapter.top_k,
+                   routing=adapter.routing, bytes=adapter.bytes, sha256=adapter.sha256, created=adapter.created,
+                   status=adapter.state)
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -35,28 +54,26 @@ UPLOAD_BODY = {
             },
         }}},
     },
-    "responses": {"201": {"description": "The adapter", "content": {"application/json": {"schema": ADAPTER_SCHEMA}}}},
 }
 
 
-@router.post("", status_code=201, openapi_extra=UPLOAD_BODY, response_model=None)
-async def upload(request: Request, tenant: TenantDep, gw: GatewayDep) -> dict[str, Any]:
-    adapter = await upload_adapter(gw, tenant, request)
-    return adapter.public()
+@router.post("", status_code=201, openapi_extra=UPLOAD_BODY, response_model=AdapterInfo)
+async def upload(request: Request, tenant: TenantDep, gw: GatewayDep) -> Any:
+    return AdapterInfo.of(await upload_adapter(gw, tenant, request))
 
 
-@router.get("", response_model=None)
-async def list_adapters(tenant: TenantDep, gw: GatewayDep) -> dict[str, Any]:
+@router.get("", response_model=AdapterList)
+async def list_adapters(tenant: TenantDep, gw: GatewayDep) -> Any:
     adapters = await anyio.to_thread.run_sync(gw.registry.list_adapters, tenant.id)
-    return {"object": "list", "data": [a.public() for a in adapters]}
+    return AdapterList(data=[AdapterInfo.of(a) for a in adapters])
 
 
-@router.get("/{name}", response_model=None)
-async def get_adapter(name: str, tenant: TenantDep, gw: GatewayDep) -> dict[str, Any]:
+@router.get("/{name}", response_model=AdapterInfo)
+async def get_adapter(name: str, tenant: TenantDep, gw: GatewayDep) -> Any:
     adapter = await resolve_adapter(gw, tenant, name)
     if adapter is None:
         raise AdapterNotFound(name)
-    return adapter.public()
+    return AdapterInfo.of(adapter)
 
 
 @router.delete("/{name}", status_code=204, response_class=Response)

@@ -12,7 +12,7 @@ from server.adapters import delete_tenant
 from server.deps import AdminDep, GatewayDep
 from server.registry import ApiKey
 from server.security import TENANT_NAME_RE
-from server.state import Gateway
+from server.gateway import Gateway
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 run = anyio.to_thread.run_sync

@@ -23,7 +23,7 @@ async def health() -> dict[str, Any]:
 @router.get("/ready", response_model=None)
 async def ready(gw: GatewayDep) -> JSONResponse:
     """200 when at least one engine's /health answers 200, else 503."""
-    engines = await gw.engines.health()
+    engines = await gw.upstream.health()
     ok = any(engines.values())
     return JSONResponse({"status": "ready" if ok else "unavailable", "engines": engines},
                         status_code=200 if ok else 503)

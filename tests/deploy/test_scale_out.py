@@ -140,7 +140,7 @@ class Stack:
 
     @property
     def router(self):
-        return self.gw.engines.router
+        return self.gw.upstream.router
 
     def routing(self) -> dict[str, float]:
         metric = self.gw.metrics.routing

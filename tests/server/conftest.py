@@ -16,9 +16,9 @@ import pytest
 from flylora_runtime.client import GatewayClient
 from server.app import create_app
 from server.settings import Settings
-from server.state import Gateway
+from server.gateway import Gateway
 
-from tests.server.fake_engine import FakeEngineState, create_fake_engine
+from tests.server.fake_engine import FAKE_ENGINE_KNOBS, FakeEngineState, create_fake_engine
 from tests.server.helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
 
 BASE_ID = "SmolLM2-135M-Instruct"
@@ -86,6 +86,7 @@ def start_gateway(data_dir: Path, engine_urls: list[str], **overrides: Any) -> G
         "data_dir": data_dir, "engine_urls": engine_urls, "admin_key": ADMIN_KEY, "base_model_id": BASE_ID,
         "max_upload_bytes": 256 * 1024, "max_request_bytes": 64 * 1024, "max_prompt_chars": 8000,
         "engine_connect_timeout_s": 2.0, "engine_read_timeout_s": 20.0,
+        "passthrough_request_fields": list(FAKE_ENGINE_KNOBS),
     }
     values.update(overrides)
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -101,10 +102,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeEngine]:
     fake.server.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(engine: FakeEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    """A gateway in front of ``engine``, with small limits so limit tests stay fast."""
-    handle = start_gateway(tmp_path_factory.mktemp("gateway"), [engine.url])
+@pytest.fixture(scope="module", params=[True, False], ids=["fast_path", "fastapi_routes"])
+def gateway(request: pytest.FixtureRequest, engine: FakeEngine, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[GatewayHandle]:
+    """A gateway in front of ``engine``, with small limits so limit tests stay fast; every test using it runs
+    twice, with the completion fast path on and off (the FastAPI routes)."""
+    handle = start_gateway(tmp_path_factory.mktemp("gateway"), [engine.url], completion_fast_path=request.param)
     engine.state.store = handle.settings.store_dir
     yield handle
     handle.server.stop()

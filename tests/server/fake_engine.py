@@ -2,13 +2,15 @@
 
 It is not vLLM and runs no model. It answers like vLLM does on the routes the gateway uses
 (``/v1/chat/completions``, ``/v1/completions`` with SSE and ``stream_options.include_usage``, ``/health``,
-``/v1/unload_lora_adapter``), resolves adapter ids from the adapter store like vLLM's LoRA resolver (404
+``/v1/unload_lora_adapter``; ``stream_options.continuous_usage_stats``: usage so far on every chunk), resolves adapter ids from the adapter store like vLLM's LoRA resolver (404
 for an id with no folder), echoes the ``model`` it was sent (an internal id), and records everything it
 receives so tests can check what the gateway sent upstream.
 
-Knobs, as extra JSON fields of a request (the gateway passes unknown fields through):
+Knobs, as extra JSON fields of a request (the test gateways let them through with
+``passthrough_request_fields``):
 ``fake_sleep_s`` (wait before answering), ``fake_chunk_delay_s`` (wait between SSE chunks),
-``fake_status`` (answer this HTTP error, with the model id in the message, as vLLM's errors do).
+``fake_status`` (answer this HTTP error, with the model id in the message, as vLLM's errors do),
+``fake_completion_tokens`` (generate this many tokens, fewer than ``max_tokens``: a stop sequence met).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 INTERNAL_ID = re.compile(r"^fl-[0-9a-f]{32}$")
+#: The request fields the test double reads as knobs.
+FAKE_ENGINE_KNOBS = ("fake_sleep_s", "fake_chunk_delay_s", "fake_status", "fake_completion_tokens")
 
 
 @dataclass
@@ -84,7 +88,8 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         if body.get("fake_sleep_s"):
             await asyncio.sleep(float(body["fake_sleep_s"]))
         prompt = json.dumps(body.get("messages") if kind == "chat" else body.get("prompt"))
-        count = int(body.get("max_tokens") or body.get("max_completion_tokens") or 8)
+        count = int(body.get("fake_completion_tokens") or body.get("max_completion_tokens") or body.get("max_tokens")
+                    or 8)
         n = int(body.get("n") or 1)
         words = _words(prompt, count)
         usage = {"prompt_tokens": len(prompt) // 4 + 1, "completion_tokens": count * n,
@@ -104,10 +109,19 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
 
         delay = float(body.get("fake_chunk_delay_s") or 0)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        continuous = include_usage and bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+        produced: dict[int, int] = {}  # per choice, as vLLM counts continuous usage
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            for c in choices:
+                produced[c["index"]] = produced.get(c["index"], 0) + bool(
+                    c.get("text") or (c.get("delta") or {}).get("content"))
             data = {"id": cid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created,
                     "model": model, "choices": choices, **extra}
+            if continuous and "usage" not in data and choices:
+                done = produced[choices[0]["index"]]
+                data["usage"] = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": done,
+                                 "total_tokens": usage["prompt_tokens"] + done}
             return b"data: " + json.dumps(data).encode() + b"\n\n"
 
         async def events() -> Any:

@@ -53,7 +53,7 @@ def test_keys_are_stored_hashed_and_shown_once(gateway, tenant):
     assert key not in listing and new.status_code == 201
     second = new.json()["api_key"]
     assert second != key and second.startswith("flk-")
-    with gateway.gw.registry.engine.connect() as conn:
+    with gateway.gw.registry.db.connect() as conn:
         dump = "\n".join(str(row) for row in conn.exec_driver_sql("SELECT * FROM api_keys"))
     assert key not in dump and second not in dump
     for k in (key, second):  # both keys work

@@ -62,7 +62,7 @@ def test_adapter_requests_stick_to_one_replica_and_delete_evicts_everywhere_with
     for engine in (a, b):
         for body in engine.state.bodies():
             served.setdefault(body["model"], set()).add(engine.url)
-    router = gw.gw.engines.router
+    router = gw.gw.upstream.router
     assert served == {m: {router.home(m)} for m in served} and len(served) == 2  # each adapter at its home
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'flylora_gateway_routing_total{result="affinity_miss"} 2.0' in metrics  # first request of each
@@ -101,7 +101,7 @@ def test_stream_broken_after_its_first_chunk_ends_with_a_clean_error_with_fake_e
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert events[0]["choices"][0]["text"] and events[-1]["error"]["code"] == "bad_engine_response"
     assert len(sick.state.requests) == 1 and well.state.requests == []  # not retried: the client had data
-    assert gw.gw.engines.router.is_down(sick.url)  # the broken replica cools down
+    assert gw.gw.upstream.router.is_down(sick.url)  # the broken replica cools down
     assert gw.openai(key).completions.create(model=BASE, prompt="x", max_tokens=1).model == BASE
     assert len(well.state.requests) == 1
 
@@ -109,7 +109,7 @@ def test_stream_broken_after_its_first_chunk_ends_with_a_clean_error_with_fake_e
 def test_dead_engine_is_ejected_by_the_health_check_and_readmitted_with_fake_engine(make_engine, make_gateway):
     a, b = make_engine(), make_engine()
     gw = make_gateway([a.url, b.url], health_check_interval_s=0.05, health_check_failures=2)
-    router = gw.gw.engines.router
+    router = gw.gw.upstream.router
     a.state.health_status = 503
     _wait(lambda: router.is_ejected(a.url))
     assert not router.is_ejected(b.url)

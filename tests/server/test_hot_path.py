@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import ClientDisconnect
 
 from server.errors import PayloadTooLarge
-from server.fastpath import receive_body
+from server.proxy import receive_body
 from server.transport import EngineClient, RequestBuilder
 
 from tests.server.helpers import assert_openai_error
@@ -36,9 +36,9 @@ def test_receive_body_joins_chunks_and_enforces_the_limit_as_it_reads():
     run = asyncio.run
     assert run(receive_body(_receiver(_body(b'{"a":', True), _body(b"", True), _body(b"1}", False)), None, 10)) \
         == b'{"a":1}'
-    assert run(receive_body(_receiver(_body(b"abc", False)), b"3", 3)) == b"abc"
+    assert run(receive_body(_receiver(_body(b"abc", False)), "3", 3)) == b"abc"
     with pytest.raises(PayloadTooLarge):  # declared too large: refused before reading
-        run(receive_body(_receiver(), b"11", 10))
+        run(receive_body(_receiver(), "11", 10))
     with pytest.raises(PayloadTooLarge):  # no (or a lying) Content-Length: refused when the bytes pass it
         run(receive_body(_receiver(_body(b"x" * 6, True), _body(b"x" * 6, True)), None, 10))
     with pytest.raises(ClientDisconnect):
@@ -156,8 +156,9 @@ def _answer_flight(model: str, internal: str | None):
     import time
 
     from server.metrics import GatewayMetrics
-    from server.proxy import CompletionRequest, Flight
+    from server.proxy import Flight
     from server.registry import Adapter, Tenant
+    from server.request_policy import CompletionRequest
 
     class Gw:
         metrics = GatewayMetrics(max_adapter_labels=10, base_model_id=BASE)
@@ -165,8 +166,10 @@ def _answer_flight(model: str, internal: str | None):
     adapter = None if internal is None else Adapter(
         tenant_id=1, name=model, internal_id=internal, base_model=BASE, r=4, top_k=2, routing="signed", bytes=1,
         sha256="0", created=0)
-    req = CompletionRequest(payload={}, model=model, stream=False, wants_usage=False)
-    return Flight(Gw(), Tenant(id=1, name="t", created=0), "completions", req, adapter, time.perf_counter())  # type: ignore[arg-type]
+    req = CompletionRequest(payload={}, model=model, stream=False, wants_usage=False, wants_continuous_usage=False,
+                            prompt_tokens=1, max_tokens=2, sequences=1)
+    return Flight(Gw(), Tenant(id=1, name="t", created=0), "completions", time.perf_counter(),  # type: ignore[arg-type]
+                  request=req, adapter=adapter)
 
 
 @pytest.mark.parametrize("case", ["adapter", "base", "escaped", "other_model", "non_ascii"])

@@ -96,7 +96,7 @@ def _random_key() -> str:
 def test_a_flood_of_random_keys_reaches_the_registry_at_most_at_the_configured_rate(engine, make_gateway):
     gw = make_gateway([engine.url], unknown_key_lookups_per_s=2.0, key_directory_refresh_s=60)
     _, real = gw.new_tenant()
-    queries = KeyQueries(gw.gw.registry.engine)
+    queries = KeyQueries(gw.gw.registry.db)
     try:
         start = time.monotonic()
         with gw.client(None) as attacker, gw.client(real) as tenant:

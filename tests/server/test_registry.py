@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import BigInteger, Column, ForeignKey, Integer, MetaData, String, Table, UniqueConstraint, insert
 
 from server.errors import AdapterExists, KeyNotFound, TenantExists, TenantNotFound
-from server.registry import DELETING, Adapter, Registry, make_engine
+from server.registry import DELETING, Adapter, Registry, make_db_engine
 from server.security import hash_key, new_api_key, new_internal_id
 
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
@@ -41,7 +41,7 @@ def _adapter(tenant_id: int, name: str) -> Adapter:
 
 
 def _rows(registry: Registry, sql: str) -> list[tuple[Any, ...]]:
-    with registry.engine.connect() as conn:
+    with registry.db.connect() as conn:
         return [tuple(r) for r in conn.exec_driver_sql(sql)]
 
 
@@ -85,7 +85,7 @@ def _old_schema() -> MetaData:
 
 def test_an_older_database_is_migrated_in_place_and_its_keys_keep_working(db_url):
     old = _old_schema()
-    engine = make_engine(db_url)
+    engine = make_db_engine(db_url)
     key = new_api_key()
     iid = new_internal_id()
     with engine.begin() as conn:
@@ -280,7 +280,7 @@ def test_lookups_racing_a_revocation_never_see_the_key_afterwards(registry):
 def test_the_gateway_serves_tenants_keys_and_adapters_from_postgresql(engine, make_gateway, postgres_url, tmp_path):
     gw = make_gateway([engine.url], database_url=postgres_url)
     engine.state.store = gw.settings.store_dir
-    assert gw.gw.registry.engine.dialect.name == "postgresql"
+    assert gw.gw.registry.db.dialect.name == "postgresql"
     name, key = gw.new_tenant()
     assert gw.upload(key, "support", tmp_path / "a").status_code == 201
     with gw.client(key) as c:

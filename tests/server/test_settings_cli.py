@@ -33,7 +33,7 @@ def test_defaults_follow_the_shared_conventions():
     assert s.base_dir == data / "models" / "SmolLM2-135M-Instruct"
     assert s.engine_urls == ["http://127.0.0.1:8100"]
     assert (s.gateway_host, s.gateway_port, s.admin_key) == ("127.0.0.1", 8000, None)
-    assert s.max_upload_bytes == 1 << 30 and s.max_tokens_cap == 4096 and s.max_concurrency_per_tenant >= 32
+    assert s.max_upload_bytes == 1 << 30 and s.max_tokens_cap == 4096 and s.max_concurrency_per_tenant == 16
 
 
 def test_environment_overrides(monkeypatch, tmp_path):

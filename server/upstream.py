@@ -1,5 +1,7 @@
-"""Talking to the engine replicas: one pooled ``httpx.AsyncClient``, replica choice and failover, eviction,
-health. The engine is a vLLM OpenAI server that only ever sees internal adapter ids.
+"""The gateway's side of the engines (its upstream): one pooled ``httpx.AsyncClient`` to every vLLM replica,
+replica choice and failover, eviction, health. :class:`UpstreamPool` is that pool (``gw.upstream``);
+:class:`UpstreamResponse` one engine answer being read. An engine is a vLLM OpenAI server (started by
+``flylora_runtime.engine``) that only ever sees internal adapter ids.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from server.routing import ReplicaRouter
 from server.settings import Settings
 from server.transport import EngineClient, EngineTransport, RequestBuilder
 
-log = logging.getLogger("flylora.gateway.engines")
+log = logging.getLogger("flylora.gateway.upstream")
 
 #: Failures after which the request was surely not processed: sent on to any other replica.
 UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -72,7 +74,7 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
 
 
 @dataclass
-class Upstream:
+class UpstreamResponse:
     """An engine's answer being read; :meth:`close` once (returns the replica to the router).
 
     A non-streamed 200 answer has been read whole; a streamed 200 answer has had its first chunk read
@@ -113,7 +115,7 @@ class Upstream:
         await self.response.aclose()
 
 
-class EnginePool:
+class UpstreamPool:
     """The replicas behind the gateway."""
 
     def __init__(self, settings: Settings, metrics: GatewayMetrics, router: ReplicaRouter | None = None):
@@ -136,7 +138,7 @@ class EnginePool:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def send(self, path: str, body: bytes, *, adapter_id: str | None, stream: bool = False) -> Upstream:
+    async def send(self, path: str, body: bytes, *, adapter_id: str | None, stream: bool = False) -> UpstreamResponse:
         """POST ``body`` to ``path`` on the chosen replica, with failover.
 
         A replica that cannot be reached (connection refused) is skipped for the next one, through every
@@ -155,7 +157,7 @@ class EnginePool:
             response: httpx.Response | None = None
             try:
                 response = await self.client.send(self._request(url, path, body), stream=True)
-                upstream = Upstream(url=url, response=response, router=self.router)
+                upstream = UpstreamResponse(url=url, response=response, router=self.router)
                 if response.status_code == 200:
                     if stream:
                         upstream.rest = response.aiter_bytes()

@@ -1,4 +1,5 @@
-"""The gateway's long-lived parts, built once per app and kept on ``app.state.gateway``."""
+"""``Gateway``: the gateway's long-lived parts (registry, store, upstream pool, limiter, metrics, caches), built
+once per app and kept on ``app.state.gateway``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from flylora_runtime.format.errors import BaseModelMismatch
 from flylora_runtime.format.modelspec import BaseModelSpec
 
 from server.cache import TTLCache
-from server.engines import EnginePool
+from server.upstream import UpstreamPool
 from server.errors import BaseModelUnavailable
 from server.keyguard import KeyGuard
 from server.limits import TenantLimiter
 from server.metrics import GatewayMetrics
 from server.registry import Adapter, Registry, Tenant
+from server.request_policy import CacheSalts, RequestPolicy
 from server.settings import Settings
 from server.store import AdapterStore
 
@@ -28,12 +30,14 @@ class Gateway:
     settings: Settings
     registry: Registry
     store: AdapterStore
-    engines: EnginePool
+    upstream: UpstreamPool
     limiter: TenantLimiter
     metrics: GatewayMetrics
     tenants_by_key: TTLCache[Tenant]
     adapters_by_name: TTLCache[Adapter]
     keys: KeyGuard
+    policy: RequestPolicy
+    cache_salts: CacheSalts
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
@@ -46,7 +50,7 @@ class Gateway:
             settings=settings,
             registry=registry,
             store=AdapterStore(settings.store_dir),
-            engines=EnginePool(settings, metrics),
+            upstream=UpstreamPool(settings, metrics),
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
                                   tokens_per_minute=settings.tokens_per_minute_per_tenant),
             metrics=metrics,
@@ -56,10 +60,12 @@ class Gateway:
                           refresh_s=settings.key_directory_refresh_s,
                           lookups_per_s=settings.unknown_key_lookups_per_s,
                           negative_entries=settings.unknown_key_cache_entries),
+            policy=RequestPolicy(settings),
+            cache_salts=CacheSalts.from_settings(settings),
         )
 
     async def aclose(self) -> None:
-        await self.engines.aclose()
+        await self.upstream.aclose()
         self.registry.close()
 
     def base_spec(self) -> BaseModelSpec:
