@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import anyio
-
 from flylora_runtime.format.errors import BaseModelMismatch
 from flylora_runtime.format.modelspec import BaseModelSpec
 
+from server.admission import UploadAdmission
 from server.cache import TTLCache
 from server.engines import EnginePool
 from server.errors import BaseModelUnavailable
@@ -32,6 +31,7 @@ class Gateway:
     metrics: GatewayMetrics
     tenants_by_key: TTLCache[Tenant]
     adapters_by_name: TTLCache[Adapter]
+    uploads: UploadAdmission
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
@@ -39,16 +39,19 @@ class Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
                                  base_model_id=settings.base_model_id)
+        registry = Registry.open(settings.db_url)
+        store = AdapterStore(settings.store_dir)
         return cls(
             settings=settings,
-            registry=Registry.open(settings.db_url),
-            store=AdapterStore(settings.store_dir),
+            registry=registry,
+            store=store,
             engines=EnginePool(settings, metrics),
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
                                   tokens_per_minute=settings.tokens_per_minute_per_tenant),
             metrics=metrics,
             tenants_by_key=TTLCache(settings.auth_cache_ttl_s),
             adapters_by_name=TTLCache(settings.auth_cache_ttl_s),
+            uploads=UploadAdmission(settings, store, registry),
         )
 
     async def aclose(self) -> None:
@@ -65,8 +68,3 @@ class Gateway:
                 raise BaseModelUnavailable(
                     "The base model's configuration is not available; adapters cannot be validated now.") from None
         return self._base_spec
-
-    async def sweep_store(self) -> None:
-        """Remove leftovers of interrupted uploads and deletions (at start-up)."""
-        known = await anyio.to_thread.run_sync(self.registry.all_internal_ids)
-        await anyio.to_thread.run_sync(lambda: self.store.sweep(known))

@@ -41,6 +41,9 @@ from flylora_runtime.format.modelspec import BaseModelSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: A file the gateway writes into an adapter's folder before deleting it: the engine's resolver then refuses
+#: the adapter (its folder is only removed once every engine has let go of it).
+TOMBSTONE_NAME = "DELETED"
 KEY_PREFIX = "base_model.model."
 
 #: Default size limit for one weights file: the authors' Llama-3.1-8B adapter is ~336 MB.

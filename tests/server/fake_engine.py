@@ -65,7 +65,8 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
     def resolve(model: str) -> JSONResponse | None:
         if model == state.base_model:
             return None
-        if INTERNAL_ID.fullmatch(model) and (state.store is None or (state.store / model).is_dir()):
+        if INTERNAL_ID.fullmatch(model) and (state.store is None or (
+                (state.store / model).is_dir() and not (state.store / model / "DELETED").exists())):
             state.loaded.add(model)
             return None
         return _error(404, f"The model `{model}` does not exist.", "model")
