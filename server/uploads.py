@@ -12,6 +12,7 @@ caller's thread runner (the upload threads), never on the event loop: a slow dis
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ MAX_NAME_BYTES = 1024
 FRAMING_SLACK = 64 * 1024
 #: Received file bytes held before they are written out (per file part).
 WRITE_BUFFER_BYTES = 1 << 20
+#: An upload in progress touches its staging folder this often, so that no store sweep (of this gateway or
+#: another replica sharing the store) takes it for a leftover while bytes still arrive.
+TOUCH_INTERVAL_S = 10.0
 
 Runner = Callable[..., Awaitable[object]]
 
@@ -181,6 +185,7 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
         "on_part_data", "on_part_end")}
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     total = 0
+    touched = time.monotonic()
     try:
         async for chunk in request.stream():
             total += len(chunk)
@@ -189,6 +194,9 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
                                       param="weights")
             parser.write(chunk)
             await receiver.flush(run)
+            if time.monotonic() - touched > TOUCH_INTERVAL_S:
+                touched = time.monotonic()
+                await run(os.utime, staging)
         parser.finalize()
         await receiver.flush(run, everything=True)
     except FormParserError as exc:

@@ -35,6 +35,7 @@ class FakeEngineState:
     store: Path | None = None
     health_status: int = 200
     unload_status: int | None = None  # force this status on unload
+    unload_delay_s: float = 0.0  # wait this long before answering an unload
     requests: list[dict[str, Any]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
@@ -155,6 +156,7 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         body = await request.json()
         name = body.get("lora_name", "")
         state.unloads.append(name)
+        await asyncio.sleep(state.unload_delay_s)
         if state.unload_status is not None:
             return _error(state.unload_status, "forced failure")
         if name not in state.loaded:
