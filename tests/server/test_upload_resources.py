@@ -58,8 +58,9 @@ def _bombs(root: Path, good_config: Path) -> dict[str, tuple[Path, Path, int]]:
     """name -> (config, weights, expected status)."""
     root.mkdir(parents=True, exist_ok=True)
     out = {}
-    header = b"{" + b'"k":{},' * 14_285_000  # ~100 MB of tiny objects
-    header += b'"k":{}' + b" " * (100_000_000 - len(header) - 7) + b"}"
+    # 100 MB: a list of 33 million empty objects (json.loads made 2.2 GB of them: the issue's attack).
+    header = b'{"k":[' + b"{}," * 33_333_000
+    header += b"{}" + b" " * (100_000_000 - len(header) - 4) + b"]}"
     path = root / "header_100mb.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     out["header of 100 MB of tiny objects"] = (good_config, path, 400)
