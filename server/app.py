@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from server.adapters import finish_interrupted_deletions
+from server.adapters import maintain, maintain_forever
 from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
 from server.routes import adapters, admin, health, openai
@@ -29,15 +29,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gw = Gateway.build(settings)
         app.state.gateway = gw
         try:
-            resumed = await finish_interrupted_deletions(gw)
-            if resumed:
-                log.warning("finished %d adapter deletions interrupted by a previous shutdown", resumed)
-            await gw.sweep_store()
+            await maintain(gw)  # finish deletions a previous process began; sweep leftovers
             await gw.keys.reload()
             async with anyio.create_task_group() as tg:
                 if settings.health_check_interval_s > 0:
                     tg.start_soon(gw.upstream.watch_health)
                 tg.start_soon(gw.keys.watch)
+                tg.start_soon(maintain_forever, gw)
                 yield
                 tg.cancel_scope.cancel()
         finally:

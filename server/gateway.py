@@ -11,6 +11,7 @@ import anyio
 from flylora_runtime.format.errors import BaseModelMismatch
 from flylora_runtime.format.modelspec import BaseModelSpec
 
+from server.admission import UploadAdmission
 from server.cache import TTLCache
 from server.upstream import UpstreamPool
 from server.errors import BaseModelUnavailable
@@ -38,6 +39,7 @@ class Gateway:
     keys: KeyGuard
     policy: RequestPolicy
     cache_salts: CacheSalts
+    uploads: UploadAdmission
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
 
     @classmethod
@@ -46,10 +48,11 @@ class Gateway:
         metrics = GatewayMetrics(max_adapter_labels=settings.max_adapter_labels,
                                  base_model_id=settings.base_model_id)
         registry = Registry.open(settings.db_url)
+        store = AdapterStore(settings.store_dir)
         return cls(
             settings=settings,
             registry=registry,
-            store=AdapterStore(settings.store_dir),
+            store=store,
             upstream=UpstreamPool(settings, metrics),
             limiter=TenantLimiter(max_concurrency=settings.max_concurrency_per_tenant,
                                   tokens_per_minute=settings.tokens_per_minute_per_tenant),
@@ -62,6 +65,7 @@ class Gateway:
                           negative_entries=settings.unknown_key_cache_entries),
             policy=RequestPolicy(settings),
             cache_salts=CacheSalts.from_settings(settings),
+            uploads=UploadAdmission(settings, store, registry),
         )
 
     async def aclose(self) -> None:
@@ -78,8 +82,3 @@ class Gateway:
                 raise BaseModelUnavailable(
                     "The base model's configuration is not available; adapters cannot be validated now.") from None
         return self._base_spec
-
-    async def sweep_store(self) -> None:
-        """Remove leftovers of interrupted uploads and deletions (at start-up)."""
-        known = await anyio.to_thread.run_sync(self.registry.all_internal_ids)
-        await anyio.to_thread.run_sync(lambda: self.store.sweep(known))

@@ -80,6 +80,15 @@ class AdapterRow(Base):
     state: Mapped[str] = mapped_column(String(16), nullable=False, default=READY)
 
 
+class TenantDeletionRow(Base):
+    """A tenant whose deletion has begun (keys gone, adapters marked deleting): finished at restart if killed."""
+
+    __tablename__ = "tenant_deletions"
+
+    tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 @dataclass(frozen=True)
 class Tenant:
     id: int
@@ -366,3 +375,37 @@ class Registry:
         with self._session() as s:
             s.execute(delete(AdapterRow).where(AdapterRow.internal_id == internal_id))
             s.commit()
+
+    # --- usage and crash-safe deletion (server.adapters) --------------------------------------------------
+    def tenant_usage(self, tenant_id: int) -> tuple[int, int]:
+        """The tenant's adapter rows (any state: a deleting one still holds its files) and their weight bytes."""
+        with self._session() as s:
+            n, total = s.execute(select(func.count(), func.coalesce(func.sum(AdapterRow.bytes), 0))
+                                 .where(AdapterRow.tenant_id == tenant_id)).one()
+            return int(n), int(total)
+
+    def begin_tenant_deletion(self, tenant_id: int) -> None:
+        """In one transaction: record the deletion, revoke the tenant's keys, take its adapters out of service.
+        From then on nothing of the tenant is usable, and a restart finishes the deletion."""
+        with self._session() as s:
+            if s.get(TenantDeletionRow, tenant_id) is None:
+                s.add(TenantDeletionRow(tenant_id=tenant_id, started=int(time.time())))
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id))
+            s.execute(update(AdapterRow).where(AdapterRow.tenant_id == tenant_id).values(state=DELETING))
+            s.commit()
+
+    def pending_tenant_deletions(self) -> list[int]:
+        with self._session() as s:
+            return list(s.scalars(select(TenantDeletionRow.tenant_id)))
+
+    def finish_tenant_deletion(self, tenant_id: int) -> bool:
+        """Remove the tenant once its adapters are gone (False while some remain: their files may still be in
+        use by an engine)."""
+        with self._session() as s:
+            if s.scalar(select(func.count()).where(AdapterRow.tenant_id == tenant_id)):
+                return False
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id))
+            s.execute(delete(TenantRow).where(TenantRow.id == tenant_id))
+            s.execute(delete(TenantDeletionRow).where(TenantDeletionRow.tenant_id == tenant_id))
+            s.commit()
+            return True

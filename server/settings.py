@@ -145,6 +145,23 @@ class Settings(BaseSettings):
     cache_salt_key: SecretStr | None = Field(
         default=None, description="Key of the per-tenant prefix-cache salt (an HMAC of the tenant id); default "
         "derived from the admin key, so that every gateway replica computes the same salt.")
+    # --- uploads and the adapter store (docs/SECURITY.md, "Uploads and stored adapters") ---------------------
+    engine_max_lora_rank: int = Field(
+        default=32, ge=1, description="The engines' --max-lora-rank: an adapter of higher rank is refused at upload.")
+    max_uploads_per_tenant: int = Field(default=2, ge=1, description="Uploads one tenant may have in progress (429).")
+    max_concurrent_uploads: int = Field(default=8, ge=1, description="Uploads in progress over all tenants (429).")
+    upload_threads: int = Field(
+        default=2, ge=1, description="Threads that write, validate and store uploads (apart from request handling).")
+    max_adapters_per_tenant: int = Field(default=100, ge=0, description="Adapters one tenant may store (0: no limit).")
+    max_stored_bytes_per_tenant: int = Field(
+        default=20 << 30, ge=0, description="Weight bytes one tenant may store (0: no limit).")
+    min_free_store_bytes: int = Field(
+        default=2 << 30, ge=0, description="Free space kept on the store's disk: uploads that could use it get 507.")
+    staging_max_age_s: float = Field(
+        default=3600.0, gt=0, description="An upload folder not written for this long is a leftover and removed.")
+    store_maintenance_interval_s: float = Field(
+        default=300.0, ge=0, description="Seconds between leftover sweeps and retries of unfinished deletions (0: "
+        "only at start-up).")
 
     # --- metrics -------------------------------------------------------------------------------------------
     max_adapter_labels: int = Field(

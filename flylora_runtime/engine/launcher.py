@@ -114,6 +114,7 @@ class EngineConfig:
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
             "FLYLORA_ADAPTER_STORE": self.adapter_store,
             "FLYLORA_BASE_MODEL_DIR": self.model,
+            "FLYLORA_MAX_LORA_RANK": str(self.max_lora_rank),  # the store resolver refuses larger ranks cheaply
             "VLLM_RPC_BASE_PATH": str(work / "rpc"),
             "VLLM_CACHE_ROOT": str(work / "cache"),
             "VLLM_NO_USAGE_STATS": "1",

@@ -24,7 +24,7 @@ from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_wi
                                                  load_flylora_checkpoint, remove_and_release_memory)
 from flylora_runtime.vllm_plugin.prefetch import (discarding_remove_lora, prefetching_add_lora, status_method,
                                                   take_prefetched_load, waiting_async_add_lora)
-from flylora_runtime.vllm_plugin.resolver import unload_frees_engine_copy
+from flylora_runtime.vllm_plugin.resolver import refuse_unloaded_adapters, unload_frees_engine_copy
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,14 @@ PATCHES: tuple[Patch, ...] = (
           "requests_total); the CPU model runner inherits it.", ("self", "scheduler_output")),
     Patch("vllm.entrypoints.openai.models.serving:OpenAIServingModels", "unload_lora_adapter",
           unload_frees_engine_copy,
-          "vLLM's unload only forgets the name (upstream issue #54839); ours also removes the adapter from the "
-          "engine, freeing its CPU-cache copy and slot.", ("self", "request")),
+          "vLLM's unload only forgets the name (upstream issue #54839); ours first fails (404) and aborts every "
+          "request still holding the adapter, then removes it from the engine, freeing its CPU-cache copy and "
+          "slot.", ("self", "request")),
+    Patch("vllm.v1.engine.output_processor:OutputProcessor", "add_request", refuse_unloaded_adapters,
+          "A request that resolved an adapter before its unload and is added after it is refused (404): vLLM "
+          "would otherwise reload the adapter from its path inside the engine step, where a failure (its folder "
+          "being deleted) kills the engine.",
+          ("self", "request", "prompt", "parent_req", "request_index", "queue")),
 )
 
 _MISSING = object()

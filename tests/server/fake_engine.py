@@ -39,6 +39,7 @@ class FakeEngineState:
     store: Path | None = None
     health_status: int = 200
     unload_status: int | None = None  # force this status on unload
+    unload_delay_s: float = 0.0  # wait this long before answering an unload
     requests: list[dict[str, Any]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
@@ -69,7 +70,8 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
     def resolve(model: str) -> JSONResponse | None:
         if model == state.base_model:
             return None
-        if INTERNAL_ID.fullmatch(model) and (state.store is None or (state.store / model).is_dir()):
+        if INTERNAL_ID.fullmatch(model) and (state.store is None or (
+                (state.store / model).is_dir() and not (state.store / model / "DELETED").exists())):
             state.loaded.add(model)
             return None
         return _error(404, f"The model `{model}` does not exist.", "model")
@@ -168,6 +170,7 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         body = await request.json()
         name = body.get("lora_name", "")
         state.unloads.append(name)
+        await asyncio.sleep(state.unload_delay_s)
         if state.unload_status is not None:
             return _error(state.unload_status, "forced failure")
         if name not in state.loaded:

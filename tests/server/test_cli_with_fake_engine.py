@@ -223,7 +223,7 @@ def test_shapes_that_do_not_fit_the_base_model_are_caught_locally_with_base_conf
 def test_upload_shows_a_progress_bar_on_a_terminal(gateway, tenant, tmp_path):
     _, key = tenant
     folder = tmp_path / "big"
-    adapter_files(folder, r=64, targets=("q_proj", "k_proj", "v_proj", "o_proj"))  # ~200 KiB
+    adapter_files(folder, r=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     size = (folder / "adapter_model.safetensors").stat().st_size
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal

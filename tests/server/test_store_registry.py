@@ -46,18 +46,27 @@ def test_remove_and_path_checks(tmp_path):
             store.path(bad)
 
 
+def _age(folder, seconds: float) -> None:
+    """Make a folder and everything in it look last written ``seconds`` ago."""
+    then = time.time() - seconds
+    for p in [*folder.iterdir(), folder]:
+        os.utime(p, (then, then))
+
+
 def test_sweep_removes_only_old_leftovers(tmp_path):
     store = AdapterStore(tmp_path)
     kept, orphan, fresh_orphan = new_internal_id(), new_internal_id(), new_internal_id()
     for iid in (kept, orphan, fresh_orphan):
         store.commit(_stage(store), iid)
-    old_staging = _stage(store)
-    old = time.time() - 7200
-    for p in (store.root / orphan, old_staging):
-        os.utime(p, (old, old))
-    removed = store.sweep({kept})
+    old_staging, active_staging, in_progress = _stage(store), _stage(store), _stage(store)
+    for p in (store.root / orphan, store.root / kept, old_staging, active_staging, in_progress):
+        _age(p, 7200)
+    os.utime(store.staged_files(in_progress)[1])  # an upload still writing its weights into an old folder
+    removed = store.sweep({kept}, active={active_staging.name})
     assert sorted(removed) == sorted([orphan, old_staging.name])
     assert store.ids() == {kept, fresh_orphan}
+    assert active_staging.exists() and in_progress.exists()
+    assert store.sweep(None, min_age_s=1.0) == [active_staging.name]  # no longer held, and old: a leftover
 
 
 def test_ids_and_keys_formats():
