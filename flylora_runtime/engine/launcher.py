@@ -59,6 +59,9 @@ class EngineConfig:
         "help": "GPU: run without CUDA graphs and torch.compile. On by default until the FlyLoRA Triton path has "
                 "been validated under graph capture on a GPU (no effect on CPU, where vLLM disables compilation "
                 "for LoRA anyway)"})
+    energy: bool = field(default=True, metadata={
+        "help": "measure each generated token's free energy for quality monitoring (POST /flylora/energy); "
+                "--no-energy turns it off"})
     flylora: bool = field(default=True, metadata={
         "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
 
@@ -95,6 +98,7 @@ class EngineConfig:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
+        env["FLYLORA_ENERGY"] = "1" if self.energy else "0"
         if not self.flylora:
             env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: stock vLLM
         if on_cpu:

