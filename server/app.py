@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from server.adapters import finish_interrupted_deletions
 from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
-from server.routes import adapters, admin, health, openai
+from server.quality_recorder import QualityRecorder
+from server.routes import adapters, admin, health, openai, quality
 from server.settings import Settings
 from server.state import Gateway
 
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.build(settings)
         app.state.gateway = gw
+        gw.quality = QualityRecorder.for_gateway(gw)
         try:
             resumed = await finish_interrupted_deletions(gw)
             if resumed:
@@ -35,8 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with anyio.create_task_group() as tg:
                 if settings.health_check_interval_s > 0:
                     tg.start_soon(gw.engines.watch_health)
+                if gw.quality is not None:
+                    tg.start_soon(gw.quality.run)
                 yield
                 tg.cancel_scope.cancel()
+            if gw.quality is not None:
+                await gw.quality.aclose()
         finally:
             await gw.aclose()
 
@@ -48,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.completion_fast_path = settings.completion_fast_path
-    for module in (openai, adapters, admin, health):
+    for module in (openai, adapters, quality, admin, health):
         app.include_router(module.router)
     _declare_bearer_auth(app)
     return app

@@ -167,6 +167,7 @@ class Flight:
     status: int = 500
     first_token_seen: bool = False
     done: bool = False
+    quality: tuple[str, str] | None = None  # quality hook: (engine request id, engine url)
     internal: bytes = field(default=b"", init=False)
     public: bytes = field(default=b"", init=False)
 
@@ -203,6 +204,9 @@ class Flight:
         m.latency_by[(self.endpoint, "true" if self.request.stream else "false")].observe(
             time.perf_counter() - self.started)
         m.tokens(tenant.name, self.request.model, self.prompt_tokens, self.completion_tokens)
+        if self.quality is not None and self.status == 200 and gw.quality is not None:  # quality hook
+            gw.quality.observe(self.quality[1], self.endpoint, self.quality[0], tenant, self.adapter,
+                               self.request.model, self.completion_tokens)
 
     # non-streamed answers (and every error answer) ----------------------------------------------------------
     def json_response(self, status: int, raw: bytes, content_type: str | None) -> Response:
@@ -365,6 +369,7 @@ async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint:
         gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
         raise
     flight = Flight(gw, tenant, endpoint, req, adapter, started)
+    quality_id = gw.quality.tag(req.payload) if gw.quality is not None else None  # quality hook
     try:
         upstream = await gw.engines.send(ENDPOINTS[endpoint], json.dumps(req.payload).encode(),
                                          adapter_id=adapter.internal_id if adapter else None, stream=req.stream)
@@ -375,6 +380,8 @@ async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint:
         flight.finish(500)
         raise
     response = upstream.response
+    if quality_id is not None:  # quality hook
+        flight.quality = (quality_id, upstream.url)
     if response.status_code == 200 and req.stream:
 
         async def on_close(disconnected: bool) -> None:

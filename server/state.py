@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -19,6 +20,9 @@ from server.registry import Adapter, Registry, Tenant
 from server.settings import Settings
 from server.store import AdapterStore
 
+if TYPE_CHECKING:
+    from server.quality_recorder import QualityRecorder
+
 log = logging.getLogger("flylora.gateway")
 
 
@@ -33,6 +37,7 @@ class Gateway:
     tenants_by_key: TTLCache[Tenant]
     adapters_by_name: TTLCache[Adapter]
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
+    quality: QualityRecorder | None = None  # per-adapter quality windows; set by the app (server.quality_recorder)
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
