@@ -26,7 +26,9 @@ kept up to :data:`MAX_FINISHED` requests / :data:`MAX_FINISHED_TOKENS` tokens, o
 
 Cost: one extra pass over the ``[requests, vocabulary]`` logits per step (a few % of the LM head's own
 matmul) and one short Python loop over the batch's requests. Speculative decoding steps are skipped (their
-logits rows are per draft position); ``FLYLORA_ENERGY=0`` (``flylora-engine --no-energy``) turns it off.
+logits rows are per draft position); ``FLYLORA_ENERGY=0`` (``flylora-engine --no-energy``) turns it off;
+``POST /flylora/energy/control {"enabled": false}`` pauses it at run time, and answers (with or without a
+body) the steps measured and the worker seconds spent on them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from array import array
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
@@ -44,7 +47,9 @@ logger = logging.getLogger("flylora.energy")
 
 ENERGY_ENV = "FLYLORA_ENERGY"
 RPC_METHOD = "flylora_energy_take"
+CONTROL_METHOD = "flylora_energy_control"
 ROUTE = "/flylora/energy"
+CONTROL_ROUTE = "/flylora/energy/control"
 #: Unclaimed finished requests kept in the worker (the oldest are dropped beyond either bound).
 MAX_FINISHED = 16384
 MAX_FINISHED_TOKENS = 2_000_000
@@ -113,6 +118,16 @@ class EnergyLedger:
         self.finished_tokens = 0
         self.claimed: set[str] = set()  # handed out while still running: later rows are dropped
         self._pending: tuple[list[str], torch.Tensor] | None = None
+        self.measuring = True  # POST /flylora/energy/control can pause the per-step work
+        self.steps = 0  # steps measured
+        self.busy_s = 0.0  # worker time spent here (per-step work, finishes, claims): the throughput cost
+
+    def control(self, enabled: bool | None = None) -> dict[str, Any]:
+        """Pause or resume measuring (``enabled``); the counters of what it has cost so far."""
+        if enabled is not None:
+            self.measuring = bool(enabled)
+        return {"enabled": self.measuring, "steps": self.steps, "busy_seconds": self.busy_s,
+                "running": len(self.running), "unclaimed": len(self.finished)}
 
     # --- the worker's step ------------------------------------------------------------------------------
     def defer(self, req_ids: list[str], stats: torch.Tensor) -> None:
@@ -219,7 +234,7 @@ def _warn_once(key: str, msg: str, *args) -> None:
 
 def observe_step(runner, logits: torch.Tensor | None, spec_decode_metadata) -> None:
     """Compute this step's token statistics from the raw logits (called before vLLM samples)."""
-    if logits is None:
+    if logits is None or not LEDGER.measuring:
         return
     if spec_decode_metadata is not None:
         _warn_once("spec", "FlyLoRA energy: speculative decoding steps are not measured")
@@ -254,25 +269,38 @@ def install_energy() -> None:
 
     def sample_tokens(self, grammar_output):
         state = self.execute_model_state
-        if state is not None:
+        if state is not None and LEDGER.measuring:
+            t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     observe_step(self, state.logits, state.spec_decode_metadata)
+                LEDGER.steps += 1
             except Exception:  # never fail a step for a statistic
                 logger.exception("FlyLoRA energy: step not measured")
+            LEDGER.busy_s += time.perf_counter() - t0
         return original_sample(self, grammar_output)
 
     def _update_states(self, scheduler_output):
         if scheduler_output.finished_req_ids:
+            t0 = time.perf_counter()
             LEDGER.finish(scheduler_output.finished_req_ids)
+            LEDGER.busy_s += time.perf_counter() - t0
         return original_update(self, scheduler_output)
 
     def flylora_energy_take(self, queries, detail=False):
-        return LEDGER.take([(str(q[0]), q[1]) for q in queries], bool(detail))
+        t0 = time.perf_counter()
+        try:
+            return LEDGER.take([(str(q[0]), q[1]) for q in queries], bool(detail))
+        finally:
+            LEDGER.busy_s += time.perf_counter() - t0
+
+    def flylora_energy_control(self, enabled=None):
+        return LEDGER.control(enabled)
 
     GPUModelRunner.sample_tokens = sample_tokens
     GPUModelRunner._update_states = _update_states
     WorkerBase.flylora_energy_take = flylora_energy_take
+    WorkerBase.flylora_energy_control = flylora_energy_control
     GPUModelRunner._flylora_energy = True
     _install_route()
 

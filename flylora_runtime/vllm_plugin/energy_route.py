@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from flylora_runtime.vllm_plugin.energy import MAX_QUERY, ROUTE, RPC_METHOD
+from flylora_runtime.vllm_plugin.energy import CONTROL_METHOD, CONTROL_ROUTE, MAX_QUERY, ROUTE, RPC_METHOD
 
 router = APIRouter()
 RPC_TIMEOUT_S = 30.0
@@ -55,4 +55,22 @@ async def take_energy(request: Request) -> JSONResponse:
         return JSONResponse({"results": {}, "missing": []})
     engine = request.app.state.engine_client
     replies = await engine.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S, args=(queries, detail))
+    return JSONResponse(replies[0] if isinstance(replies, list) else replies)
+
+
+@router.post(CONTROL_ROUTE, include_in_schema=False)
+async def control(request: Request) -> JSONResponse:
+    """``{"enabled": bool}`` pauses or resumes measuring; any body (or none) returns the counters."""
+    raw = await request.body()
+    enabled = None
+    if raw.strip():
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error("The body is not valid JSON.")
+        if not isinstance(body, dict) or not isinstance(body.get("enabled", False), bool):
+            return _error("The body must be an object with an optional boolean `enabled`.")
+        enabled = body.get("enabled")
+    replies = await request.app.state.engine_client.collective_rpc(CONTROL_METHOD, timeout=RPC_TIMEOUT_S,
+                                                                   args=(enabled,))
     return JSONResponse(replies[0] if isinstance(replies, list) else replies)

@@ -105,3 +105,23 @@ def test_every_tokens_energy_equals_the_oracle_within_1e3(oracle, adapters, flyl
 def test_the_energy_route_refuses_malformed_bodies(flylora_engine):
     r = httpx.post(flylora_engine.url + "/flylora/energy", json={"requests": "x"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_measuring_can_be_paused_at_run_time_and_reports_its_cost(oracle, flylora_engine):
+    url = flylora_engine.url
+    ids = oracle.chat_ids(PROMPTS[0])
+    try:
+        before = httpx.post(url + "/flylora/energy/control", timeout=60).json()
+        assert before["enabled"] is True and before["steps"] > 0 and before["busy_seconds"] > 0
+        assert httpx.post(url + "/flylora/energy/control", json={"enabled": False}, timeout=60).json()["enabled"] is False
+        paused = _complete(url, BASE, ids, stream=False)
+        got = httpx.post(url + "/flylora/energy", json={"requests": [{"id": paused["id"]}]}, timeout=60).json()
+        assert got["missing"] == [paused["id"]]
+        assert httpx.post(url + "/flylora/energy/control", json={"enabled": True}, timeout=60).json()["enabled"]
+        measured = _complete(url, BASE, ids, stream=False)
+        got = httpx.post(url + "/flylora/energy", json={"requests": [{"id": measured["id"]}]}, timeout=60).json()
+        assert got["results"][measured["id"]]["tokens"] == len(measured["tokens"])
+        after = httpx.post(url + "/flylora/energy/control", json={}, timeout=60).json()
+        assert after["steps"] >= before["steps"] + len(measured["tokens"])
+    finally:
+        httpx.post(url + "/flylora/energy/control", json={"enabled": True}, timeout=60)

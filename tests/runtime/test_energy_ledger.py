@@ -136,3 +136,11 @@ def test_the_route_refuses_malformed_queries(body):
 def test_the_route_parses_queries():
     assert parse_queries({"requests": [{"id": "a", "tokens": 3}, {"id": "b"}], "detail": True}) == (
         [("a", 3), ("b", None)], True)
+
+
+def test_control_pauses_and_reports():
+    ledger = EnergyLedger()
+    assert ledger.control() == {"enabled": True, "steps": 0, "busy_seconds": 0.0, "running": 0, "unclaimed": 0}
+    assert ledger.control(False)["enabled"] is False and ledger.measuring is False
+    assert ledger.control()["enabled"] is False
+    assert ledger.control(True)["enabled"] is True
