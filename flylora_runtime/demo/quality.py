@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_demo_model()
     adapters = {t: ensure_trained(t, model_dir=model_dir) for t in TASKS}
     started = time.time()
-    with EvalStack(data_dir() / "quality-eval", args.size) as stack:
+    stack = EvalStack(data_dir() / "quality-eval", args.size)
+    with stack:
         for name, folder in adapters.items():
             stack.upload(name, folder)
         log(f"engine and gateway up, adapters uploaded in {time.time() - started:.0f} s; "
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
             "seconds": round(time.time() - started), "size": args.size, "max_tokens": args.max_tokens,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "engine_dtype": "auto"}
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "engine_dtype": stack.engine_config.dtype}
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "stats": stats, "sets": sets}, indent=1) + "\n")
     (args.out / "quality_table.md").write_text(text)
     plot(sets, args.out / "quality.png")
