@@ -188,10 +188,10 @@ class QualityRecorder:
     async def refresh(self) -> None:
         """Reload every subject's summary from the database, dropping deleted adapters and tenants."""
         def load() -> list[SubjectSummary]:
+            subjects = self.store.subjects()  # first: an adapter or tenant read after it existed before it
             known = self.registry.all_internal_ids()
             tenants = {t.id for t, _ in self.registry.list_tenants()}
-            gone = [s for s, tid in self.store.subjects()
-                    if (s not in known if s.startswith("fl-") else tid not in tenants)]
+            gone = [s for s, tid in subjects if (s not in known if s.startswith("fl-") else tid not in tenants)]
             if gone:
                 self.store.forget(gone)
             return self.store.summaries()

@@ -177,3 +177,26 @@ def test_quality_can_be_turned_off(make_engine, make_gateway):
         assert engine.state.bodies()[-1]["request_id"] == "chosen-by-the-tenant"
         assert assert_openai_error(_quality(c, BASE_ID), 503)["code"] == "quality_monitoring_disabled"
     assert "flylora_adapter_quality" not in httpx.get(gw.url + "/metrics").text
+
+
+def test_a_deleted_adapters_window_goes_with_it(stack, tmp_path):
+    _, gw = stack
+    _, key = gw.new_tenant()
+    assert gw.upload(key, "brief", tmp_path / "a").status_code == 201
+    with gw.client(key) as c:
+        for e in (-1.0, -2.0, -3.0, -4.0):
+            _send(c, "brief", e)
+        assert _wait_observed(c, "brief", 4)["window"]["fill"] == 4
+        gauge = 'flylora_adapter_quality_window_fill{adapter="brief"'
+        deadline = time.monotonic() + 10
+        while gauge not in httpx.get(gw.url + "/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.delete("/v1/adapters/brief").status_code == 204
+        assert_openai_error(_quality(c, "brief"), 404)
+        while gauge in httpx.get(gw.url + "/metrics").text:  # its gauges and rows are dropped
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.05)
+        assert gw.upload(key, "brief", tmp_path / "b").status_code == 201  # a new adapter, a new window
+        assert _quality(c, "brief").json()["window"] == {"size": WINDOW, "fill": 0, "observed": 0}
+    assert gw.gw.quality.store.subjects() == []
