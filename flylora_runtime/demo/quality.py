@@ -111,7 +111,7 @@ class EvalStack:
         self.workdir, self.window = workdir, window
         self.store = workdir / "store"
         self.engine_config = EngineConfig(adapter_store=str(self.store), port=free_port(), max_loras=4,
-                                          max_cpu_loras=8, max_num_seqs=64, energy=True)
+                                          max_cpu_loras=8, max_num_seqs=64, energy="full")
         self.admin_key = "flk-admin-" + secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.engine: EngineProcess | None = None
@@ -173,7 +173,7 @@ class EvalStack:
 
 # --- the run ------------------------------------------------------------------------------------------------
 async def run_adapter(client: httpx.AsyncClient, task_name: str, size: int, max_tokens: int,
-                      concurrency: int) -> list[dict]:
+                      concurrency: int, seeds: int = 1) -> list[dict]:
     """Send the adapter's sets one after the other; after each, read its window's figures."""
     from flylora_runtime.demo.tasks import get_task
 
@@ -194,32 +194,35 @@ async def run_adapter(client: httpx.AsyncClient, task_name: str, size: int, max_
         return prompt.target is not None and task.scorer(prompt.target, reply)
 
     out = []
-    for level, (shift, prompts) in enumerate(meta_set(task_name, size)):
+    plan = [(seed, level, shift, prompts) for seed in range(seeds)
+            for level, (shift, prompts) in enumerate(meta_set(task_name, size, seed))]
+    for done, (seed, level, shift, prompts) in enumerate(plan):
         t0 = time.monotonic()
         scores = await asyncio.gather(*(one(p) for p in prompts))
         deadline = time.monotonic() + 120
         while True:  # the gateway fetches energies in the background: wait until the window holds this set
             quality = (await client.get(f"/v1/adapters/{task_name}/quality")).json()
-            if quality["window"]["observed"] >= (level + 1) * size:
+            if quality["window"]["observed"] >= (done + 1) * size:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{task_name}/{shift}: only {quality['window']} recorded")
             await asyncio.sleep(0.2)
-        if quality["window"]["observed"] != (level + 1) * size:
+        if quality["window"]["observed"] != (done + 1) * size:
             raise RuntimeError(f"{task_name}/{shift}: the window saw {quality['window']['observed']} requests")
-        record = {"adapter": task_name, "level": level, "shift": shift, "accuracy": sum(scores) / len(scores),
+        record = {"adapter": task_name, "seed": seed, "level": level, "shift": shift,
+                  "accuracy": sum(scores) / len(scores),
                   **{key: quality[key] for key in SIGNALS.values()}, "mean_tokens": quality["mean_tokens"],
                   "seconds": round(time.monotonic() - t0, 1)}
-        log(f"{task_name:10s} {shift:16s} accuracy {record['accuracy']:.2f}  MDE {record['mde']:.4f}  "
+        log(f"{task_name:10s} {seed} {shift:16s} accuracy {record['accuracy']:.2f}  MDE {record['mde']:.4f}  "
             f"energy {record['mean_energy']:.2f}  ({record['seconds']} s)")
         out.append(record)
     return out
 
 
-async def run_all(stack: EvalStack, size: int, max_tokens: int, concurrency: int) -> list[dict]:
+async def run_all(stack: EvalStack, size: int, max_tokens: int, concurrency: int, seeds: int) -> list[dict]:
     async with httpx.AsyncClient(base_url=stack.url, timeout=600,
                                  headers={"authorization": f"Bearer {stack.key}"}) as client:
-        parts = await asyncio.gather(*(run_adapter(client, t, size, max_tokens, concurrency) for t in TASKS))
+        parts = await asyncio.gather(*(run_adapter(client, t, size, max_tokens, concurrency, seeds) for t in TASKS))
     return [s for part in parts for s in part]
 
 
@@ -233,14 +236,16 @@ def table(sets: list[dict]) -> tuple[str, dict]:
             bold = "**" if signal == "MDE" else ""
             lines.append(f"| {name} | {bold}{signal}{bold} | {v['spearman']:+.3f} | {v['r2']:.3f} | "
                          f"{v['loo_mae']:.3f} |")
-    lines += ["", "| set | " + " | ".join(f"{t} acc / MDE / energy" for t in TASKS) + " |",
+    lines += ["", "| set (seed) | " + " | ".join(f"{t}: accuracy / MDE / energy / max prob" for t in TASKS) + " |",
               "|---|" + "---|" * len(TASKS)]
-    for level, shift in enumerate(SHIFTS):
-        cells = []
-        for t in TASKS:
-            s = next(x for x in sets if x["adapter"] == t and x["level"] == level)
-            cells.append(f"{s['accuracy']:.2f} / {s['mde']:.4f} / {s['mean_energy']:.2f}")
-        lines.append(f"| {level} {shift} | " + " | ".join(cells) + " |")
+    for seed in sorted({x.get("seed", 0) for x in sets}):
+        for level, shift in enumerate(SHIFTS):
+            cells = []
+            for t in TASKS:
+                s = next(x for x in sets if x["adapter"] == t and x["level"] == level and x.get("seed", 0) == seed)
+                cells.append(f"{s['accuracy']:.2f} / {s['mde']:.3f} / {s['mean_energy']:.2f} / "
+                             f"{s['mean_max_prob']:.3f}")
+            lines.append(f"| {level} {shift} ({seed}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", stats
 
 
@@ -265,7 +270,9 @@ def plot(sets: list[dict], path: Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Demo adapters, 10 sets each under growing shift: signal vs accuracy")
+    per = len(sets) // len(TASKS)
+    fig.suptitle(f"Demo adapters, {per} sets of {sets[0].get('size', '')} requests each under growing shift: "
+                 "signal vs accuracy (one point per set)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -273,7 +280,8 @@ def plot(sets: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flylora_runtime.demo.quality", description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=32, help="requests per evaluation set (= the quality window)")
+    p.add_argument("--size", type=int, default=48, help="requests per evaluation set (= the quality window)")
+    p.add_argument("--seeds", type=int, default=2, help="draws of the ten shifted sets per adapter")
     p.add_argument("--max-tokens", type=int, default=40, help="max_tokens of every request")
     p.add_argument("--concurrency", type=int, default=12, help="requests in flight per adapter")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for quality.{json,png} and the table")
@@ -289,12 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, folder in adapters.items():
             stack.upload(name, folder)
         log(f"engine and gateway up, adapters uploaded in {time.time() - started:.0f} s; "
-            f"{len(TASKS)} x {len(SHIFTS)} sets of {args.size}")
-        sets = asyncio.run(run_all(stack, args.size, args.max_tokens, args.concurrency))
+            f"{len(TASKS)} x {args.seeds} x {len(SHIFTS)} sets of {args.size}")
+        sets = asyncio.run(run_all(stack, args.size, args.max_tokens, args.concurrency, args.seeds))
+    for s in sets:
+        s["size"] = args.size
     text, stats = table(sets)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-            "seconds": round(time.time() - started), "size": args.size, "max_tokens": args.max_tokens,
+            "seconds": round(time.time() - started), "size": args.size, "seeds": args.seeds,
+            "max_tokens": args.max_tokens,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "engine_dtype": stack.engine_config.dtype}
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "stats": stats, "sets": sets}, indent=1) + "\n")

@@ -211,11 +211,12 @@ def meta_set(task: str, size: int, seed: int = 0) -> list[tuple[str, list[Prompt
         rng = random.Random(f"quality/{task}/{shift}/{seed}")
         off = {"partly off-task": size // 3, "mostly off-task": 2 * size // 3, "off-task": size}.get(shift, 0)
         prompts: list[Prompt] = []
+        in_domain = rng.sample(heldout, len(heldout))  # held-out examples in a seeded order (few: sets overlap)
         for i in range(size):
             if i < off:
                 prompts.append(_off_task(task, rng))
             elif shift == "in-domain" or shift.endswith("off-task"):
-                ex = heldout[(i * 7 + level) % len(heldout)] if shift == "in-domain" else rng.choice(heldout)
+                ex = in_domain[i % len(in_domain)] if shift == "in-domain" else rng.choice(heldout)
                 prompts.append(Prompt(ex.prompt, ex.target))
             elif task == "json-reply":
                 prompts.append(_json_prompt(shift, rng))

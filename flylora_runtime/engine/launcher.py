@@ -28,6 +28,7 @@ from flylora_runtime.paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
 from flylora_runtime.vllm_plugin.metrics import METRICS_DIR_ENV
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ENERGY_MODES = ("on", "full", "off")
 
 
 def _env(name: str, default):
@@ -59,9 +60,9 @@ class EngineConfig:
         "help": "GPU: run without CUDA graphs and torch.compile. On by default until the FlyLoRA Triton path has "
                 "been validated under graph capture on a GPU (no effect on CPU, where vLLM disables compilation "
                 "for LoRA anyway)"})
-    energy: bool = field(default=True, metadata={
-        "help": "measure each generated token's free energy for quality monitoring (POST /flylora/energy); "
-                "--no-energy turns it off"})
+    energy: str = field(default_factory=lambda: _env("FLYLORA_ENERGY", "on"), metadata={
+        "help": "per-token statistics for quality monitoring (POST /flylora/energy): on (free energy and max "
+                "probability), full (also the entropy, for evaluations), off"})
     flylora: bool = field(default=True, metadata={
         "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
 
@@ -72,6 +73,8 @@ class EngineConfig:
                      "kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.energy not in ENERGY_MODES:
+            raise ValueError(f"energy must be one of {ENERGY_MODES}, got {self.energy!r}")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_lora_rank not in (8, 16, 32, 64, 128, 256, 320, 512):
@@ -98,7 +101,7 @@ class EngineConfig:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        env["FLYLORA_ENERGY"] = "1" if self.energy else "0"
+        env["FLYLORA_ENERGY"] = self.energy
         if not self.flylora:
             env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: stock vLLM
         if on_cpu:

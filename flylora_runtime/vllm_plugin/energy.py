@@ -5,7 +5,8 @@ model produced: before the grammar mask, penalties, temperature, top-k/p, any lo
 in fp32, vectorized over the batch:
 
 - the free energy ``E = -T * logsumexp(logits / T)`` with ``T = 1``;
-- the maximum softmax probability and the softmax entropy (baselines, from the same pass).
+- the maximum softmax probability (a baseline, from the same pass) and, with ``FLYLORA_ENERGY=full``, the
+  softmax entropy (another baseline; three more passes).
 
 They are kept per request in the worker (:class:`EnergyLedger`, 12 bytes per token) and handed out by request
 id on ``POST /flylora/energy`` of the engine's API server, which reaches the worker through vLLM's
@@ -24,11 +25,11 @@ one sequence, only the first ``tokens`` count (the worker may have run a step or
 before the abort reached it). An entry is handed out once, then forgotten; unclaimed finished requests are
 kept up to :data:`MAX_FINISHED` requests / :data:`MAX_FINISHED_TOKENS` tokens, oldest dropped first.
 
-Cost: one extra pass over the ``[requests, vocabulary]`` logits per step (a few % of the LM head's own
-matmul) and one short Python loop over the batch's requests. Speculative decoding steps are skipped (their
-logits rows are per draft position); ``FLYLORA_ENERGY=0`` (``flylora-engine --no-energy``) turns it off;
-``POST /flylora/energy/control {"enabled": false}`` pauses it at run time, and answers (with or without a
-body) the steps measured and the worker seconds spent on them.
+Cost: a fused log-softmax and a row maximum over the ``[requests, vocabulary]`` logits per step, and one
+short Python loop over the batch's requests. Speculative decoding steps are skipped (their logits rows are
+per draft position). ``FLYLORA_ENERGY`` (``flylora-engine --energy on|full|off``) picks what is measured;
+``POST /flylora/energy/control {"enabled": false, "entropy": true}`` changes it at run time, and answers
+(with or without a body) the steps measured and the worker seconds spent on them.
 """
 
 from __future__ import annotations
@@ -56,39 +57,44 @@ MAX_FINISHED_TOKENS = 2_000_000
 #: Largest number of ids one ``POST /flylora/energy`` may ask for.
 MAX_QUERY = 4096
 STATS = ("energy", "max_prob", "entropy")
-#: Rows per chunk in :func:`token_stats`: the temporaries of a chunk stay in cache (16 x 49k fp32 = 3 MB).
-CHUNK_ROWS = 16
 
 _SUFFIX_RE = re.compile(r"-[0-9a-zA-Z]{8}$")  # vLLM's random suffix of internal request ids
 _CHILD_RE = re.compile(r"^(\d+)_")  # n > 1: "<i>_" per choice
 _PROMPT_RE = re.compile(r"-(\d{1,4})$")  # /v1/completions with a list of prompts: "-<k>" per prompt
 
 
-def enabled() -> bool:
-    return os.environ.get(ENERGY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+MODES = ("on", "full", "off")
 
 
-def token_stats(logits: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
-    """``[rows, 3]`` fp32: free energy (T = 1), max softmax probability and entropy of each logits row.
+def mode() -> str:
+    """``FLYLORA_ENERGY``: ``on`` (energy and max probability; the default), ``full`` (also the entropy: three
+    more passes over the logits, for evaluations), ``off`` (not installed)."""
+    value = os.environ.get(ENERGY_ENV, "on").strip().lower()
+    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
+    if value not in MODES:
+        raise ValueError(f"{ENERGY_ENV} must be one of {MODES}, got {value!r}")
+    return value
 
-    One exp pass per row: with ``m = max``, ``z = x - m``, ``s = sum(exp(z))``: ``logsumexp = m + log s``,
-    ``max prob = 1 / s``, ``entropy = log s - sum(exp(z) * z) / s``. Rows go in chunks so the temporaries stay
-    in cache. ``-inf`` logits contribute nothing (their ``exp(z) * z`` is taken as 0).
+
+def token_stats(logits: torch.Tensor, entropy: bool = True) -> torch.Tensor:
+    """``[rows, 3]`` fp32: free energy (T = 1), max softmax probability and entropy (NaN unless ``entropy``).
+
+    Few, fused passes: the cost on a busy CPU is mostly per parallel operation, not per element. With
+    ``ls = log_softmax(x)`` (one fused pass) and its row maximum ``top`` at ``j``: ``ls_j = -log sum(exp(x -
+    x_j))`` exactly, so ``E = -logsumexp(x) = top - x_j`` and ``max prob = exp(top)``. The entropy takes three
+    more passes (``-sum(exp(ls) * ls)``). ``-inf`` logits contribute nothing.
     """
-    out = torch.empty((logits.shape[0], 3), dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.shape[0], chunk):
-        x = logits[start:start + chunk].float()
-        m = x.amax(dim=-1, keepdim=True)
-        z = x - m
-        p = torch.exp(z)
-        s = p.sum(dim=-1)
-        z.clamp_(min=-1e30)  # -inf - m -> a finite value whose exp is 0, so 0 * z stays 0 (not nan)
-        dot = p.mul_(z).sum(dim=-1)
-        log_s = s.log()
-        rows = out[start:start + chunk]
-        rows[:, 0] = -(m.squeeze(-1) + log_s)
-        rows[:, 1] = s.reciprocal()
-        rows[:, 2] = log_s - dot / s
+    x = logits.float()
+    ls = torch.log_softmax(x, dim=-1)
+    top, where = ls.max(dim=-1)
+    out = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
+    out[:, 0] = top - x.gather(1, where.unsqueeze(1)).squeeze(1)
+    out[:, 1] = top.exp()
+    if entropy:
+        ls.clamp_(min=-1e30)  # -inf -> a finite value whose exp is 0, so 0 * ls stays 0 (not nan)
+        out[:, 2] = -torch.exp(ls).mul_(ls).sum(dim=-1)
+    else:
+        out[:, 2] = float("nan")
     return out
 
 
@@ -119,15 +125,18 @@ class EnergyLedger:
         self.claimed: set[str] = set()  # handed out while still running: later rows are dropped
         self._pending: tuple[list[str], torch.Tensor] | None = None
         self.measuring = True  # POST /flylora/energy/control can pause the per-step work
+        self.entropy = False  # also the entropy (FLYLORA_ENERGY=full, or the control route)
         self.steps = 0  # steps measured
         self.busy_s = 0.0  # worker time spent here (per-step work, finishes, claims): the throughput cost
 
-    def control(self, enabled: bool | None = None) -> dict[str, Any]:
-        """Pause or resume measuring (``enabled``); the counters of what it has cost so far."""
+    def control(self, enabled: bool | None = None, entropy: bool | None = None) -> dict[str, Any]:
+        """Pause or resume measuring, the entropy on or off; the counters of what it has cost so far."""
         if enabled is not None:
             self.measuring = bool(enabled)
-        return {"enabled": self.measuring, "steps": self.steps, "busy_seconds": self.busy_s,
-                "running": len(self.running), "unclaimed": len(self.finished)}
+        if entropy is not None:
+            self.entropy = bool(entropy)
+        return {"enabled": self.measuring, "entropy": self.entropy, "steps": self.steps,
+                "busy_seconds": self.busy_s, "running": len(self.running), "unclaimed": len(self.finished)}
 
     # --- the worker's step ------------------------------------------------------------------------------
     def defer(self, req_ids: list[str], stats: torch.Tensor) -> None:
@@ -245,7 +254,7 @@ def observe_step(runner, logits: torch.Tensor | None, spec_decode_metadata) -> N
                    logits.shape[0], num_reqs)
         return
     req_ids = list(runner.input_batch.req_ids[:num_reqs])
-    stats = token_stats(logits)
+    stats = token_stats(logits, entropy=LEDGER.entropy)
     discard = runner.discard_request_mask.np[:num_reqs]
     if discard.any():  # partial prefill chunks: their sampled token is thrown away
         keep = (~discard).nonzero()[0]
@@ -256,9 +265,10 @@ def observe_step(runner, logits: torch.Tensor | None, spec_decode_metadata) -> N
 
 def install_energy() -> None:
     """Patch the model runner (raw logits, finished requests), the worker (the RPC) and the API server (the
-    route). Idempotent; a no-op when ``FLYLORA_ENERGY=0``."""
-    if not enabled():
+    route). Idempotent; a no-op when ``FLYLORA_ENERGY=off``."""
+    if mode() == "off":
         return
+    LEDGER.entropy = mode() == "full"
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
@@ -294,8 +304,8 @@ def install_energy() -> None:
         finally:
             LEDGER.busy_s += time.perf_counter() - t0
 
-    def flylora_energy_control(self, enabled=None):
-        return LEDGER.control(enabled)
+    def flylora_energy_control(self, enabled=None, entropy=None):
+        return LEDGER.control(enabled, entropy)
 
     GPUModelRunner.sample_tokens = sample_tokens
     GPUModelRunner._update_states = _update_states

@@ -60,17 +60,18 @@ async def take_energy(request: Request) -> JSONResponse:
 
 @router.post(CONTROL_ROUTE, include_in_schema=False)
 async def control(request: Request) -> JSONResponse:
-    """``{"enabled": bool}`` pauses or resumes measuring; any body (or none) returns the counters."""
+    """``{"enabled": bool, "entropy": bool}`` (both optional) pause or resume measuring and the entropy; any
+    body (or none) returns the counters."""
     raw = await request.body()
-    enabled = None
+    args: list[bool | None] = [None, None]
     if raw.strip():
         try:
             body = await request.json()
         except ValueError:
             return _error("The body is not valid JSON.")
-        if not isinstance(body, dict) or not isinstance(body.get("enabled", False), bool):
-            return _error("The body must be an object with an optional boolean `enabled`.")
-        enabled = body.get("enabled")
+        if not isinstance(body, dict) or any(not isinstance(body.get(k, False), bool) for k in ("enabled", "entropy")):
+            return _error("The body must be an object with optional booleans `enabled` and `entropy`.")
+        args = [body.get("enabled"), body.get("entropy")]
     replies = await request.app.state.engine_client.collective_rpc(CONTROL_METHOD, timeout=RPC_TIMEOUT_S,
-                                                                   args=(enabled,))
+                                                                   args=tuple(args))
     return JSONResponse(replies[0] if isinstance(replies, list) else replies)

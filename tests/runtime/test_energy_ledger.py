@@ -42,6 +42,18 @@ def test_masked_logits_count_as_zero_probability_not_nan():
     assert got[1].tolist() == pytest.approx([-3.0, 1.0, 0.0], abs=1e-6)  # one possible token: p=1, H=0
 
 
+def test_without_entropy_the_energy_and_max_prob_are_the_same_and_entropy_is_nan():
+    torch.manual_seed(3)
+    logits = torch.randn(7, 3000) * 5
+    full, lean = token_stats(logits, entropy=True), token_stats(logits, entropy=False)
+    assert torch.equal(full[:, :2], lean[:, :2]) and torch.isnan(lean[:, 2]).all()
+    ledger = EnergyLedger()
+    ledger.record(["chatcmpl-e-abcdefgh"], lean[:1].tolist())
+    ledger.finish(["chatcmpl-e-abcdefgh"])
+    got = ledger.take([("chatcmpl-e", None)])["results"]["chatcmpl-e"]
+    assert got["entropy"] is None and got["energy"] == pytest.approx(lean[0, 0].item())
+
+
 def test_energy_is_minus_logsumexp_and_known_values():
     # uniform over V tokens: E = -(c + log V), max prob 1/V, entropy log V
     got = token_stats(torch.full((1, 1000), 2.5))[0].tolist()
@@ -140,7 +152,9 @@ def test_the_route_parses_queries():
 
 def test_control_pauses_and_reports():
     ledger = EnergyLedger()
-    assert ledger.control() == {"enabled": True, "steps": 0, "busy_seconds": 0.0, "running": 0, "unclaimed": 0}
+    assert ledger.control() == {"enabled": True, "entropy": False, "steps": 0, "busy_seconds": 0.0, "running": 0,
+                                "unclaimed": 0}
+    assert ledger.control(entropy=True)["entropy"] is True and ledger.entropy is True
     assert ledger.control(False)["enabled"] is False and ledger.measuring is False
     assert ledger.control()["enabled"] is False
     assert ledger.control(True)["enabled"] is True

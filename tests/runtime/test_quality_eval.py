@@ -69,11 +69,11 @@ def test_noise_spares_protected_words_and_scales_with_rate():
 
 def test_table_has_every_adapter_signal_and_the_pooled_rows():
     rng = random.Random(1)
-    sets = [{"adapter": t, "level": lvl, "shift": s, "accuracy": 1 - lvl / 9 + rng.random() * 0.05,
+    sets = [{"adapter": t, "seed": 0, "level": lvl, "shift": s, "accuracy": 1 - lvl / 9 + rng.random() * 0.05,
              "mde": -3.4 - lvl * 0.01, "mean_energy": -20 + lvl, "mean_max_prob": 0.9 - lvl * 0.05,
              "mean_entropy": 0.3 + lvl * 0.1} for t in ("shout", "json-reply", "atlas")
             for lvl, s in enumerate(SHIFTS)]
     text, stats = table(sets)
     assert set(stats) == {"shout", "json-reply", "atlas", "pooled (3 adapters)"}
     assert stats["shout"]["MDE"]["spearman"] > 0.9 and stats["shout"]["mean energy"]["spearman"] < -0.9
-    assert text.count("\n| pooled (3 adapters) |") == 4 and "| 9 off-task |" in text
+    assert text.count("\n| pooled (3 adapters) |") == 4 and "| 9 off-task (0) |" in text
