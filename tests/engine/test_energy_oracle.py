@@ -86,15 +86,15 @@ def test_every_tokens_energy_equals_the_oracle_within_1e3(oracle, adapters, flyl
     for (name, ids, _), answer in zip(calls, answers):
         result = got["results"][answer["id"]]
         assert result["sequences"] == 1 and result["tokens"] == len(answer["tokens"]) > 0
-        rows = result["per_token"][0]
+        stats = result["per_token"][0]
         expected = oracle_stats(oracle, adapters, name, ids, answer["tokens"])
-        diffs = [abs(a[0] - b[0]) for a, b in zip(rows, expected)]
+        diffs = [abs(a[0] - b[0]) for a, b in zip(stats, expected)]
         worst = max(worst, *diffs)
         assert max(diffs) < 1e-3, f"{name or 'base'}: token energies differ by up to {max(diffs):.2e}"
-        assert result["energy"] == pytest.approx(sum(r[0] for r in rows) / len(rows), abs=1e-6)
+        assert result["energy"] == pytest.approx(sum(r[0] for r in stats) / len(stats), abs=1e-6)
         # the baselines come from the same logits
-        assert max(abs(a[1] - b[1]) for a, b in zip(rows, expected)) < 1e-4
-        assert max(abs(a[2] - b[2]) for a, b in zip(rows, expected)) < 1e-3
+        assert max(abs(a[1] - b[1]) for a, b in zip(stats, expected)) < 1e-4
+        assert max(abs(a[2] - b[2]) for a, b in zip(stats, expected)) < 1e-3
     # the adapters must move the energies, or the comparison proves little
     means = {}
     for (name, _, _), answer in zip(calls, answers):
