@@ -226,6 +226,17 @@ async def run_all(stack: EvalStack, size: int, max_tokens: int, concurrency: int
     return [s for part in parts for s in part]
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def table(sets: list[dict]) -> tuple[str, dict]:
     groups = {t: [s for s in sets if s["adapter"] == t] for t in TASKS}
     groups["pooled (3 adapters)"] = sets
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
             "seconds": round(time.time() - started), "size": args.size, "seeds": args.seeds,
             "max_tokens": args.max_tokens,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores",
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], "engine_dtype": stack.engine_config.dtype}
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "stats": stats, "sets": sets}, indent=1) + "\n")
     (args.out / "quality_table.md").write_text(text)

@@ -84,11 +84,10 @@ def token_stats(logits: torch.Tensor, entropy: bool = True) -> torch.Tensor:
     x_j))`` exactly, so ``E = -logsumexp(x) = top - x_j`` and ``max prob = exp(top)``. The entropy takes three
     more passes (``-sum(exp(ls) * ls)``). ``-inf`` logits contribute nothing.
     """
-    x = logits.float()
-    ls = torch.log_softmax(x, dim=-1)
+    ls = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # bf16/fp16 logits: upcast (fused on GPUs)
     top, where = ls.max(dim=-1)
-    out = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
-    out[:, 0] = top - x.gather(1, where.unsqueeze(1)).squeeze(1)
+    out = torch.empty((logits.shape[0], 3), dtype=torch.float32, device=logits.device)
+    out[:, 0] = top - logits.gather(1, where.unsqueeze(1)).squeeze(1).float()
     out[:, 1] = top.exp()
     if entropy:
         ls.clamp_(min=-1e30)  # -inf -> a finite value whose exp is 0, so 0 * ls stays 0 (not nan)
