@@ -144,7 +144,12 @@ class QualityRecorder:
         results = await asyncio.gather(*(self._fetch(engine, items) for engine, items in by_engine.items()))
         observations = [o for part in results for o in part]
         if observations:
-            await anyio.to_thread.run_sync(self.store.append, observations)
+            try:
+                await anyio.to_thread.run_sync(self.store.append, observations)
+            except Exception:  # the database is down or locked: these samples are lost, the next ones may not be
+                log.exception("could not store %d quality samples", len(observations))
+                self.samples.labels("error").inc(len(observations))
+                return 0
             self.samples.labels("recorded").inc(len(observations))
         return len(observations)
 
