@@ -12,8 +12,9 @@ from fastapi import FastAPI
 from server.adapters import maintain, maintain_forever
 from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
-from server.routes import adapters, admin, health, openai
+from server.quality_recorder import QualityRecorder
 from server.request_policy import RequestPolicy
+from server.routes import adapters, admin, health, openai, quality
 from server.settings import Settings
 from server.gateway import Gateway
 
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.build(settings)
         app.state.gateway = gw
+        gw.quality = QualityRecorder.for_gateway(gw)
         try:
             await maintain(gw)  # finish deletions a previous process began; sweep leftovers
             await gw.keys.reload()
@@ -36,8 +38,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     tg.start_soon(gw.upstream.watch_health)
                 tg.start_soon(gw.keys.watch)
                 tg.start_soon(maintain_forever, gw)
+                if gw.quality is not None:
+                    tg.start_soon(gw.quality.run)
                 yield
                 tg.cancel_scope.cancel()
+            if gw.quality is not None:
+                await gw.quality.aclose()
         finally:
             await gw.aclose()
 
@@ -49,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.completion_fast_path = settings.completion_fast_path
-    for module in (openai, adapters, admin, health):
+    for module in (openai, adapters, quality, admin, health):
         app.include_router(module.router)
     _document(app, RequestPolicy(settings))
     return app

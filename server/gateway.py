@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -22,6 +23,9 @@ from server.registry import Adapter, Registry, Tenant
 from server.request_policy import CacheSalts, RequestPolicy
 from server.settings import Settings
 from server.store import AdapterStore
+
+if TYPE_CHECKING:
+    from server.quality_recorder import QualityRecorder
 
 log = logging.getLogger("flylora.gateway")
 
@@ -41,6 +45,7 @@ class Gateway:
     cache_salts: CacheSalts
     uploads: UploadAdmission
     _base_spec: BaseModelSpec | None = field(default=None, repr=False)
+    quality: QualityRecorder | None = None  # per-adapter quality windows; set by the app (server.quality_recorder)
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:

@@ -118,6 +118,7 @@ class Flight:
     status: int = 500
     first_token_seen: bool = False
     done: bool = False
+    quality: tuple[str, str] | None = None  # quality hook: (engine request id, engine url)
     internal: bytes = field(default=b"", init=False)
     public: bytes = field(default=b"", init=False)
 
@@ -137,6 +138,7 @@ class Flight:
             req.payload["model"] = self.adapter.internal_id
             self.internal, self.public = self.adapter.internal_id.encode(), req.model.encode()
         req.payload["cache_salt"] = gw.cache_salts(tenant.id)
+        quality_id = gw.quality.tag(req.payload) if gw.quality is not None else None  # quality hook
         gw.limiter.reserve(tenant.id, req.reservation, tokens_per_minute=tenant.tokens_per_minute)
         self.reserved = req.reservation
         self.sent = True
@@ -144,6 +146,8 @@ class Flight:
                                           adapter_id=self.adapter.internal_id if self.adapter else None,
                                           stream=req.stream)
         response = upstream.response
+        if quality_id is not None:  # quality hook
+            self.quality = (quality_id, upstream.url)
         if response.status_code == 200 and req.stream:
 
             async def on_close(disconnected: bool) -> None:
@@ -223,6 +227,9 @@ class Flight:
             m.latency_by[(self.endpoint, "true" if self.request.stream else "false")].observe(
                 time.perf_counter() - self.started)
             m.tokens(tenant.name, self.request.model, self.prompt_tokens, self.completion_tokens)
+            if self.quality is not None and self.status == 200 and gw.quality is not None:  # quality hook
+                gw.quality.observe(self.quality[1], self.endpoint, self.quality[0], tenant, self.adapter,
+                                   self.request.model, self.completion_tokens)
 
     # non-streamed answers (and every error answer) ----------------------------------------------------------
     def json_response(self, status: int, raw: bytes, content_type: str | None) -> Response:

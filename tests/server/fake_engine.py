@@ -2,7 +2,7 @@
 
 It is not vLLM and runs no model. It answers like vLLM does on the routes the gateway uses
 (``/v1/chat/completions``, ``/v1/completions`` with SSE and ``stream_options.include_usage``, ``/health``,
-``/v1/unload_lora_adapter``; ``stream_options.continuous_usage_stats``: usage so far on every chunk), resolves adapter ids from the adapter store like vLLM's LoRA resolver (404
+``/v1/unload_lora_adapter``, the plugin's ``/flylora/energy``; ``stream_options.continuous_usage_stats``: usage so far on every chunk), resolves adapter ids from the adapter store like vLLM's LoRA resolver (404
 for an id with no folder), echoes the ``model`` it was sent (an internal id), and records everything it
 receives so tests can check what the gateway sent upstream.
 
@@ -11,6 +11,7 @@ Knobs, as extra JSON fields of a request (the test gateways let them through wit
 ``fake_sleep_s`` (wait before answering), ``fake_chunk_delay_s`` (wait between SSE chunks),
 ``fake_status`` (answer this HTTP error, with the model id in the message, as vLLM's errors do),
 ``fake_completion_tokens`` (generate this many tokens, fewer than ``max_tokens``: a stop sequence met).
+``fake_energy`` (the request's mean token energy that ``/flylora/energy`` reports; default -10).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 INTERNAL_ID = re.compile(r"^fl-[0-9a-f]{32}$")
 #: The request fields the test double reads as knobs.
-FAKE_ENGINE_KNOBS = ("fake_sleep_s", "fake_chunk_delay_s", "fake_status", "fake_completion_tokens")
+FAKE_ENGINE_KNOBS = ("fake_sleep_s", "fake_chunk_delay_s", "fake_status", "fake_completion_tokens", "fake_energy")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class FakeEngineState:
     completed: list[str] = field(default_factory=list)
     unloads: list[str] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
+    #: per-request token statistics by answer id (served once by /flylora/energy, like the plugin)
+    energies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    energy_queries: list[dict[str, Any]] = field(default_factory=list)
+    energy_supported: bool = True
     #: make every stream break off (connection dropped): "before_first_chunk" or "after_first_chunk"
     break_streams: str | None = None
 
@@ -78,7 +83,7 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
 
     async def complete(request: Request, kind: str) -> Any:
         body = await request.json()
-        rid = uuid.uuid4().hex
+        rid = str(body.get("request_id") or uuid.uuid4().hex)  # vLLM answers with <prefix>-<request_id>
         state.requests.append({"path": request.url.path, "body": body, "id": rid,
                                "headers": dict(request.headers)})
         model = body.get("model", "")
@@ -98,6 +103,9 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
                  "total_tokens": len(prompt) // 4 + 1 + count * n}
         created = int(time.time())
         cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + rid
+        # per-request token statistics like the plugin's /flylora/energy: `fake_energy` in the body, or -10
+        state.energies[cid] = {"tokens": count * n, "sequences": n, "energy": float(body.get("fake_energy", -10.0)),
+                               "max_prob": 0.5, "entropy": 1.5}
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if not body.get("stream"):
             if kind == "chat":
@@ -177,6 +185,21 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
             return _error(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
         state.loaded.discard(name)
         return JSONResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.post("/flylora/energy")
+    async def energy(request: Request) -> Any:
+        body = await request.json()
+        state.energy_queries.append(body)
+        if not state.energy_supported:
+            return _error(404, "Not Found")
+        results, missing = {}, []
+        for item in body["requests"]:
+            found = state.energies.pop(item["id"], None)
+            if found is None:
+                missing.append(item["id"])
+            else:
+                results[item["id"]] = found
+        return {"results": results, "missing": missing}
 
     @app.get("/health")
     async def health() -> Any:
