@@ -28,7 +28,7 @@ from tests.deploy.tools import PROMETHEUS_DIR, tool
 from tests.server.helpers import ServerThread, adapter_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-ADMIN_KEY = "quality-admin-key"
+ADMIN_KEY = "quality-admin-key-not-secret-0123456789"
 WINDOW = 12
 ALERT = "FlyLoRAAdapterQualityDrift"
 

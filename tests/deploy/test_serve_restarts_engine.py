@@ -72,7 +72,7 @@ def test_make_serve_restarts_a_killed_engine_and_answers_again(demo_model_dir):
     env.update({"FLYLORA_DATA_DIR": str(data), "FLYLORA_BASE_MODEL_DIR": str(demo_model_dir),
                 "FLYLORA_GATEWAY_HOST": "127.0.0.1", "FLYLORA_GATEWAY_PORT": str(gateway_port),
                 "FLYLORA_ENGINE_HOST": "127.0.0.1", "FLYLORA_ENGINE_PORT": str(engine_port),
-                "FLYLORA_ADMIN_KEY": "serve-restart-admin-key"})
+                "FLYLORA_ADMIN_KEY": "serve-restart-admin-key-not-secret-0123456789"})
     stack = ChildProcess("make serve", [sys.executable, "-m", "server.stack", "--no-demo-adapters"], env=env,
                          log_path=data / "serve.log", grace=90)
     started: set[int] = set()

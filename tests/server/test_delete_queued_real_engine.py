@@ -25,7 +25,7 @@ from server.settings import Settings
 from tests.server.helpers import ServerThread, adapter_files
 
 pytestmark = pytest.mark.slow
-ADMIN_KEY = "delete-queued-admin-key"
+ADMIN_KEY = "delete-queued-admin-key-not-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
