@@ -72,7 +72,9 @@ class PostgresServer:
             except KeyError:
                 raise RuntimeError("running as root and there is no `postgres` user to run PostgreSQL as") from None
             os.chown(self.root, account.pw_uid, account.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
+            # runuser lives in /usr/sbin or /sbin, which a minimal PATH (CI's `env -i`) may lack
+            runuser = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+            self.as_user = [runuser or "runuser", "-u", "postgres", "--"]
 
     def _run(self, *argv: str) -> None:
         done = subprocess.run([*self.as_user, *argv], capture_output=True, text=True, timeout=120)

@@ -122,6 +122,8 @@ def test_the_engine_gets_the_checked_fields_a_default_max_tokens_and_the_tenants
         assert c.post("/v1/completions", json={"model": BASE, "prompt": "p", "stream": True}).status_code == 200
         legacy = engine.state.bodies("/v1/completions")[-1]
     salt = chat.pop("cache_salt")
+    request_id = chat.pop("request_id")  # the gateway's own id (quality monitoring), never the tenant's
+    assert len(request_id) == 32 and request_id != legacy.get("request_id")
     assert chat == {"model": BASE, "messages": MSG, "temperature": 0.2, "max_tokens": 1024}
     assert legacy.pop("cache_salt") == salt and legacy["max_tokens"] == 16
     assert legacy["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
