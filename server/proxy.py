@@ -297,6 +297,8 @@ class Flight:
                     buf = buf.replace(b"\r\n", b"\n")
                 while (end := buf.find(b"\n\n")) >= 0:
                     event, buf = buf[:end], buf[end + 2:]
+                    if event.strip() == b"data: [DONE]":
+                        self.status = 200  # complete: a client that closes on [DONE] did not cut it short
                     out = self.rewrite_event(event)
                     if out is not None:
                         yield out
