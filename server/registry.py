@@ -7,6 +7,7 @@ frozen records detached from any session, and raise the gateway's error types (`
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -144,6 +145,29 @@ def _adapter(row: AdapterRow) -> Adapter:
                    created=row.created, state=row.state)
 
 
+def _switch_to_wal(cur: Any, *, deadline_s: float = 30.0) -> None:
+    """Put the SQLite file in WAL mode, waiting for other processes that are doing the same.
+
+    The switch needs the file's exclusive lock, and SQLite answers ``database is locked`` at once rather
+    than calling the busy handler (the connection's ``timeout``), so replicas opening a new database
+    together would fail. The mode is stored in the file: once any of them has switched, the others' pragma
+    is a no-op that takes no lock.
+    """
+    give_up = time.monotonic() + deadline_s
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
 def make_db_engine(url: str) -> Engine:
     """A SQLAlchemy engine (the database connection pool; unrelated to the vLLM engines); SQLite gets WAL, foreign keys and cross-thread use."""
     if url.startswith("sqlite"):
@@ -153,7 +177,7 @@ def make_db_engine(url: str) -> Engine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
