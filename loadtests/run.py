@@ -6,6 +6,11 @@
     python -m loadtests.run adapters   # issue 8: 1, 10, 100, 1000 adapters, Zipf(1.0), + base reference
     python -m loadtests.run sweep      # open-loop Poisson request-rate sweep, 100 adapters, Zipf(1.0)
     python -m loadtests.run native     # stock vLLM LoRA baselines (16 full adapters, 100 q/v adapters)
+    python -m loadtests.run defaults --output-tokens 64 --out docs/bench/defaults
+                                       # the engine's default settings (slots sized from memory): base vs
+                                       # 16 FlyLoRA adapters, alternating phases (loadtests/defaults.py)
+    python -m loadtests.run cold --output-tokens 64 --out docs/bench/cold
+                                       # cold loads during decode, background first loads on/off (cold.py)
     python -m loadtests.run fairness   # issue 17: a quiet tenant's TTFT alone, under fair load, next to a noisy one
     python -m loadtests.run soak       # issue 17: 10 minutes of mixed load; RSS and open files over time
     python -m loadtests.run all        # engine + adapters + sweep in two engine sessions (FlyLoRA, then
@@ -149,7 +154,7 @@ async def part_curve(b: Bench, stack: Stack, sizes=CURVE) -> None:
         models = names[:n]
         spec = b.spec(stack, models, f"{n} adapters", popularity="single" if n == 1 else "zipf", zipf_alpha=1.0,
                       seed=n)
-        await b.measure(stack, f"adapters_{n}", spec, warm=models[: min(n, stack.engine_config.max_loras)])
+        await b.measure(stack, f"adapters_{n}", spec, warm=models[: min(n, stack.describe()["max_loras"])])
 
 
 async def part_sweep(b: Bench, stack: Stack) -> None:
@@ -346,7 +351,7 @@ def markdown_tables(b: Bench, partial: bool) -> str:
 
 # --- sessions --------------------------------------------------------------------------------------------------
 
-SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "all", "fairness", "soak")
+SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "defaults", "cold", "all", "fairness", "soak")
 #: Default --duration per scenario (seconds of load per measured run; the soak's whole run).
 DEFAULT_DURATION = {"fairness": 60.0, "soak": 600.0}
 
@@ -362,6 +367,12 @@ async def session(b: Bench, name: str, flylora: bool, parts) -> None:
 
 
 async def main_async(scenario: str, b: Bench) -> None:
+    if scenario in ("defaults", "cold"):
+        from loadtests.cold import run_cold
+        from loadtests.defaults import run_defaults
+
+        await (run_defaults if scenario == "defaults" else run_cold)(b, BASE)
+        return
     fly_parts = {"engine": [part_base, part_flylora16, part_cold], "decode": [part_base, part_flylora16],
                  "adapters": [part_base, part_curve],
                  "sweep": [part_sweep], "base": [part_base], "native": [],

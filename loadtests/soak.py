@@ -324,16 +324,16 @@ async def benchmark(out: Path, duration_s: float, sample_s: float = 5.0) -> dict
     from loadtests.stack import AdapterKind, Stack, ensure_adapters
 
     workdir = data_dir() / "loadtests" / "stack-soak"
-    env = {"FLYLORA_ADMISSION_IN_FLIGHT_PER_ENGINE": "16", "FLYLORA_ADMISSION_QUEUE_DEPTH": "64",
-           "FLYLORA_ADMISSION_QUEUE_TIMEOUT_S": "120", "FLYLORA_DELETE_GRACE_S": "5"}
+    settings = {"admission_in_flight_per_engine": 16, "admission_queue_depth": 64,
+                "admission_queue_timeout_s": 120, "delete_grace_s": 5}
     folders = ensure_adapters(AdapterKind("fly-r8k2-qv", r=8, top_k=2, targets=("q_proj", "v_proj")), 8)
     t0 = time.monotonic()
-    with Stack(workdir, max_loras=4, max_cpu_loras=8, max_num_seqs=16, gateway_env=env) as stack:
+    with Stack(workdir, max_loras=4, max_cpu_loras=8, max_num_seqs=16, gateway_settings=settings) as stack:
         target = Target(url=stack.gateway_url, admin_key=stack.admin_key, gateway_pid=stack.gateway.pid,
                         engine_pid=stack.engine.pid, adapter_folders=folders)
         summary = await run_soak(target, duration_s, sample_s=sample_s)
         summary["stack"] = stack.describe()
-    summary.update({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "gateway_env": env,
+    summary.update({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "gateway_settings": settings,
                     "command": f"python -m loadtests.run soak --duration {duration_s:g}",
                     "wall_s": time.monotonic() - t0})
     write_json(out / "soak.json", summary)

@@ -9,10 +9,8 @@ through ``POST /v1/adapters``, exactly as a tenant would.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +19,10 @@ from typing import Self
 
 import httpx
 
+from flylora_runtime.client import GatewayClient
 from flylora_runtime.engine.launcher import EngineConfig
+from flylora_runtime.engine.process import EngineProcess, GatewayProcess, free_port
 from flylora_runtime.paths import data_dir, demo_model_dir
-from flylora_runtime.engine.process import EngineProcess, free_port
 
 TENANT = "loadtest"
 
@@ -76,23 +75,31 @@ class Stack:
     ``s.tenant_key`` (a fresh tenant), ``await s.upload(...)``."""
 
     def __init__(self, workdir: Path, *, flylora: bool = True, max_loras: int = 16, max_cpu_loras: int = 64,
-                 max_num_seqs: int = 64, dtype: str = "auto", gateway_env: dict[str, str] | None = None):
+                 max_num_seqs: int = 64, dtype: str = "auto", gateway_settings: dict[str, object] | None = None):
+        """``max_loras``/``max_cpu_loras`` 0: sized from memory as by default; ``max_num_seqs`` 0: the default.
+        ``gateway_settings``: more gateway settings by field name (``{"admission_in_flight_per_engine": 8}``)."""
         self.workdir = workdir
-        self.gateway_env = gateway_env or {}
         self.store = workdir / "store"
+        seqs = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
         self.engine_config = EngineConfig(model=str(demo_model_dir()), adapter_store=str(self.store),
                                           port=free_port(), dtype=dtype, max_loras=max_loras,
-                                          max_cpu_loras=max_cpu_loras, max_num_seqs=max_num_seqs, flylora=flylora)
+                                          max_cpu_loras=max_cpu_loras, flylora=flylora, **seqs)
         self.admin_key = "flk-admin-" + secrets.token_hex(16)
         self.gateway_port = free_port()
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self.gateway_settings: dict[str, object] = {
+            "data_dir": self.workdir, "adapter_store": self.store, "base_model_dir": demo_model_dir(),
+            "admin_key": self.admin_key, "engine_urls": [f"http://127.0.0.1:{self.engine_config.port}"],
+            "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0,
+            # Fair admission off unless a scenario turns it on (docs/RELIABILITY.md): it would shape the load.
+            "admission_in_flight_per_engine": 0, **(gateway_settings or {})}
         self.engine: EngineProcess | None = None
-        self.gateway: subprocess.Popen | None = None
+        self.gateway: GatewayProcess | None = None
         self.tenant_key = ""
         self._registered: set[str] = set()
 
     def describe(self) -> dict:
-        c = self.engine_config
+        c = self.engine.config if self.engine is not None else self.engine_config  # sized once started
         return {"flylora": c.flylora, "dtype": c.dtype, "max_loras": c.max_loras, "max_cpu_loras": c.max_cpu_loras,
                 "max_num_seqs": c.max_num_seqs, "max_lora_rank": c.max_lora_rank, "model": Path(c.model).name}
 
@@ -103,76 +110,34 @@ class Stack:
         t0 = time.monotonic()
         _log(f"starting engine ({'FlyLoRA' if self.engine_config.flylora else 'stock vLLM LoRA'}) "
              f"on {self.engine_config.host}:{self.engine_config.port}")
-        env = dict(os.environ)
-        env.update({"FLYLORA_DATA_DIR": str(self.workdir), "FLYLORA_ADAPTER_STORE": str(self.store),
-                    "FLYLORA_BASE_MODEL_DIR": str(demo_model_dir()), "FLYLORA_ADMIN_KEY": self.admin_key,
-                    "FLYLORA_ENGINE_URLS": f"http://127.0.0.1:{self.engine_config.port}",
-                    "FLYLORA_GATEWAY_HOST": "127.0.0.1", "FLYLORA_GATEWAY_PORT": str(self.gateway_port),
-                    "FLYLORA_MAX_CONCURRENCY_PER_TENANT": "100000", "FLYLORA_TOKENS_PER_MINUTE_PER_TENANT": "0",
-                    # Fair admission off unless a scenario turns it on (docs/RELIABILITY.md): it would shape the load.
-                    "FLYLORA_ADMISSION_IN_FLIGHT_PER_ENGINE": "0", **self.gateway_env})
-        self.env = env
-        log = open(self.workdir / "gateway.log", "ab")
-        self.gateway = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "warning"], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
+        self.gateway = GatewayProcess(self.workdir / "gateway.log", port=self.gateway_port, ready_timeout=120,
+                                      grace=15, settings=self.gateway_settings)
+        self.engine = EngineProcess(self.engine_config, self.workdir / "engine.log")
         try:
-            self.engine = EngineProcess(self.engine_config, self.workdir / "engine.log").start()
-            self._wait_ready()
-            with httpx.Client(base_url=self.gateway_url, timeout=30, trust_env=False,
-                              headers={"Authorization": f"Bearer {self.admin_key}"}) as admin:
-                r = admin.post("/admin/tenants", json={"name": TENANT})
-                r.raise_for_status()
-                self.tenant_key = r.json()["api_key"]
+            self.gateway.spawn()
+            self.engine.start()
+            self.gateway.wait_ready(children=[self.engine])
+            with GatewayClient(self.gateway_url, self.admin_key, timeout=30, trust_env=False) as admin:
+                self.tenant_key = admin.create_tenant(TENANT)
         except BaseException:
             self.__exit__()
             raise
         _log(f"engine + gateway ready in {time.monotonic() - t0:.0f} s ({self.gateway_url})")
         return self
 
-    def _wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.gateway.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.gateway.returncode}; see {self.workdir}/gateway.log")
-            try:
-                if httpx.get(self.gateway_url + "/ready", timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"gateway not ready after {timeout:.0f} s")
-
     def __exit__(self, *exc) -> None:
-        if self.gateway is not None and self.gateway.poll() is None:
-            self.gateway.terminate()
-            try:
-                self.gateway.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.gateway.kill()
-        if self.engine is not None:
-            self.engine.stop()
+        for child in (self.gateway, self.engine):
+            if child is not None:
+                child.stop()
 
     def rss_bytes(self) -> int:
         return self.engine.rss_bytes() if self.engine else 0
 
     async def upload(self, names: list[str], folders: list[Path], parallel: int = 4) -> None:
-        """Upload adapters through the public API (multipart), ``parallel`` at a time; raise on any non-201."""
-        sem = asyncio.Semaphore(parallel)
+        """Upload adapters through the public API (multipart), ``parallel`` at a time; raise on any failure."""
         t0 = time.monotonic()
-        async with httpx.AsyncClient(base_url=self.gateway_url, timeout=600, trust_env=False,
-                                     headers={"Authorization": f"Bearer {self.tenant_key}"}) as client:
-            async def one(name: str, folder: Path) -> None:
-                async with sem:
-                    files = {"config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
-                             "weights": ("adapter_model.safetensors",
-                                         (folder / "adapter_model.safetensors").read_bytes())}
-                    r = await client.post("/v1/adapters", data={"name": name}, files=files)
-                    if r.status_code != 201:
-                        raise RuntimeError(f"upload of {name!r} failed: {r.status_code} {r.text[:300]}")
-
-            await asyncio.gather(*(one(n, f) for n, f in zip(names, folders, strict=True)))
+        with GatewayClient(self.gateway_url, self.tenant_key, trust_env=False) as client:
+            await asyncio.to_thread(client.upload_adapters, zip(names, folders, strict=True), parallel=parallel)
         _log(f"uploaded {len(names)} adapters in {time.monotonic() - t0:.1f} s")
         if not self.engine_config.flylora:
             await self.register_with_stock_engine()

@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from server.adapters import finish_interrupted_deletions
+from server.adapters import maintain, maintain_forever
 from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
-from server.routes import adapters, admin, health, openai
+from server.quality_recorder import QualityRecorder
+from server.request_policy import RequestPolicy
+from server.routes import adapters, admin, health, openai, quality
 from server.settings import Settings
 from server.gateway import Gateway
 
@@ -27,16 +29,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.build(settings)
         app.state.gateway = gw
+        gw.quality = QualityRecorder.for_gateway(gw)
         try:
-            resumed = await finish_interrupted_deletions(gw)
-            if resumed:
-                log.warning("finished %d adapter deletions interrupted by a previous shutdown", resumed)
-            await gw.sweep_store()
+            await maintain(gw)  # finish deletions a previous process began; sweep leftovers
+            await gw.keys.reload()
             async with anyio.create_task_group() as tg:
                 if settings.health_check_interval_s > 0:
                     tg.start_soon(gw.upstream.watch_health)
+                tg.start_soon(gw.keys.watch)
+                tg.start_soon(maintain_forever, gw)
+                if gw.quality is not None:
+                    tg.start_soon(gw.quality.run)
                 yield
                 tg.cancel_scope.cancel()
+            if gw.quality is not None:
+                await gw.quality.aclose()
         finally:
             await gw.aclose()
 
@@ -48,22 +55,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.completion_fast_path = settings.completion_fast_path
-    for module in (openai, adapters, admin, health):
+    for module in (openai, adapters, quality, admin, health):
         app.include_router(module.router)
-    _declare_bearer_auth(app)
+    _document(app, RequestPolicy(settings))
     return app
 
 
 PUBLIC_PATHS = ("/health", "/ready", "/metrics")
 
 
-def _declare_bearer_auth(app: FastAPI) -> None:
-    """Declare the bearer scheme in the OpenAPI schema (the checks live in ``deps``)."""
+def _document(app: FastAPI, policy: RequestPolicy) -> None:
+    """Complete the OpenAPI schema: the bearer scheme (the checks live in ``deps``) and the completion bodies
+    the request policy accepts, with this app's caps."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
+            openai.document_completion_bodies(schema, policy)
             schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
                 "type": "http", "scheme": "bearer",
                 "description": "A tenant key, or on /admin routes the admin key (FLYLORA_ADMIN_KEY)."}

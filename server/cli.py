@@ -2,7 +2,8 @@
 
 Settings come from the environment (``FLYLORA_*``) and an optional dotenv file (``--env-file`` or
 ``FLYLORA_ENV_FILE``). ``--host`` / ``--port`` override the settings. When no admin key is configured one is
-generated and printed once, to stderr.
+generated and printed once, to stderr. With ``FLYLORA_METRICS_PORT`` set, ``/metrics`` is served on that port
+only (:mod:`server.serve`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"flylora-gateway: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
+    from server import serve
     from server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # for shutdown_grace_s, cuts the rest, closes the registry; then it re-raises the signal it caught, which
     # this handler absorbs so that a clean stop exits 0 (docs/RELIABILITY.md).
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
-    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
-                log_level=args.log_level, access_log=args.access_log, proxy_headers=False, server_header=False,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+    serve.run(create_app(settings), settings, log_level=args.log_level, access_log=args.access_log)
     return 0
 
 

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 
 from server.errors import Unauthorized
 from server.registry import Tenant
-from server.security import hash_key, parse_bearer, same_hash
+from server.security import hash_key, is_well_formed, parse_bearer, same_hash
 from server.gateway import Gateway
 
 ADMIN_HINT = "Admin routes need the admin key: 'Authorization: Bearer <FLYLORA_ADMIN_KEY>'."
@@ -27,13 +27,22 @@ async def authenticate(gw: Gateway, authorization: str | None) -> Tenant:
     """The tenant of an ``Authorization: Bearer <key>`` header; 401 when the key is missing or unknown.
 
     Keys are looked up by their SHA-256 (the registry compares the stored hash in constant time); known
-    keys are cached by that hash for ``auth_cache_ttl_s``, dropped at once when their tenant is deleted.
+    keys are cached by that hash for ``auth_cache_ttl_s``, dropped at once when their tenant is deleted or
+    the key revoked. Malformed keys, and unknown keys beyond a small rate, never reach the registry
+    (:mod:`server.keyguard`).
     """
     key = parse_bearer(authorization)
-    if key is None:
+    if key is None or not is_well_formed(key):
+        raise Unauthorized()
+    digest = hash_key(key)
+    tenant = gw.tenants_by_key.get(digest)
+    if tenant is not None:
+        return tenant
+    if not gw.keys.admit(digest):
         raise Unauthorized()
     tenant = await gw.tenants_by_key.get_or_load(
-        hash_key(key), lambda: anyio.to_thread.run_sync(gw.registry.tenant_for_key, key))
+        digest, lambda: anyio.to_thread.run_sync(gw.registry.tenant_for_key, key))
+    gw.keys.found(digest, tenant is not None)
     if tenant is None:
         raise Unauthorized()
     return tenant

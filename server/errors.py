@@ -105,6 +105,15 @@ class TenantExists(GatewayError):
         super().__init__(f"A tenant named `{name}` already exists.", param="name")
 
 
+class KeyNotFound(GatewayError):
+    """The tenant has no API key of that id (revoked already, or another tenant's)."""
+
+    status, type_, code = 404, "invalid_request_error", "key_not_found"
+
+    def __init__(self, key_id: int):
+        super().__init__(f"The tenant has no API key with id {key_id}.", param="key_id")
+
+
 class PayloadTooLarge(GatewayError):
     """A request body or an uploaded file is over its limit."""
 
@@ -121,6 +130,27 @@ class TokenRateLimited(GatewayError):
     """The tenant has used its tokens for the current minute."""
 
     status, type_, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class UploadsBusy(GatewayError):
+    """The tenant (or the whole gateway) already has its maximum number of uploads in progress."""
+
+    status, type_, code = 429, "rate_limit_error", "too_many_uploads"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Retry-After": "5"})
+
+
+class AdapterQuotaExceeded(GatewayError):
+    """Storing the adapter would take the tenant past its adapter count or stored bytes."""
+
+    status, type_, code = 403, "invalid_request_error", "adapter_quota_exceeded"
+
+
+class InsufficientStorage(GatewayError):
+    """The adapter store's disk has too little free space left for an upload."""
+
+    status, type_, code = 507, "server_error", "insufficient_storage"
 
 
 class EngineUnavailable(GatewayError):
@@ -157,6 +187,8 @@ ADAPTER_ERROR_STATUS: dict[type[adapter_errors.AdapterError], int] = {adapter_er
 def adapter_error_response(exc: adapter_errors.AdapterError) -> JSONResponse:
     status = ADAPTER_ERROR_STATUS.get(type(exc), 400)
     code = "adapter_too_large" if status == 413 else "invalid_adapter"
+    if isinstance(exc, adapter_errors.EngineLimitExceeded):
+        code = "adapter_not_servable"
     return JSONResponse(error_body(str(exc), "invalid_request_error", param=exc.key, code=code), status_code=status)
 
 

@@ -1,9 +1,13 @@
 """Per-tenant admission: requests in flight and tokens per minute. Pure policy with an injectable clock.
 
 Tokens are a bucket per tenant holding up to ``tokens_per_minute``, refilled continuously at
-``tokens_per_minute / 60`` per second. A request is admitted while the bucket is above zero; its real
-usage (prompt + completion tokens, from the engine's ``usage``) is taken out when it finishes, so one
-request may overdraw and the next wait. ``Retry-After`` is the time until the bucket is positive again.
+``tokens_per_minute / 60`` per second. A request is admitted while the bucket is above zero, checked twice:
+before its body is read (:meth:`acquire`, which also takes a concurrency slot) and when the body has been
+checked (:meth:`reserve`), which takes the request's worst case (prompt estimate + ``max_tokens`` per
+sequence) out of the bucket at once. Requests in flight therefore hold their tokens, and a tenant cannot
+start many requests on one positive balance. When the request ends, :meth:`settle` gives the reservation
+back and takes what was really used (the engine's usage, or what a failed or cut-off request produced).
+One request may overdraw; the next waits. ``Retry-After`` is the time until the bucket is positive again.
 
 State lives in this process: with several gateway replicas each enforces its own share.
 """
@@ -54,24 +58,45 @@ class TenantLimiter:
             bucket.stamp = now
         return bucket
 
+    @staticmethod
+    def _rate_limited(bucket: _Bucket, tpm: int) -> TokenRateLimited:
+        wait = max(1, math.ceil((-bucket.level + 1) * 60.0 / tpm))
+        return TokenRateLimited(f"Token rate limit of {tpm} tokens per minute reached; retry after {wait} s.",
+                                headers={"Retry-After": str(wait)})
+
     def acquire(self, tenant_id: int, *, max_concurrency: int | None = None, tokens_per_minute: int | None = None
                 ) -> None:
-        """Admit one request or raise :class:`ConcurrencyLimited` / :class:`TokenRateLimited` (with Retry-After)."""
+        """Admit one request (take a slot) or raise :class:`ConcurrencyLimited` / :class:`TokenRateLimited`
+        (with Retry-After). Cheap and before the body is read: a refused request costs no buffering."""
         limit = max_concurrency or self.max_concurrency
         tpm = self.tokens_per_minute if tokens_per_minute is None else tokens_per_minute
         if tpm > 0:
             bucket = self._bucket(tenant_id, tpm)
             if bucket.level <= 0:
-                wait = max(1, math.ceil((-bucket.level + 1) * 60.0 / tpm))
-                raise TokenRateLimited(
-                    f"Token rate limit of {tpm} tokens per minute reached; retry after {wait} s.",
-                    headers={"Retry-After": str(wait)})
+                raise self._rate_limited(bucket, tpm)
         current = self.in_flight.get(tenant_id, 0)
         if current >= limit:
             raise ConcurrencyLimited(
                 f"Too many concurrent requests: the limit is {limit} in flight; retry after 1 s.",
                 headers={"Retry-After": "1"})
         self.in_flight[tenant_id] = current + 1
+
+    def reserve(self, tenant_id: int, tokens: int, *, tokens_per_minute: int | None = None) -> None:
+        """Hold ``tokens`` of an admitted request, or :class:`TokenRateLimited` if the bucket is empty by now
+        (requests admitted meanwhile reserved it); the caller then releases the request's slot."""
+        tpm = self.tokens_per_minute if tokens_per_minute is None else tokens_per_minute
+        if tpm > 0:
+            bucket = self._bucket(tenant_id, tpm)
+            if bucket.level <= 0:
+                raise self._rate_limited(bucket, tpm)
+            bucket.level -= tokens
+
+    def settle(self, tenant_id: int, *, reserved: int, used: int, tokens_per_minute: int | None = None) -> None:
+        """A request ended: give back what it reserved, take what it used (never above a full bucket)."""
+        tpm = self.tokens_per_minute if tokens_per_minute is None else tokens_per_minute
+        if tpm > 0 and (reserved or used):
+            bucket = self._bucket(tenant_id, tpm)
+            bucket.level = min(float(tpm), bucket.level + reserved - used)
 
     def release(self, tenant_id: int) -> None:
         left = self.in_flight.get(tenant_id, 0) - 1
@@ -81,7 +106,7 @@ class TenantLimiter:
             self.in_flight.pop(tenant_id, None)
 
     def charge(self, tenant_id: int, tokens: int, *, tokens_per_minute: int | None = None) -> None:
-        """Take a finished request's tokens out of the tenant's bucket."""
+        """Take tokens out of the tenant's bucket (a request that reserved none)."""
         tpm = self.tokens_per_minute if tokens_per_minute is None else tokens_per_minute
         if tpm > 0 and tokens > 0:
             self._bucket(tenant_id, tpm).level -= tokens

@@ -1,10 +1,15 @@
-"""Proxying ``/v1/chat/completions`` and ``/v1/completions`` to an engine.
+"""Proxying the completion routes (:data:`COMPLETION_ROUTES`) to an engine.
 
-Per request: read the body under the size cap, check it (JSON object, ``model``, caps on ``max_tokens``,
-``n``, prompt length), map the tenant-facing ``model`` to the internal adapter id, admit it against the
-tenant's limits, send it to a replica, and hand the answer back with ``model`` set to what the caller sent
-(every SSE chunk too; an internal id never leaves). Streams pass through event by event; when the client
-disconnects the upstream connection is closed, which makes vLLM abort the request.
+Per request (:func:`serve_completion`): authenticate; admit against the tenant's limits (a concurrency slot,
+a positive token balance) before the body is read; read the body under the size cap; check it against the
+request policy (:mod:`server.request_policy`); map the tenant-facing ``model`` to the internal adapter id
+(its stored files checked, :mod:`server.integrity`) and set the tenant's prefix-cache salt; reserve the
+request's worst-case tokens; wait for a fair slot at the engines (:mod:`server.fair_admission`) and register
+the adapter's flight (:mod:`server.inflight`); send it to a replica; hand the answer back with ``model`` set
+to what the caller sent (every SSE chunk too; an internal id never leaves). Streams pass through event by
+event; when the client disconnects the upstream connection is closed, which makes vLLM abort the request.
+Whatever happens, :meth:`Flight.finish` runs once: the slots are released and the tenant is charged what the
+request used.
 """
 
 from __future__ import annotations
@@ -22,25 +27,26 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from pydantic_core import from_json
+
 from server.adapters import resolve_adapter
 from server.deps import authenticate
-from server.inflight import AdapterDeleted, RequestGuard
-from server.integrity import ensure_servable
-from server.upstream import UpstreamResponse
 from server.errors import (
     EngineProtocolError,
     EngineTimeout,
     EngineUnavailable,
     GatewayError,
-    InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     error_body,
     internal_error_response,
 )
-from server.registry import Adapter, Tenant
-from server.settings import Settings
 from server.gateway import Gateway
+from server.inflight import AdapterDeleted, RequestGuard
+from server.integrity import ensure_servable
+from server.registry import Adapter, Tenant
+from server.request_policy import CompletionRequest
+from server.upstream import UpstreamResponse
 
 log = logging.getLogger("flylora.gateway.proxy")
 
@@ -49,103 +55,31 @@ COMPLETION_ROUTES = {"/v1/chat/completions": "chat.completions", "/v1/completion
 #: endpoint label -> path
 ENGINE_PATHS = {endpoint: path for path, endpoint in COMPLETION_ROUTES.items()}
 CLIENT_CLOSED = 499  # status recorded in metrics when the client went away mid-stream
+#: Statuses after which an engine may have worked on a request that reported no usage: charged its prompt.
+WORKED_WITHOUT_USAGE = frozenset({CLIENT_CLOSED, 500, 502, 504})
 #: The last event of a stream cut by the gateway's shutdown (its grace period ran out).
 SHUTDOWN_EVENT = b"data: " + json.dumps(error_body(
     "The gateway is shutting down and its grace period for running requests ran out; retry the request.",
     "server_error", code="server_shutting_down")).encode() + b"\n\n"
 
 
-def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-# --- request checks (pure) -----------------------------------------------------------------------------------
-@dataclass
-class CompletionRequest:
-    payload: dict[str, Any]
-    model: str
-    stream: bool
-    wants_usage: bool
-
-
-def _int_field(payload: dict[str, Any], key: str, *, low: int, high: int) -> None:
-    value = payload.get(key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"`{key}` must be an integer, found {type(value).__name__}.", param=key)
-    if value < low or value > high:
-        raise InvalidRequest(f"`{key}` must be between {low} and {high}, found {value}.", param=key)
-
-
-def prompt_size(endpoint: str, payload: dict[str, Any]) -> int:
-    """Characters (or token ids) in the prompt; 400 when the prompt is missing or of the wrong type."""
-    if endpoint == "chat.completions":
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("`messages` must be a non-empty list.", param="messages")
-        total = 0
-        for message in messages:
-            if not isinstance(message, dict):
-                raise InvalidRequest("Each message must be an object.", param="messages")
-            content = message.get("content")
-            if isinstance(content, str):
-                total += len(content)
-            elif isinstance(content, list):
-                total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-        return total
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    if isinstance(prompt, list) and prompt:
-        total = 0
-        for item in prompt:
-            if isinstance(item, str):
-                total += len(item)
-            elif isinstance(item, int) and not isinstance(item, bool):
-                total += 1
-            elif isinstance(item, list):
-                total += len(item)
-            else:
-                raise InvalidRequest("`prompt` must be a string, a list of strings or of token ids.", param="prompt")
-        return total
-    raise InvalidRequest("`prompt` must be a non-empty string, a list of strings or of token ids.", param="prompt")
-
-
-def parse_completion_request(body: bytes, endpoint: str, settings: Settings) -> CompletionRequest:
-    """Check a completion request body against the caps; never clamps, rejects with 400."""
+def _load(raw: bytes) -> Any:
+    """An engine's JSON: pydantic-core's parser, or the standard library's for what it refuses that an engine
+    may still send (a lone surrogate escape); ``ValueError`` if neither reads it."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter.", param="model")
-    stream = payload.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("`stream` must be a boolean.", param="stream")
-    cap = settings.max_tokens_cap
-    _int_field(payload, "max_tokens", low=0, high=cap)
-    _int_field(payload, "max_completion_tokens", low=0, high=cap)
-    _int_field(payload, "n", low=1, high=settings.max_n)
-    _int_field(payload, "best_of", low=1, high=settings.max_n)
-    size = prompt_size(endpoint, payload)
-    if size > settings.max_prompt_chars:
-        raise InvalidRequest(f"The prompt is {size} characters long; the limit is {settings.max_prompt_chars}.",
-                             param="messages" if endpoint == "chat.completions" else "prompt")
-    wants_usage = False
-    if stream:
-        options = payload.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise InvalidRequest("`stream_options` must be an object.", param="stream_options")
-        wants_usage = bool((options or {}).get("include_usage"))
-        # Usage is always asked of the engine (metrics, token limits); it reaches the client only if asked.
-        payload["stream_options"] = {**(options or {}), "include_usage": True}
-    return CompletionRequest(payload=payload, model=model, stream=stream, wants_usage=wants_usage)
+        return from_json(raw)
+    except ValueError:
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+
+def _dump(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: keep it escaped
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
@@ -174,28 +108,84 @@ async def receive_body(receive: Receive, declared: str | None, limit: int) -> by
 # --- one request in flight ------------------------------------------------------------------------------------
 @dataclass
 class Flight:
-    """Book-keeping of one admitted request; :meth:`finish` runs exactly once, whatever happens."""
+    """Book-keeping of one admitted request (it holds a concurrency slot from its creation); :meth:`finish`
+    runs exactly once, whatever happens, and gives the slot back."""
 
     gw: Gateway
     tenant: Tenant
     endpoint: str
-    request: CompletionRequest
-    adapter: Adapter | None
     started: float
+    request: CompletionRequest | None = None
+    adapter: Adapter | None = None
+    reserved: int = 0  # tokens held in the tenant's bucket
+    sent: bool = False  # the request went to an engine
+    usage_seen: bool = False  # the engine's usage of the whole request
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: a stream's usage so far, per choice index: (its prompt's tokens, its tokens so far)
+    partial: dict[int, tuple[int, int]] = field(default_factory=dict)
     status: int = 500
     first_token_seen: bool = False
     done: bool = False
+    quality: tuple[str, str] | None = None  # quality hook: (engine request id, engine url)
     guard: RequestGuard | None = None  # reliability: fair-admission slot and adapter flight, released in finish
+    engine_failed: bool = False  # the engine answered 5xx (the client got 503): it may have worked on it
     internal: bytes = field(default=b"", init=False)
     public: bytes = field(default=b"", init=False)
 
     def __post_init__(self) -> None:
         self.gw.metrics.in_flight_by[(self.tenant.name,)].inc()
-        if self.adapter is not None:
-            self.internal = self.adapter.internal_id.encode()
-            self.public = self.request.model.encode()
+        if self.adapter is not None and self.request is not None:
+            self.internal, self.public = self.adapter.internal_id.encode(), self.request.model.encode()
+
+    async def forward(self, body: bytes, receive: Receive | None = None) -> Response:
+        """Check ``body``, send it to an engine and answer; raises :class:`GatewayError` on failure.
+        ``receive``: the request's, to notice a client that hangs up while it waits for a slot."""
+        gw, tenant = self.gw, self.tenant
+        req = self.request = await gw.policy.parse_async(body, self.endpoint)
+        if req.model != gw.settings.base_model_id:
+            self.adapter = await resolve_adapter(gw, tenant, req.model)
+            if self.adapter is None:
+                raise ModelNotFound(req.model)
+            if gw.integrity is not None:  # reliability: the adapter's stored files are intact
+                await ensure_servable(gw.integrity, gw.registry, self.adapter)
+            req.payload["model"] = self.adapter.internal_id
+            self.internal, self.public = self.adapter.internal_id.encode(), req.model.encode()
+        req.payload["cache_salt"] = gw.cache_salts(tenant.id)
+        quality_id = gw.quality.tag(req.payload) if gw.quality is not None else None  # quality hook
+        gw.limiter.reserve(tenant.id, req.reservation, tokens_per_minute=tenant.tokens_per_minute)
+        self.reserved = req.reservation
+        adapter_id = self.adapter.internal_id if self.adapter else None
+        # reliability: a fair slot at the engines, the adapter's flight (server/fair_admission.py, inflight.py)
+        guard = self.guard = await RequestGuard.enter(gw.admission, gw.flights, tenant.id, adapter_id, req.model,
+                                                      receive)
+        self.sent = True
+        upstream = await guard.answer(gw.upstream.send(ENGINE_PATHS[self.endpoint], json.dumps(req.payload).encode(),
+                                                       adapter_id=adapter_id, stream=req.stream))
+        response = upstream.response
+        if quality_id is not None:  # quality hook
+            self.quality = (quality_id, upstream.url)
+        if response.status_code == 200 and req.stream:
+            guard.streaming(upstream)
+
+            async def on_close(disconnected: bool) -> None:
+                try:
+                    await upstream.close()
+                finally:
+                    self.finish(CLIENT_CLOSED if disconnected and self.status != 200 else None)
+
+            return ProxyStream(self.events(upstream), on_close)
+        try:
+            raw = await response.aread()
+            out = self.json_response(response.status_code, raw, response.headers.get("content-type"))
+        except httpx.TimeoutException:
+            raise EngineTimeout("The engine did not answer in time.") from None
+        except httpx.HTTPError:
+            raise EngineProtocolError("The engine connection broke before the answer was complete.") from None
+        finally:
+            await upstream.close()
+        self.status = response.status_code
+        return out
 
     def sanitize(self, raw: bytes) -> bytes:
         """Replace the internal id by the caller's model name anywhere in an engine answer."""
@@ -206,8 +196,38 @@ class Flight:
             try:
                 self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 self.completion_tokens = int(usage.get("completion_tokens") or 0)
+                self.usage_seen = True
             except (TypeError, ValueError):
                 log.warning("ignoring malformed usage from the engine: %r", usage)
+
+    def take_partial_usage(self, choices: Any, usage: Any) -> None:
+        """A stream chunk's usage: vLLM reports, for the choice in the chunk, its prompt's tokens and the tokens
+        it produced so far."""
+        try:
+            prompt, produced = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            for choice in choices:
+                self.partial[int(choice.get("index") or 0)] = (prompt, produced)
+        except (AttributeError, TypeError, ValueError):
+            log.warning("ignoring malformed usage from the engine: %r", usage)
+
+    def used(self) -> int:
+        """Tokens to charge: the engine's usage; for a stream cut short, what each choice produced so far plus
+        its prompt; with neither, the prompt's estimate when the engine may have worked on it (a client gone,
+        an engine failure), else nothing (refused before an engine saw it, or the engine refused it)."""
+        if not self.usage_seen and self.partial and self.request is not None:
+            per_prompt = self.request.choices_per_prompt
+            prompts: dict[int, int] = {}
+            for index, (prompt, produced) in self.partial.items():
+                prompts[index // per_prompt] = prompt
+                self.completion_tokens += produced
+            self.prompt_tokens = sum(prompts.values())
+            self.partial.clear()
+            self.usage_seen = True
+        if self.usage_seen:
+            return self.prompt_tokens + self.completion_tokens
+        if self.sent and self.request is not None and (self.status in WORKED_WITHOUT_USAGE or self.engine_failed):
+            return self.request.prompt_tokens
+        return 0
 
     def finish(self, status: int | None = None) -> None:
         if self.done:
@@ -219,24 +239,29 @@ class Flight:
         if self.guard is not None:
             self.guard.release()
         gw.limiter.release(tenant.id)
-        gw.limiter.charge(tenant.id, self.prompt_tokens + self.completion_tokens,
+        gw.limiter.settle(tenant.id, reserved=self.reserved, used=self.used(),
                           tokens_per_minute=tenant.tokens_per_minute)
         m.in_flight_by[(tenant.name,)].dec()
         m.requests_by[(tenant.name, self.endpoint, self.status)].inc()
-        m.latency_by[(self.endpoint, "true" if self.request.stream else "false")].observe(
-            time.perf_counter() - self.started)
-        m.tokens(tenant.name, self.request.model, self.prompt_tokens, self.completion_tokens)
+        if self.sent and self.request is not None:
+            m.latency_by[(self.endpoint, "true" if self.request.stream else "false")].observe(
+                time.perf_counter() - self.started)
+            m.tokens(tenant.name, self.request.model, self.prompt_tokens, self.completion_tokens)
+            if self.quality is not None and self.status == 200 and gw.quality is not None:  # quality hook
+                gw.quality.observe(self.quality[1], self.endpoint, self.quality[0], tenant, self.adapter,
+                                   self.request.model, self.completion_tokens)
 
     # non-streamed answers (and every error answer) ----------------------------------------------------------
     def json_response(self, status: int, raw: bytes, content_type: str | None) -> Response:
         if status >= 500:  # reliability: the engine's internals stay in the log; the client gets a clean 503
             log.warning("engine answered HTTP %d for %s: %s", status, self.endpoint, raw[:300])
+            self.engine_failed = True
             raise EngineUnavailable(f"The engine could not serve the request (HTTP {status}); retry shortly.")
         if status != 200:
             return Response(self.sanitize(raw), status_code=status, media_type=content_type or "application/json")
         try:
-            obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = _load(raw)
+        except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise EngineProtocolError("The engine answered with invalid JSON.") from None
         if isinstance(obj, dict):
             self.take_usage(obj.get("usage"))
@@ -261,18 +286,26 @@ class Flight:
         if payload.strip() == b"[DONE]":
             return b"data: [DONE]\n\n"
         try:
-            obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = _load(payload)
+        except ValueError:
             return self.sanitize(event) + b"\n\n"
         if isinstance(obj, dict):
+            req = self.request
             if "model" in obj:
-                obj["model"] = self.request.model
+                obj["model"] = req.model
             if obj.get("usage"):
-                self.take_usage(obj["usage"])
-                if not self.request.wants_usage:
-                    if obj.get("choices") == []:
+                # The engine sends usage on every chunk (so a stream cut short is charged what it produced);
+                # the client gets the final usage chunk if it asked, and usage on every chunk if it asked.
+                choices = obj.get("choices")
+                if not choices:
+                    self.take_usage(obj["usage"])
+                    self.partial.clear()
+                    if not req.wants_usage:
                         return None
-                    del obj["usage"]
+                else:
+                    self.take_partial_usage(choices, obj["usage"])
+                    if not req.wants_continuous_usage:
+                        del obj["usage"]
             if not self.first_token_seen and obj.get("choices"):
                 self.first_token_seen = True
                 self.gw.metrics.ttft_by[(self.endpoint,)].observe(time.perf_counter() - self.started)
@@ -288,6 +321,8 @@ class Flight:
                     buf = buf.replace(b"\r\n", b"\n")
                 while (end := buf.find(b"\n\n")) >= 0:
                     event, buf = buf[:end], buf[end + 2:]
+                    if event.strip() == b"data: [DONE]":
+                        self.status = 200  # complete: a client that closes on [DONE] did not cut it short
                     out = self.rewrite_event(event)
                     if out is not None:
                         yield out
@@ -337,10 +372,12 @@ class ProxyStream(Response):
                 return
             closed = True
             with anyio.CancelScope(shield=True):
-                aclose = getattr(self.chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await self.on_close(disconnected)
+                try:
+                    aclose = getattr(self.chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                finally:
+                    await self.on_close(disconnected)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -383,87 +420,39 @@ async def serve_completion(gw: Gateway, endpoint: str, authorization: str | None
     """Serve one completion request: the one entry of both the fast path and the FastAPI routes.
 
     Every failure becomes its answer here (a :class:`GatewayError`'s, or the one 500 body for anything
-    unexpected); only :class:`ClientDisconnect` (nobody to answer) propagates.
+    unexpected); only :class:`ClientDisconnect` (nobody to answer) propagates. Once admitted, the request's
+    :class:`Flight` is finished on every exit path (error, disconnect, cancellation), or by the stream it
+    was handed to.
     """
     try:
         tenant = await authenticate(gw, authorization)
-        started = time.perf_counter()
         try:
-            body = await receive_body(receive, content_length, gw.settings.max_request_bytes)
+            gw.limiter.acquire(tenant.id, max_concurrency=tenant.max_concurrency,
+                               tokens_per_minute=tenant.tokens_per_minute)
         except GatewayError as exc:
             gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
             raise
-        return await forward_completion(gw, tenant, body, endpoint, started, receive=receive)
     except GatewayError as exc:
         return exc.response()
+    except Exception:
+        log.exception("unhandled error on %s", ENGINE_PATHS[endpoint])
+        return internal_error_response()
+    flight = Flight(gw, tenant, endpoint, time.perf_counter())
+    streaming = False
+    try:
+        body = await receive_body(receive, content_length, gw.settings.max_request_bytes)
+        response = await flight.forward(body, receive)
+        streaming = isinstance(response, ProxyStream)  # it finishes the flight when it closes
+        return response
+    except GatewayError as exc:
+        flight.status = exc.status
+        return exc.response()
     except ClientDisconnect:
+        flight.status = CLIENT_CLOSED
         raise
     except Exception:
         log.exception("unhandled error on %s", ENGINE_PATHS[endpoint])
         return internal_error_response()
-
-
-async def forward_completion(gw: Gateway, tenant: Tenant, body: bytes, endpoint: str, started: float,
-                             receive: Receive | None = None) -> Response:
-    """Serve one completion request whose ``body`` has been read (under the size cap) since ``started``
-    (``receive``: the request's, to notice a client that hangs up while queued)."""
-    settings = gw.settings
-    try:
-        req = parse_completion_request(body, endpoint, settings)
-        adapter = None
-        if req.model != settings.base_model_id:
-            adapter = await resolve_adapter(gw, tenant, req.model)
-            if adapter is None:
-                raise ModelNotFound(req.model)
-            if gw.integrity is not None:  # reliability: the adapter's stored files are intact
-                await ensure_servable(gw.integrity, gw.registry, adapter)
-            req.payload["model"] = adapter.internal_id
-        gw.limiter.acquire(tenant.id, max_concurrency=tenant.max_concurrency,
-                           tokens_per_minute=tenant.tokens_per_minute)
-    except GatewayError as exc:
-        gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
-        raise
-    try:  # reliability: a fair slot at the engines, the adapter's flight (server/admission.py, inflight.py)
-        guard = await RequestGuard.enter(gw.admission, gw.flights, tenant.id,
-                                         adapter.internal_id if adapter else None, req.model, receive)
-    except BaseException as exc:
-        gw.limiter.release(tenant.id)
-        if isinstance(exc, GatewayError):
-            gw.metrics.requests_by[(tenant.name, endpoint, exc.status)].inc()
-        raise
-    flight = Flight(gw, tenant, endpoint, req, adapter, started, guard=guard)
-    try:
-        upstream = await guard.answer(gw.upstream.send(
-            ENGINE_PATHS[endpoint], json.dumps(req.payload).encode(),
-            adapter_id=adapter.internal_id if adapter else None, stream=req.stream))
-    except GatewayError as exc:
-        flight.finish(exc.status)
-        raise
-    except BaseException:
-        flight.finish(500)
-        raise
-    response = upstream.response
-    if response.status_code == 200 and req.stream:
-        guard.streaming(upstream)
-
-        async def on_close(disconnected: bool) -> None:
-            await upstream.close()
-            flight.finish(CLIENT_CLOSED if disconnected and flight.status != 200 else None)
-
-        return ProxyStream(flight.events(upstream), on_close)
-    try:
-        raw = await response.aread()
-        out = flight.json_response(response.status_code, raw, response.headers.get("content-type"))
-    except httpx.TimeoutException:
-        flight.finish(504)
-        raise EngineTimeout("The engine did not answer in time.") from None
-    except httpx.HTTPError:
-        flight.finish(502)
-        raise EngineProtocolError("The engine connection broke before the answer was complete.") from None
-    except GatewayError as exc:
-        flight.finish(exc.status)
-        raise
     finally:
-        await upstream.close()
-    flight.finish(response.status_code)
-    return out
+        if not streaming:
+            flight.finish()

@@ -7,8 +7,9 @@ frozen records detached from any session, and raise the gateway's error types (`
 
 from __future__ import annotations
 
+import sqlite3
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import (
@@ -21,15 +22,16 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from server.errors import AdapterExists, TenantExists, TenantNotFound
-from server.security import hash_key, new_api_key, same_hash
+from server.errors import AdapterExists, KeyNotFound, TenantExists, TenantNotFound
+from server.security import hash_key, key_hint, new_api_key, same_hash
 
 READY = "ready"
 DELETING = "deleting"
@@ -56,6 +58,9 @@ class ApiKeyRow(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True, nullable=False)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     created: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Added after the first release (nullable: rows of older databases have neither; see _add_missing_columns).
+    label: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hint: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class AdapterRow(Base):
@@ -76,6 +81,15 @@ class AdapterRow(Base):
     state: Mapped[str] = mapped_column(String(16), nullable=False, default=READY)
 
 
+class TenantDeletionRow(Base):
+    """A tenant whose deletion has begun (keys gone, adapters marked deleting): finished at restart if killed."""
+
+    __tablename__ = "tenant_deletions"
+
+    tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 @dataclass(frozen=True)
 class Tenant:
     id: int
@@ -83,6 +97,21 @@ class Tenant:
     created: int
     max_concurrency: int | None = None
     tokens_per_minute: int | None = None
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One of a tenant's keys, as listed: never the key itself (only its hash is stored)."""
+
+    id: int
+    tenant_id: int
+    created: int
+    label: str | None = None
+    hint: str | None = None
+    key_hash: str = field(default="", repr=False)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "api_key", "created": self.created, "label": self.label, "hint": self.hint}
 
 
 @dataclass(frozen=True)
@@ -105,10 +134,38 @@ def _tenant(row: TenantRow) -> Tenant:
                   tokens_per_minute=row.tokens_per_minute)
 
 
+def _key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(id=row.id, tenant_id=row.tenant_id, created=row.created, label=row.label, hint=row.hint,
+                  key_hash=row.key_hash)
+
+
 def _adapter(row: AdapterRow) -> Adapter:
     return Adapter(tenant_id=row.tenant_id, name=row.name, internal_id=row.internal_id, base_model=row.base_model,
                    r=row.r, top_k=row.top_k, routing=row.routing, bytes=row.bytes, sha256=row.sha256,
                    created=row.created, state=row.state)
+
+
+def _switch_to_wal(cur: Any, *, deadline_s: float = 30.0) -> None:
+    """Put the SQLite file in WAL mode, waiting for other processes that are doing the same.
+
+    The switch needs the file's exclusive lock, and SQLite answers ``database is locked`` at once rather
+    than calling the busy handler (the connection's ``timeout``), so replicas opening a new database
+    together would fail. The mode is stored in the file: once any of them has switched, the others' pragma
+    is a no-op that takes no lock.
+    """
+    give_up = time.monotonic() + deadline_s
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
 
 def make_db_engine(url: str) -> Engine:
@@ -120,12 +177,48 @@ def make_db_engine(url: str) -> Engine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+#: Serialises schema set-up between gateway replicas starting at once on one PostgreSQL database.
+_SCHEMA_LOCK_ID = 0x466C794C6F5241  # "FlyLoRA"
+
+
+def create_schema(conn: Connection) -> list[str]:
+    """Create missing tables, then add columns newer releases introduced; returns the columns added.
+
+    Migrations are additive only (new nullable columns), so an older database opens as it is and a newer
+    gateway never rewrites existing rows. Processes that start together do not race on ``CREATE TABLE`` /
+    ``ALTER TABLE``: on PostgreSQL an advisory lock is held for the transaction, on SQLite the write lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_ID})")
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    Base.metadata.create_all(conn)
+    return _add_missing_columns(conn)
+
+
+def _add_missing_columns(conn: Connection) -> list[str]:
+    added = []
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing "
+                                   "database: migrations must add nullable columns only")
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}')
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 class Registry:
@@ -138,7 +231,8 @@ class Registry:
     @classmethod
     def open(cls, url: str) -> Registry:
         db = make_db_engine(url)
-        Base.metadata.create_all(db)
+        with db.begin() as conn:
+            create_schema(conn)
         return cls(db)
 
     def close(self) -> None:
@@ -156,7 +250,7 @@ class Registry:
             s.add(row)
             try:
                 s.flush()
-                s.add(ApiKeyRow(tenant_id=row.id, key_hash=hash_key(key), created=now))
+                s.add(ApiKeyRow(tenant_id=row.id, key_hash=hash_key(key), created=now, hint=key_hint(key)))
                 s.commit()
             except IntegrityError:
                 s.rollback()
@@ -179,14 +273,53 @@ class Registry:
                 raise TenantNotFound(name)
             return _tenant(row)
 
-    def add_key(self, tenant_name: str) -> str:
-        """A new API key for the tenant (older keys stay valid)."""
-        tenant = self.get_tenant(tenant_name)
+    def add_key(self, tenant_name: str, *, label: str | None = None) -> tuple[ApiKey, str]:
+        """A new API key for the tenant (older keys stay valid): its record and the key, returned once."""
         key = new_api_key()
         with self._session() as s:
-            s.add(ApiKeyRow(tenant_id=tenant.id, key_hash=hash_key(key), created=int(time.time())))
+            tenant_id = self._tenant_id(s, tenant_name)
+            row = ApiKeyRow(tenant_id=tenant_id, key_hash=hash_key(key), created=int(time.time()), label=label,
+                            hint=key_hint(key))
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                if s.get(TenantRow, tenant_id) is None:  # deleted since it was read
+                    raise TenantNotFound(tenant_name) from None
+                raise
+            return _key(row), key
+
+    def list_keys(self, tenant_name: str) -> list[ApiKey]:
+        """The tenant's keys, oldest first."""
+        with self._session() as s:
+            tenant_id = self._tenant_id(s, tenant_name)
+            return [_key(r) for r in s.scalars(select(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id)
+                                               .order_by(ApiKeyRow.id))]
+
+    def revoke_key(self, tenant_name: str, key_id: int) -> ApiKey:
+        """Delete one of the tenant's keys; :class:`KeyNotFound` when the tenant has no key of that id."""
+        with self._session() as s:
+            tenant_id = self._tenant_id(s, tenant_name)
+            row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.id == key_id, ApiKeyRow.tenant_id == tenant_id))
+            if row is None:
+                raise KeyNotFound(key_id)
+            key = _key(row)
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.id == key_id))
             s.commit()
-        return key
+            return key
+
+    def key_hashes(self) -> set[str]:
+        """The hash of every key (the gateway's in-memory key directory)."""
+        with self._session() as s:
+            return set(s.scalars(select(ApiKeyRow.key_hash)))
+
+    @staticmethod
+    def _tenant_id(s: Any, name: str) -> int:
+        tenant_id = s.scalar(select(TenantRow.id).where(TenantRow.name == name))
+        if tenant_id is None:
+            raise TenantNotFound(name)
+        return tenant_id
 
     def delete_tenant(self, tenant_id: int) -> None:
         """Remove the tenant, its keys and any adapter rows (the caller removes adapter files first)."""
@@ -208,13 +341,16 @@ class Registry:
 
     # --- adapters -----------------------------------------------------------------------------------------
     def add_adapter(self, adapter: Adapter) -> Adapter:
-        """Register an adapter; :class:`AdapterExists` when the tenant already has that name."""
+        """Register an adapter; :class:`AdapterExists` when the tenant already has that name,
+        :class:`TenantNotFound` when the tenant was deleted meanwhile (a foreign key refuses the row)."""
         with self._session() as s:
             s.add(AdapterRow(**{f: getattr(adapter, f) for f in adapter.__dataclass_fields__}))
             try:
                 s.commit()
             except IntegrityError:
                 s.rollback()
+                if s.get(TenantRow, adapter.tenant_id) is None:
+                    raise TenantNotFound(str(adapter.tenant_id)) from None
                 raise AdapterExists(adapter.name) from None
         return adapter
 
@@ -263,3 +399,37 @@ class Registry:
         with self._session() as s:
             s.execute(delete(AdapterRow).where(AdapterRow.internal_id == internal_id))
             s.commit()
+
+    # --- usage and crash-safe deletion (server.adapters) --------------------------------------------------
+    def tenant_usage(self, tenant_id: int) -> tuple[int, int]:
+        """The tenant's adapter rows (any state: a deleting one still holds its files) and their weight bytes."""
+        with self._session() as s:
+            n, total = s.execute(select(func.count(), func.coalesce(func.sum(AdapterRow.bytes), 0))
+                                 .where(AdapterRow.tenant_id == tenant_id)).one()
+            return int(n), int(total)
+
+    def begin_tenant_deletion(self, tenant_id: int) -> None:
+        """In one transaction: record the deletion, revoke the tenant's keys, take its adapters out of service.
+        From then on nothing of the tenant is usable, and a restart finishes the deletion."""
+        with self._session() as s:
+            if s.get(TenantDeletionRow, tenant_id) is None:
+                s.add(TenantDeletionRow(tenant_id=tenant_id, started=int(time.time())))
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id))
+            s.execute(update(AdapterRow).where(AdapterRow.tenant_id == tenant_id).values(state=DELETING))
+            s.commit()
+
+    def pending_tenant_deletions(self) -> list[int]:
+        with self._session() as s:
+            return list(s.scalars(select(TenantDeletionRow.tenant_id)))
+
+    def finish_tenant_deletion(self, tenant_id: int) -> bool:
+        """Remove the tenant once its adapters are gone (False while some remain: their files may still be in
+        use by an engine)."""
+        with self._session() as s:
+            if s.scalar(select(func.count()).where(AdapterRow.tenant_id == tenant_id)):
+                return False
+            s.execute(delete(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id))
+            s.execute(delete(TenantRow).where(TenantRow.id == tenant_id))
+            s.execute(delete(TenantDeletionRow).where(TenantDeletionRow.tenant_id == tenant_id))
+            s.commit()
+            return True

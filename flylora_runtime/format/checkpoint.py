@@ -1,9 +1,10 @@
 """Validate a FlyLoRA / PEFT LoRA checkpoint against a base model, without torch and without unpickling.
 
-This is the gate every adapter passes before it is stored or served. It reads the safetensors header
-as JSON, checks every key, dtype and shape against the base model and the config, then checks that all
-values are finite by looking at raw IEEE bits through a read-only memory map. Nothing here imports torch,
-so the gateway can run it (off its event loop) on an upload.
+This is the gate every adapter passes before it is stored or served. It reads the safetensors header within
+a bound derived from the base model (:mod:`.header`), checks every key, dtype and shape against the base
+model and the config (and, when given, the engine's max rank), then reads the file once in fixed-size chunks
+to check that all values are finite (raw IEEE bits) and to hash it. Memory stays bounded whatever the file
+holds. Nothing here imports torch, so the gateway can run it (off its event loop) on an upload.
 
 Expected tensors, for every targeted module ``M`` (e.g. ``model.layers.0.self_attn.q_proj``)::
 
@@ -15,9 +16,9 @@ Expected tensors, for every targeted module ``M`` (e.g. ``model.layers.0.self_at
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from flylora_runtime.format.errors import (
     AdapterFileMissing,
     AdapterTooLarge,
     DtypeNotAllowed,
-    InvalidSafetensors,
+    EngineLimitExceeded,
     MissingTensor,
     NonFiniteValues,
     ShapeMismatch,
@@ -35,16 +36,25 @@ from flylora_runtime.format.errors import (
     UnknownTargetModule,
     UnsafeFormat,
 )
+from flylora_runtime.format.header import TensorInfo, read_header
 from flylora_runtime.format.modelspec import BaseModelSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: A file the gateway writes into an adapter's folder before deleting it: the engine's resolver then refuses
+#: the adapter (its folder is only removed once every engine has let go of it).
+TOMBSTONE_NAME = "DELETED"
 KEY_PREFIX = "base_model.model."
 
 #: Default size limit for one weights file: the authors' Llama-3.1-8B adapter is ~336 MB.
 DEFAULT_MAX_BYTES = 1 << 30
-MAX_CONFIG_BYTES = 1 << 20
-MAX_HEADER_BYTES = 100 << 20
+#: A PEFT adapter_config.json is ~1 KB; 64 KiB bounds what parsing an uploaded one can cost.
+MAX_CONFIG_BYTES = 64 * 1024
+#: Tensors beyond what a valid adapter can hold that are still read (so that a few stray tensors are reported by
+#: name, e.g. "unexpected tensor ...", instead of "too many tensors").
+EXTRA_TENSORS_READ = 64
+#: Bytes read at a time when checking values and hashing (bounds the memory of a check).
+READ_CHUNK_BYTES = 4 << 20
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -55,14 +65,6 @@ FLOAT_DTYPES: dict[str, tuple[int, int, str]] = {
     "F32": (4, 0x7F800000, "<u4"),
     "F64": (8, 0x7FF0000000000000, "<u8"),
 }
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ def lora_keys(module: str) -> tuple[str, str, str]:
     return base + ".lora_A.weight", base + ".lora_B.weight", base + ".lora_topk_bias"
 
 
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file's first 9 bytes are a safetensors length prefix (within the file) and a JSON object's
+    opening brace. A pickle (``80 0N`` then opcodes) or a zip (``PK``) never has ``{`` at byte 8."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (hlen,) = struct.unpack("<Q", head[:8])
+    return 8 + hlen <= size
+
+
 def refuse_pickle(path: str | os.PathLike, display: str | None = None) -> None:
     """Raise :class:`UnsafeFormat` for pickle-based names or contents; never unpickles anything."""
     base_name = os.path.basename(os.fspath(path))
@@ -101,64 +112,16 @@ def refuse_pickle(path: str | os.PathLike, display: str | None = None) -> None:
             "(PEFT: save_pretrained(..., safe_serialization=True))", file=name)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(9)
+        size = os.path.getsize(path)
     except FileNotFoundError:
         return
-    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04":
+    if looks_like_safetensors(head, size):
+        return  # a safetensors header length may well start with 0x80 0x02..0x05 (640 bytes is 80 02 00 ...)
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04":
         raise UnsafeFormat(
             "the file is a pickle or a torch.save archive, not safetensors; it is refused and never opened",
             file=name)
-
-
-def read_header(path: str | os.PathLike, display: str | None = None) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check its offsets; raise :class:`InvalidSafetensors`."""
-    name = display or os.path.basename(os.fspath(path))
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        raw_len = fh.read(8)
-        if len(raw_len) < 8:
-            raise InvalidSafetensors(f"expected an 8-byte header length, found a {size}-byte file", file=name)
-        (hlen,) = struct.unpack("<Q", raw_len)
-        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-            raise InvalidSafetensors(
-                f"expected a header length within the file ({size} bytes), found {hlen}", file=name)
-        try:
-            header = json.loads(fh.read(hlen).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidSafetensors(f"expected a JSON header, found a parse error: {exc}", file=name) from None
-    if not isinstance(header, dict):
-        raise InvalidSafetensors("expected the header to be a JSON object", file=name)
-    data_start = 8 + hlen
-    out: dict[str, TensorInfo] = {}
-    spans = []
-    for key, ent in header.items():
-        if key == "__metadata__":
-            continue
-        if (not isinstance(ent, dict) or not isinstance(ent.get("dtype"), str)
-                or not isinstance(ent.get("shape"), list) or not isinstance(ent.get("data_offsets"), list)
-                or len(ent["data_offsets"]) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                           for v in ent["shape"] + ent["data_offsets"])):
-            raise InvalidSafetensors("expected {dtype, shape, data_offsets} of integers", file=name, key=key)
-        begin, end = ent["data_offsets"]
-        if begin > end or data_start + end > size:
-            raise InvalidSafetensors(
-                f"expected data offsets within the file, found [{begin}, {end}] for a {size - data_start}-byte "
-                "data section", file=name, key=key)
-        dtype = ent["dtype"]
-        if dtype in FLOAT_DTYPES:
-            numel = int(np.prod(ent["shape"], dtype=np.int64)) if ent["shape"] else 1
-            if numel * FLOAT_DTYPES[dtype][0] != end - begin:
-                raise InvalidSafetensors(
-                    f"expected {numel * FLOAT_DTYPES[dtype][0]} bytes for shape {ent['shape']} {dtype}, "
-                    f"found {end - begin}", file=name, key=key)
-        out[key] = TensorInfo(dtype=dtype, shape=tuple(ent["shape"]), start=data_start + begin, end=data_start + end)
-        spans.append((begin, end, key))
-    spans.sort()
-    for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise InvalidSafetensors(f"expected non-overlapping tensors, found {k0!r} overlapping", file=name, key=k1)
-    return out
 
 
 def expected_modules(config: FlyLoRAConfig, base: BaseModelSpec, *, file: str = CONFIG_NAME) -> tuple[str, ...]:
@@ -168,15 +131,14 @@ def expected_modules(config: FlyLoRAConfig, base: BaseModelSpec, *, file: str = 
             raise UnknownTargetModule(
                 f"expected target modules among {sorted(base.shapes)} of {base.name}, found {t!r}",
                 file=file, key="target_modules")
-    layers = config.raw.get("layers_to_transform")
-    if layers is None:
+    if config.layers is None:
         layer_list = list(range(base.num_layers))
     else:
-        layer_list = [layers] if isinstance(layers, int) else list(layers)
-        bad = [x for x in layer_list if not isinstance(x, int) or not 0 <= x < base.num_layers]
+        layer_list = list(config.layers)
+        bad = [x for x in layer_list if not 0 <= x < base.num_layers]
         if bad:
-            raise UnknownTargetModule(
-                f"expected layer indices in [0, {base.num_layers}), found {bad}", file=file, key="layers_to_transform")
+            raise UnknownTargetModule(f"expected layer indices in [0, {base.num_layers}), found {bad[:8]}",
+                                      file=file, key="layers_to_transform")
     return tuple(sorted(base.module_path(layer, t) for layer in layer_list for t in config.target_modules))
 
 
@@ -216,20 +178,61 @@ def validate_tensors(
     return modules
 
 
-def check_finite(path: str | os.PathLike, tensors: dict[str, TensorInfo], *, file: str = WEIGHTS_NAME) -> None:
-    """Raise :class:`NonFiniteValues` if any float tensor holds NaN or inf (checks exponent bits)."""
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    try:
-        for key, info in tensors.items():
-            if info.dtype not in FLOAT_DTYPES or info.end == info.start:
-                continue
-            _, mask, view = FLOAT_DTYPES[info.dtype]
-            bits = mm[info.start:info.end].view(view)
-            bad = np.count_nonzero((bits & np.array(mask, dtype=view)) == np.array(mask, dtype=view))
+def check_values_and_hash(path: str | os.PathLike, tensors: dict[str, TensorInfo], *, file: str = WEIGHTS_NAME,
+                          hash_file: bool = True) -> str | None:
+    """One pass over the file in :data:`READ_CHUNK_BYTES` chunks: raise :class:`NonFiniteValues` if any float
+    tensor holds NaN or inf (exponent bits all set), and return the file's SHA-256 (None if not asked).
+
+    ``tensors`` must cover the data section back to back in file order (as :func:`.header.read_header`
+    returns them). Memory: one chunk buffer and numpy temporaries of the same size.
+    """
+    h = hashlib.sha256() if hash_file else None
+    buf = bytearray(READ_CHUNK_BYTES)
+    view = memoryview(buf)
+
+    def read(count: int, itemsize: int = 1) -> Iterator[int]:
+        """Read ``count`` bytes into ``buf`` a chunk at a time (hashing them); yield each chunk's length."""
+        step = READ_CHUNK_BYTES - READ_CHUNK_BYTES % itemsize  # whole elements: a value is never split
+        while count:
+            n = fh.readinto(view[:min(step, count)])
+            if not n:
+                raise NonFiniteValues("expected more bytes, found the end of the file", file=file)
+            count -= n
+            if h is not None:
+                h.update(view[:n])
+            yield n
+
+    with open(path, "rb") as fh:
+        pos = 0
+        for key, info in sorted(tensors.items(), key=lambda item: item[1].start):
+            if info.start > pos:  # the header (and any gap) only feeds the hash
+                if h is None:
+                    fh.seek(info.start)
+                else:
+                    fh.seek(pos)
+                    for _ in read(info.start - pos):
+                        pass
+            spec = FLOAT_DTYPES.get(info.dtype)
+            bad = 0
+            for n in read(info.end - info.start, spec[0] if spec else 1):
+                if spec is not None:
+                    mask = np.array(spec[1], dtype=spec[2])
+                    bits = np.frombuffer(buf, dtype=spec[2], count=n // spec[0])
+                    bad += int(np.count_nonzero((bits & mask) == mask))
+                    del bits
             if bad:
                 raise NonFiniteValues(f"expected all values finite, found {bad} NaN/inf", file=file, key=key)
-    finally:
-        del mm
+            pos = info.end
+        if h is not None:
+            fh.seek(pos)
+            for chunk in iter(lambda: fh.read(READ_CHUNK_BYTES), b""):
+                h.update(chunk)
+    return h.hexdigest() if h is not None else None
+
+
+def check_finite(path: str | os.PathLike, tensors: dict[str, TensorInfo], *, file: str = WEIGHTS_NAME) -> None:
+    """Raise :class:`NonFiniteValues` if any float tensor holds NaN or inf."""
+    check_values_and_hash(path, tensors, file=file, hash_file=False)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -248,11 +251,16 @@ def validate_files(
     max_bytes: int = DEFAULT_MAX_BYTES,
     config_name: str = CONFIG_NAME,
     weights_name: str = WEIGHTS_NAME,
+    max_rank: int | None = None,
+    hash_file: bool = True,
 ) -> AdapterManifest:
     """Validate an adapter given as two files; return its manifest or raise an :class:`AdapterError`.
 
     ``config_name`` / ``weights_name`` are the names shown in messages (e.g. the uploaded file names);
-    the paths are never derived from them.
+    the paths are never derived from them. ``max_rank``: the serving engine's largest rank
+    (:class:`EngineLimitExceeded` above it). ``hash_file=False`` skips the SHA-256 (``sha256`` is then "").
+    Cheap checks come first: sizes, the config, the header's length and structure; the file's bytes are
+    read only for an adapter that passed them.
     """
     pairs = ((config_path, config_name), (weights_path, weights_name))
     for path, name in pairs:
@@ -267,16 +275,20 @@ def validate_files(
     if wsize > max_bytes:
         raise AdapterTooLarge(f"expected at most {max_bytes} bytes, found {wsize}", file=weights_name)
     with open(config_path, "rb") as fh:
-        config = FlyLoRAConfig.from_json_bytes(fh.read(), file=config_name)
-    tensors = read_header(weights_path, weights_name)
+        config = FlyLoRAConfig.from_json_bytes(fh.read(MAX_CONFIG_BYTES + 1), file=config_name)
+    if max_rank is not None and config.r > max_rank:
+        raise EngineLimitExceeded(f"expected r <= {max_rank} (the engine's max LoRA rank), found r = {config.r}",
+                                  file=config_name, key="r")
+    expected_modules(config, base, file=config_name)
+    tensors = read_header(weights_path, weights_name, max_tensors=base.max_adapter_tensors() + EXTRA_TENSORS_READ)
     modules = validate_tensors(config, tensors, base, file=weights_name)
-    check_finite(weights_path, tensors, file=weights_name)
+    digest = check_values_and_hash(weights_path, tensors, file=weights_name, hash_file=hash_file)
     return AdapterManifest(config=config, modules=modules, tensors=tensors, weights_bytes=wsize,
-                           sha256=sha256_file(weights_path))
+                           sha256=digest or "")
 
 
-def validate_dir(adapter_dir: str | os.PathLike, base: BaseModelSpec, *, max_bytes: int = DEFAULT_MAX_BYTES
-                 ) -> AdapterManifest:
+def validate_dir(adapter_dir: str | os.PathLike, base: BaseModelSpec, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_rank: int | None = None, hash_file: bool = True) -> AdapterManifest:
     """Validate a PEFT-layout directory. Pickle weights (``adapter_model.bin``) are refused unopened."""
     adapter_dir = os.fspath(adapter_dir)
     for suffix in PICKLE_SUFFIXES:
@@ -284,4 +296,4 @@ def validate_dir(adapter_dir: str | os.PathLike, base: BaseModelSpec, *, max_byt
         if os.path.exists(pickled) and not os.path.exists(os.path.join(adapter_dir, WEIGHTS_NAME)):
             refuse_pickle(pickled)
     return validate_files(os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME), base,
-                          max_bytes=max_bytes)
+                          max_bytes=max_bytes, max_rank=max_rank, hash_file=hash_file)

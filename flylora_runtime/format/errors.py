@@ -17,7 +17,7 @@ class AdapterError(ValueError):
         if file:
             where.append(f"file {file!r}")
         if key:
-            where.append(f"key {key!r}")
+            where.append(f"key {key[:200]!r}" + ("..." if len(key) > 200 else ""))
         prefix = (", ".join(where) + ": ") if where else ""
         super().__init__(prefix + message)
 
@@ -64,6 +64,10 @@ class DtypeNotAllowed(AdapterError):
 
 class NonFiniteValues(AdapterError):
     """A tensor holds NaN or infinity."""
+
+
+class EngineLimitExceeded(AdapterError):
+    """A well-formed adapter the serving engine cannot serve (e.g. its rank is above the engine's max rank)."""
 
 
 class BaseModelMismatch(AdapterError):

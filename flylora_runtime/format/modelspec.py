@@ -86,6 +86,11 @@ class BaseModelSpec:
             raise KeyError(path)
         return self.shapes[parsed[1]]
 
+    def max_adapter_tensors(self) -> int:
+        """The most tensors a valid adapter can hold: A, B and the routing bias of every projection of every
+        layer (bounds the safetensors header that is read, see :mod:`.header`)."""
+        return self.num_layers * len(self.shapes) * 3
+
     def total_numbers(self, targets: tuple[str, ...], r: int) -> int:
         """Numbers in an adapter (A + B + d) targeting ``targets`` on every layer at rank ``r``."""
         per_layer = sum(r * self.shapes[t][0] + self.shapes[t][1] * r + r for t in targets)

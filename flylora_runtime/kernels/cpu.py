@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import torch
 
-from flylora_runtime.kernels import FlyLoRASlots, native
+from flylora_runtime.kernels import native
+from flylora_runtime.kernels.layout import FlyLoRASlots
 
 #: Pad the grouped shrink to ``[S, Lmax]`` when that costs at most this many times the real rows
 #: (plus ``_PAD_SLACK`` rows per active segment: the cost of one more ``mm`` call, measured ~10-20 us).

@@ -40,6 +40,31 @@
  *           bf16 B into bf16 out: each 32-column load is split into its even and odd columns by a shift
  *           and an and (no shuffles), accumulated apart and recombined at the rounding. Blocks of 4+
  *           tokens with bf16 B and fp32 out first widen the slice's B rows to fp32 once.
+ *
+ * Exported (the library's whole ABI; flylora_runtime/kernels/native.py declares the same and refuses a
+ * library whose flylora_cpu_abi() reports anything else):
+ *   flylora_cpu_apply_slots  one layer call: the slot buffers as one SlotArgs struct, then the per-call
+ *                            tensors (section 11)
+ *   flylora_cpu_pack_rows    one slice's A into the packed compact layout with its bitmasks (section 12)
+ *   flylora_cpu_abi          the constants the caller must agree with: ABI version, MAX_R, sizeof(SlotArgs),
+ *                            the dtype codes (section 13)
+ * Bump FLYLORA_CPU_ABI_VERSION whenever an exported signature, SlotArgs, a dtype code or a return code
+ * changes.
+ *
+ * Map (sections in file order):
+ *    1. Constants, vector types, dtype codes, ABI version
+ *    2. Scalar conversions and whole-row helpers (bf16/fp16 <-> fp32, load_row, axpy_row, add_row)
+ *    3. Layer: the description of one call's A that the shrinks read
+ *    4. 16-lane vector helpers (loads, the rounding add into out, bf16 even/odd columns)
+ *    5. Expand: the k selected rows of B^T into out (expand_add)
+ *    6. Shrink, compact A: entry access and the scalar compact dot product
+ *    7. Shrink, packed A with bitmasks on AVX-512 (fp32, and bf16 with vdpbf16ps)
+ *    8. Shrink: one slice of one block of tokens, choosing among the above (shrink)
+ *    9. Top-k of one token's scores (topk)
+ *   10. AMX: the block shrink and block top-k of bf16 engines (built only with AMX-BF16)
+ *   11. The layer call: grouping by slot, work items, the parallel loop; SlotArgs and its entry point
+ *   12. Packing one slice's A (flylora_cpu_pack_rows)
+ *   13. ABI report (flylora_cpu_abi)
  */
 #include <math.h>
 #include <omp.h>
@@ -55,8 +80,10 @@
 #include <unistd.h>
 #endif
 
+/* ======== 1. Constants, vector types, dtype codes, ABI version ======== */
+
 #define TB 16   /* tokens per block: one 16-float vector in the transposed shrink */
-#define MAX_R 64
+#define MAX_R 64   /* largest rank a slot may hold (reported by flylora_cpu_abi) */
 #define SMALL_NT 2  /* blocks of at most this many tokens use the per-token shrink */
 #define PREFETCH 256 /* elements ahead in the compact streams */
 #define BCONV_MIN_NT 4 /* blocks of at least this many tokens widen bf16 B rows once for fp32 out (bf16 out: the
@@ -66,7 +93,11 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2 }; /* dtype codes of every *_dt argument (reported by flylora_cpu_abi) */
+
+#define FLYLORA_CPU_ABI_VERSION 1 /* the first build that reports its ABI; bump on any change listed at the top */
+
+/* ======== 2. Scalar conversions and whole-row helpers ======== */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -135,6 +166,8 @@ static void add_row(void *out, int64_t offset, const float *restrict acc, int64_
     }
 }
 
+/* ======== 3. Layer: one call's A as the shrinks read it ======== */
+
 typedef struct {
     int64_t in, n, R, S, P;  /* P: entries per compact row (0: A dense) */
     const int64_t *out_off;  /* [n + 1] column offsets of the slices in `out` */
@@ -146,6 +179,8 @@ typedef struct {
     int packed;              /* packed compact: slice (s, i)'s row j starts at ((s*n + i)*R)*P + j*nnz[s, i] */
     const uint16_t *a_mask;  /* packed only, or NULL: [S, n*R, ceil(in/16)] column bitmasks */
 } Layer;
+
+/* ======== 4. 16-lane vector helpers ======== */
 
 /* 16 elements of b (bf16 or fp32) from b[offset], as fp32. */
 static inline v16 load16_b(const void *b, int64_t offset, int dt) {
@@ -217,6 +252,8 @@ static inline void add32_bf16(uint16_t *o, v16 ae, v16 ao) {
     memcpy(o, &bits, sizeof bits);
 }
 
+/* ======== 5. Expand: the k selected rows of B^T into out ======== */
+
 /* out[o_off : o_off + oi] = round(float(out[...]) + sum_q w[q] * b[bbase + sel[q]*oi : ...]), the sum in
  * q order from zero (bit for bit what acc[] += w*b; out += acc computes). acc: scratch of oi floats, for
  * the fp16 fallback only. */
@@ -283,6 +320,8 @@ static void expand_add(void *out, int64_t o_off, int out_dt, const void *b, int 
     }
 }
 
+/* ======== 6. Shrink, compact A: entry access and the scalar dot product ======== */
+
 /* Value of compact entry e, as fp32. */
 static inline float a_value(const Layer *L, int64_t e) {
     switch (L->a_dt) {
@@ -338,6 +377,8 @@ static float dot_compact(const Layer *L, int64_t e0, int64_t m, const float *res
     }
     return (s0 + s1) + (s2 + s3);
 }
+
+/* ======== 7. Shrink, packed A with bitmasks (AVX-512) ======== */
 
 #ifdef __AVX512F__
 /* The next popcount(k) values at *p (fp32, or bf16 when bf16), expanded into the set lanes of k, as fp32. */
@@ -466,6 +507,8 @@ static void dot_mask4_bf16(const void *const v[4], const uint16_t *const m[4], i
 }
 #endif
 
+/* ======== 8. Shrink: one slice of one block of tokens ======== */
+
 /* yT[j][t] (j < r, t < nt) for the nt tokens xs[t] (fp32 rows), rows row0.. of A. xT: the block transposed
  * to [in][TB] by the caller when nt > SMALL_NT; conv: scratch of `in` floats (a converted A row). */
 static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, float *const *xs,
@@ -593,6 +636,8 @@ static void shrink(const Layer *L, int64_t s, int64_t i, int64_t r, int nt, floa
     }
 }
 
+/* ======== 9. Top-k of one token's scores ======== */
+
 /* The k largest of score[0..r) into sel, in rank order (ties: the lower index first; NaN counts as +inf). */
 static void topk(float *score, int64_t r, int64_t k, int *sel) {
     for (int64_t j = 0; j < r; j++)
@@ -626,8 +671,10 @@ static void topk(float *score, int64_t r, int64_t k, int *sel) {
 #endif
 }
 
+/* ======== 10. AMX: block shrink and block top-k of bf16 engines ======== */
+
 #ifdef HAVE_AMX
-/* ---------------- AMX: blocks of tokens in bf16 engines ----------------
+/* Blocks of tokens in bf16 engines.
  * Shrink: Y^T[ranks][tokens] = A[ranks][in] . X^T, 16 ranks x 16 tokens per tile, 32 columns per step. A's
  * packed rows are expanded to dense bf16 once per slice and block; X^T is the block's x in VNNI pairs
  * ([in/2][16 tokens] of 2 bf16), built once per block. The products of two bf16 numbers are exact; the
@@ -770,18 +817,21 @@ static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int6
 
 #endif
 
+/* ======== 11. The layer call ======== */
+
 /*
- * Entry point. token_slot: [T] int32 (ts_i64 = 0) or int64 (ts_i64 = 1). Tokens are grouped by slot (a
+ * One layer call, every argument spelled out (static: callers use flylora_cpu_apply_slots below).
+ * token_slot: [T] int32 (ts_i64 = 0) or int64 (ts_i64 = 1). Tokens are grouped by slot (a
  * counting sort), cut into items (slot, up to TB of its tokens, slices) that run in parallel.
  * Returns 0; -1 when a buffer could not be allocated (`out` may then be partly updated); -2 when
  * R > MAX_R or a packed layout comes without nnz; -3 when a slot is outside [-1, S) (nothing written).
  */
-int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, int64_t P,
-                      const int64_t *out_off, const void *x, int64_t x_stride, int x_dt, void *out,
-                      int64_t out_stride, int out_dt, const void *a_val, int a_dt, const void *a_idx,
-                      int idx_bytes, const int32_t *a_nnz, int packed, const uint16_t *a_mask, const void *b,
-                      int b_dt, const float *d, const int32_t *k, const int32_t *r, const uint8_t *magnitude,
-                      const void *token_slot, int ts_i64) {
+static int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_t S, int64_t P,
+                             const int64_t *out_off, const void *x, int64_t x_stride, int x_dt, void *out,
+                             int64_t out_stride, int out_dt, const void *a_val, int a_dt, const void *a_idx,
+                             int idx_bytes, const int32_t *a_nnz, int packed, const uint16_t *a_mask, const void *b,
+                             int b_dt, const float *d, const int32_t *k, const int32_t *r, const uint8_t *magnitude,
+                             const void *token_slot, int ts_i64) {
     if (R > MAX_R) return -2;
     if (T <= 0) return 0;
     if (packed && (P == 0 || a_nnz == NULL)) return -2;
@@ -954,7 +1004,8 @@ done:
 
 /* The slot buffers' part of flylora_cpu_apply's arguments, built once per slot set by the caller: the entry
  * point below takes a pointer to it and the per-call tensors only (ten arguments instead of 28: a ctypes
- * call pays for every argument, about 0.3 us each). Every field is 8 bytes. */
+ * call pays for every argument, about 0.3 us each). Every field is 8 bytes; native.py's _SlotArgs mirrors it
+ * and flylora_cpu_abi reports its size. Returns what flylora_cpu_apply returns. */
 typedef struct {
     int64_t in, n, R, S, P;
     const int64_t *out_off;
@@ -978,6 +1029,8 @@ int flylora_cpu_apply_slots(const SlotArgs *a, int64_t T, const void *x, int64_t
                              out_dt, a->a_val, (int)a->a_dt, a->a_idx, (int)a->idx_bytes, a->a_nnz, (int)a->packed,
                              a->a_mask, a->b, (int)a->b_dt, a->d, a->k, a->r, a->magnitude, token_slot, ts_i64);
 }
+
+/* ======== 12. Packing one slice's A ======== */
 
 /* The raw bits of element q of a row of 4- or 2-byte elements. */
 static inline uint32_t raw_bits(const char *row, int64_t q, int size) {
@@ -1057,4 +1110,21 @@ int64_t flylora_cpu_pack_rows(const void *A, int a_dt, int64_t r, int64_t in, in
         }
     }
     return p;
+}
+
+/* ======== 13. ABI report ======== */
+
+/* What the caller must agree with, by key: 0 the ABI version (FLYLORA_CPU_ABI_VERSION), 1 MAX_R, 2 sizeof(SlotArgs)
+ * in bytes, 3/4/5 the dtype codes of fp32/bf16/fp16. -1 for any other key. native.py reads every key once when
+ * it loads the library and refuses a library that disagrees (a stale or foreign build). */
+int64_t flylora_cpu_abi(int key) {
+    switch (key) {
+    case 0: return FLYLORA_CPU_ABI_VERSION;
+    case 1: return MAX_R;
+    case 2: return (int64_t)sizeof(SlotArgs);
+    case 3: return F32;
+    case 4: return BF16;
+    case 5: return F16;
+    default: return -1;
+    }
 }

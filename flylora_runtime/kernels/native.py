@@ -12,6 +12,11 @@ Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared``, about a 
 compiler and the CPU's flags, written atomically (concurrent first uses are safe). No compiler, or a failed
 build: :func:`library` returns ``None`` once with a warning and the torch backend serves every call.
 ``FLYLORA_CPU_NATIVE=0`` turns the compiled kernel off.
+
+ABI: the library exports ``flylora_cpu_apply_slots``, ``flylora_cpu_pack_rows`` and ``flylora_cpu_abi``. The
+last reports the constants this module must agree with (:func:`expected_abi`: the ABI version, ``MAX_R``,
+the size of the ``SlotArgs`` struct, the dtype codes); a library that disagrees, or does not report them, is
+refused when it is loaded (:class:`AbiMismatch`, the same warning and torch fallback as a failed build).
 """
 
 from __future__ import annotations
@@ -32,20 +37,18 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("flylora_cpu.c")
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+#: What this module expects the library to report (``flylora_cpu_abi``; see :func:`expected_abi`).
+ABI_VERSION = 1  # FLYLORA_CPU_ABI_VERSION in the C source
 MAX_RANK = 64  # MAX_R in the C source
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # F32, BF16, F16 in the C source
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SLOT_ARGTYPES = [_ptr, _i64, _ptr, _i64, _int, _ptr, _i64, _int, _ptr, _int]  # SlotArgs*, T, x.., out.., token_slot, i64
-# flylora_cpu_apply, the same call with every argument spelled out (bench.step calls older builds with it)
-_ARGTYPES = [_i64, _i64, _i64, _i64, _i64, _i64, _ptr,  # T, in, n, R, S, P, out_off
-             _ptr, _i64, _int, _ptr, _i64, _int,  # x, stride, dtype; out, stride, dtype
-             _ptr, _int, _ptr, _int, _ptr, _int, _ptr,  # a_val, a dtype, a_idx, index bytes, a_nnz, packed, a_mask
-             _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int]  # b, b dtype, d, k, r, magnitude, token_slot, i64
+_PACK_ARGTYPES = [_ptr, _int, _i64, _i64, _i64, _ptr, _int, _ptr, _int, _ptr]  # A, dtype, r, in, p, idx.., val.., mask
 
 
 def cache_dir() -> Path:
@@ -99,28 +102,62 @@ def library() -> ctypes.CDLL | None:
         try:
             path = _build(cc)
             lib = ctypes.CDLL(str(path))
-            fn = lib.flylora_cpu_apply
-            fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+            check_abi(lib, path)
             fn = lib.flylora_cpu_apply_slots
             fn.argtypes, fn.restype = _SLOT_ARGTYPES, ctypes.c_int
             fn = lib.flylora_cpu_pack_rows
-            fn.argtypes, fn.restype = [_ptr, _int, _i64, _i64, _i64, _ptr, _int, _ptr, _int, _ptr], _i64
-        except Exception as exc:  # noqa: BLE001 - any build/load failure degrades to the torch backend
+            fn.argtypes, fn.restype = _PACK_ARGTYPES, _i64
+        except Exception as exc:  # noqa: BLE001 - any build/load failure or ABI mismatch degrades to torch
             log.warning("FlyLoRA: the compiled CPU kernel is unavailable (%s); using grouped torch.", exc)
             return None
         _lib = lib
         return _lib
 
 
+class AbiMismatch(RuntimeError):
+    """The library does not report the ABI this module was written for (a stale or foreign build)."""
+
+
+#: Keys of ``flylora_cpu_abi(key)``, in key order.
+ABI_KEYS = ("version", "max_rank", "slot_args_bytes", "dtype_f32", "dtype_bf16", "dtype_f16")
+
+
+def expected_abi() -> dict[str, int]:
+    """What the library must report: this module's constants and the size of its ``SlotArgs`` mirror."""
+    return {"version": ABI_VERSION, "max_rank": MAX_RANK, "slot_args_bytes": ctypes.sizeof(_SlotArgs),
+            "dtype_f32": DTYPE_CODES[torch.float32], "dtype_bf16": DTYPE_CODES[torch.bfloat16],
+            "dtype_f16": DTYPE_CODES[torch.float16]}
+
+
+def library_abi(lib: ctypes.CDLL) -> dict[str, int]:
+    """What ``lib`` reports through ``flylora_cpu_abi``. Raises :class:`AbiMismatch` when it exports none."""
+    try:
+        fn = lib.flylora_cpu_abi
+    except AttributeError:
+        raise AbiMismatch("the library does not export flylora_cpu_abi (built from an older or foreign "
+                          "source)") from None
+    fn.argtypes, fn.restype = [_int], _i64
+    return {name: int(fn(key)) for key, name in enumerate(ABI_KEYS)}
+
+
+def check_abi(lib: ctypes.CDLL, path: str | os.PathLike = "the library") -> None:
+    """Raise :class:`AbiMismatch`, naming every difference, unless ``lib`` reports :func:`expected_abi`."""
+    got, want = library_abi(lib), expected_abi()
+    diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    if diff:
+        raise AbiMismatch(f"{path} reports an ABI this flylora_runtime does not speak: " + ", ".join(
+            f"{k} {g} (expected {w})" for k, (g, w) in diff.items()))
+
+
 def supports(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slots) -> bool:
     """Whether :func:`apply_native` can run this call (dtypes, rank, int32 compact indices)."""
-    return (out.dtype in _DTYPES and x.dtype in _DTYPES and slots.b.dtype in _DTYPES
-            and slots.a_val.dtype in _DTYPES and slots.max_rank <= MAX_RANK
+    return (out.dtype in DTYPE_CODES and x.dtype in DTYPE_CODES and slots.b.dtype in DTYPE_CODES
+            and slots.a_val.dtype in DTYPE_CODES and slots.max_rank <= MAX_RANK
             and token_slot.dtype in (torch.int32, torch.int64)
             and (slots.a_idx is None or slots.a_idx.dtype in (torch.int16, torch.int32)))
 
 
-def _static_args(slots) -> tuple:
+def static_args(slots) -> tuple:
     """The slot buffers' part of the call, built once per :class:`FlyLoRASlots` (buffers never move:
     slots change in place)."""
     args = getattr(slots, "_native_args", None)
@@ -135,30 +172,31 @@ def _static_args(slots) -> tuple:
         P = 0 if slots.a_idx is None else slots.a_val.shape[-1]
         args = (out_off,  # keeps the offsets tensor alive
                 (slots.in_features, slots.num_slices, slots.max_rank, slots.num_slots, P, out_off.data_ptr()),
-                (slots.a_val.data_ptr(), _DTYPES[slots.a_val.dtype],
+                (slots.a_val.data_ptr(), DTYPE_CODES[slots.a_val.dtype],
                  None if slots.a_idx is None else slots.a_idx.data_ptr(),
                  0 if slots.a_idx is None else slots.a_idx.element_size(),
                  None if slots.a_nnz is None else slots.a_nnz.data_ptr(), int(slots.a_packed),
                  None if slots.a_mask is None else slots.a_mask.data_ptr(),
-                 slots.b.data_ptr(), _DTYPES[slots.b.dtype], slots.d.data_ptr(), slots.k.data_ptr(),
+                 slots.b.data_ptr(), DTYPE_CODES[slots.b.dtype], slots.d.data_ptr(), slots.k.data_ptr(),
                  slots.r.data_ptr(), slots.magnitude.data_ptr()))
         slots._native_args = args
     return args
 
 
 class _SlotArgs(ctypes.Structure):
-    """``SlotArgs`` of the C source: :func:`_static_args` in one struct (every field 8 bytes)."""
+    """``SlotArgs`` of the C source: :func:`static_args` in one struct (every field 8 bytes)."""
 
     _fields_ = [(name, _i64) for name in ("in_", "n", "R", "S", "P")] + [("out_off", _ptr), ("a_val", _ptr), (
         "a_dt", _i64), ("a_idx", _ptr), ("idx_bytes", _i64), ("a_nnz", _ptr), ("packed", _i64), ("a_mask", _ptr), (
         "b", _ptr), ("b_dt", _i64), ("d", _ptr), ("k", _ptr), ("r", _ptr), ("magnitude", _ptr)]
 
 
-def _slot_struct(slots) -> int:
-    """Address of the :class:`_SlotArgs` of ``slots`` (built once, kept on the slots)."""
+def slot_args(slots) -> int:
+    """Address of the ``SlotArgs`` struct of ``slots`` (:class:`_SlotArgs`, built once, kept on the slots): the
+    first argument of ``flylora_cpu_apply_slots``."""
     st = getattr(slots, "_native_struct", None)
     if st is None:
-        _, head, tail = _static_args(slots)
+        _, head, tail = static_args(slots)
         st = _SlotArgs(*head, *tail)
         slots._native_struct = st
         slots._native_struct_addr = ctypes.addressof(st)
@@ -171,11 +209,11 @@ def apply_native(lib: ctypes.CDLL, out: torch.Tensor, x: torch.Tensor, token_slo
     if not token_slot.is_contiguous():
         token_slot = token_slot.contiguous()
     rc = lib.flylora_cpu_apply_slots(
-        _slot_struct(slots), x.shape[0], x.data_ptr(), x.stride(0), _DTYPES[x.dtype], out.data_ptr(), out.stride(0),
-        _DTYPES[out.dtype], token_slot.data_ptr(), token_slot.dtype == torch.int64)
+        slot_args(slots), x.shape[0], x.data_ptr(), x.stride(0), DTYPE_CODES[x.dtype], out.data_ptr(), out.stride(0),
+        DTYPE_CODES[out.dtype], token_slot.data_ptr(), token_slot.dtype == torch.int64)
     if rc != 0:
         raise {-1: MemoryError, -3: ValueError}.get(rc, RuntimeError)(
-            f"flylora_cpu_apply returned {rc}" + (
+            f"flylora_cpu_apply_slots returned {rc}" + (
                 f": token_slot values must be in [-1, {slots.num_slots})" if rc == -3 else ""))
 
 
@@ -187,13 +225,13 @@ def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,
     column words give. ``None`` when the library is unavailable or the dtypes are not covered (the caller
     then uses torch)."""
     lib = library()
-    if (lib is None or A.device.type != "cpu" or A.dim() != 2 or A.dtype not in _DTYPES
-            or value_dtype not in _DTYPES or index_dtype not in (torch.int16, torch.int32)):
+    if (lib is None or A.device.type != "cpu" or A.dim() != 2 or A.dtype not in DTYPE_CODES
+            or value_dtype not in DTYPE_CODES or index_dtype not in (torch.int16, torch.int32)):
         return None
     A = A.contiguous()
     r, n_in = A.shape
     fn = lib.flylora_cpu_pack_rows
-    a_dt, v_dt, i_bytes = _DTYPES[A.dtype], _DTYPES[value_dtype], 2 if index_dtype == torch.int16 else 4
+    a_dt, v_dt, i_bytes = DTYPE_CODES[A.dtype], DTYPE_CODES[value_dtype], 2 if index_dtype == torch.int16 else 4
     p = int(fn(A.data_ptr(), a_dt, r, n_in, -1, None, i_bytes, None, v_dt, None))
     idx = torch.empty(r * p, dtype=index_dtype)
     val = torch.empty(r * p, dtype=value_dtype)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flylora_runtime.kernels import FlyLoRASlots
+from flylora_runtime.kernels.layout import FlyLoRASlots
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """The pure-PyTorch FlyLoRA reference: the oracle every kernel and engine path is tested against.
 
 It computes in fp32 whatever the input dtype, favours clarity over speed, and is also the slow debug
-backend. See ``shared/FLYLORA.md`` for the math; it matches the authors' training code (signed top-k).
+backend. docs/FLYLORA.md states the math; it matches the authors' training code (signed top-k).
 """
 
 from __future__ import annotations

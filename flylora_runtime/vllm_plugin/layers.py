@@ -1,15 +1,16 @@
 """FlyLoRA layers for vLLM: subclasses of vLLM's linear LoRA layers that apply the FlyLoRA delta.
 
 vLLM keeps its LoRA layer classes in ``vllm.lora.utils._all_lora_classes`` and picks, for every linear
-layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`install_layers`
-replaces each linear entry with a subclass (same order) that mixes in :class:`FlyLoRALayerMixin`:
+layer of the model, the first class whose ``can_replace_layer`` accepts it. :func:`flylora_classes` (installed
+by :mod:`.patches`) replaces each linear entry with a subclass (same order) that mixes in
+:class:`FlyLoRALayerMixin`:
 
 - the adapter slots live in one :class:`~flylora_runtime.kernels.FlyLoRASlots` per layer (A packed
   compact on CPU when the compiled kernel is available, in fp32 or, in bf16 engines, bf16; dense fp32
   otherwise; ``B^T`` with
   ``lora_alpha / r`` folded in, d, k, r and the routing flag per slot and slice);
 - ``set_lora`` (called by vLLM) notes an adapter's A and B for a slot;
-  :meth:`FlyLoRALayerMixin.set_flylora_routing` (called right after by the model manager hook in
+  :meth:`FlyLoRALayerMixin.set_flylora_weights` (called right after by the model manager hook in
   :mod:`.loading`, in the engine's loop, before any forward uses the slot) copies A, B, d, top-k and
   routing into the slot (:func:`~flylora_runtime.kernels.prepare_slot` on the adapter's first activation,
   then :func:`~flylora_runtime.kernels.write_slot` of the image the adapter keeps while it stays loaded);
@@ -23,10 +24,14 @@ shape and dtype (vLLM reads those to size warm-up adapters); they hold no memory
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
-from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend, prepare_slot,
-                       write_slot)
+from flylora_runtime.kernels import (FlyLoRASlots, SlotImage, allocate_slots, check_inputs, clear_slot, get_backend,
+                                     native, prepare_slot, write_slot)
 from flylora_runtime.reference.ops import LayerAdapter
 
 
@@ -46,14 +51,41 @@ def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
     fp32, or bf16 in a bf16 engine: vLLM's own LoRA holds A in the engine's dtype too, x is already bf16
     there, and at decode the A stream is most of the kernel's memory traffic (bf16 values: 0.79x the
     kernel time of a 16-adapter decode step). An fp32 engine keeps fp32 A, exact against the reference.
-    Elsewhere: dense fp32."""
-    from flylora_runtime.kernels import native
-
-    if torch.device(device).type != "cpu" or native.library() is None:
+    Elsewhere (a GPU, no compiler, or another backend forced with ``FLYLORA_KERNEL_BACKEND``, e.g. the
+    Triton backend under ``TRITON_INTERPRET=1`` on CPU): dense fp32."""
+    on_cpu_backend = os.environ.get("FLYLORA_KERNEL_BACKEND", "cpu") == "cpu"
+    if torch.device(device).type != "cpu" or not on_cpu_backend or native.library() is None:
         return {"a_dtype": torch.float32}
     return {"max_nnz": in_features, "packed": True,
             "index_dtype": torch.int16 if in_features <= 32767 else torch.int32,
             "a_dtype": torch.bfloat16 if lora_dtype == torch.bfloat16 else torch.float32}
+
+
+_backend_logged = False
+
+
+def _log_backend_once(backend, slots: FlyLoRASlots) -> None:
+    """Name the kernel backend and A layout in the engine's log, once per process (under vLLM's logger
+    namespace, which vLLM prints at INFO)."""
+    global _backend_logged
+    if _backend_logged:
+        return
+    _backend_logged = True
+    name = getattr(getattr(backend, "func", backend), "__name__", str(backend))
+    layout = "dense" if slots.a_idx is None else ("packed compact" if slots.a_packed else "compact")
+    logging.getLogger("vllm.flylora").info("FlyLoRA kernel backend: %s on %s, A %s %s, %d slots", name,
+                                           slots.device, layout, str(slots.a_val.dtype).removeprefix("torch."),
+                                           slots.num_slots)
+
+
+def _bind_static_buffers(backend, slots: FlyLoRASlots):
+    """The Triton backend with the layer's slice table built once: built per call it is a host-to-device
+    copy, which a CUDA graph cannot capture (its top-k workspaces are allocated per call, which can)."""
+    if getattr(backend, "__name__", "") != "apply_triton":
+        return backend
+    from flylora_runtime.kernels.triton_kernels import slice_table
+
+    return functools.partial(backend, slice_meta=slice_table(slots))
 
 
 class FlyLoRALayerMixin:
@@ -77,7 +109,8 @@ class FlyLoRALayerMixin:
             **_a_layout(self.device, self.input_size, lora_config.lora_dtype))
         # Resolved once: the per-call dispatch (environment lookup, argument checks) is measurable at
         # 120 layer calls per decode step. The first call is checked in full (see _apply_lora_to_output).
-        self._flylora_backend = get_backend(self.device)
+        self._flylora_backend = _bind_static_buffers(get_backend(self.device), self.flylora_slots)
+        _log_backend_once(self._flylora_backend, self.flylora_slots)
         self._flylora_checked = False
         self._flylora_pending: dict[int, tuple[list, list]] = {}
         self._flylora_weighted: set[int] = set()  # slots holding weights for at least one slice here
@@ -104,14 +137,15 @@ class FlyLoRALayerMixin:
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         """Remember slot ``index``'s A and B (``lora_b`` already holds alpha/r) until its routing is set.
 
-        vLLM calls this from ``activate_adapter``; the FlyLoRA hook (:func:`.loading.apply_routing`) then
-        calls :meth:`set_flylora_routing` for the same slot, which copies everything into the slot at once.
+        vLLM calls this from ``activate_adapter``; the FlyLoRA hook (:func:`.loading.set_slot_weights`) then
+        calls :meth:`set_flylora_weights` for the same slot, which copies everything into the slot at once.
         """
         self._flylora_pending[index] = self._slices(lora_a, lora_b)
 
-    def set_flylora_routing(self, index: int, d: list[torch.Tensor | None], top_k: int | None,
+    def set_flylora_weights(self, index: int, d: list[torch.Tensor | None], top_k: int | None,
                             magnitude: bool, image: SlotImage | None = None) -> SlotImage | None:
-        """Copy slot ``index``'s adapter in: per-slice bias ``d[i]`` (None: zeros), ``top_k`` (None: r).
+        """Copy slot ``index``'s adapter in: A and B (from :meth:`set_lora`), per-slice bias ``d[i]`` (None:
+        zeros), ``top_k`` (None: r) and the routing (``magnitude``).
 
         A slice the adapter does not target gets a zero rank-1 entry (it contributes nothing); a layer none of
         whose slices it targets is cleared instead (an empty slot, skipped by the kernels).
@@ -190,21 +224,14 @@ def flylora_classes(base_classes: tuple[type, ...]) -> tuple[type, ...]:
     return tuple(out)
 
 
-def install_layers() -> None:
-    """Swap the FlyLoRA classes into ``vllm.lora.utils._all_lora_classes`` (idempotent), and have the
-    punica wrapper note, on the host, which slots the current step's tokens use."""
-    import vllm.lora.utils as lora_utils
-    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
-
-    lora_utils._all_lora_classes = flylora_classes(lora_utils._all_lora_classes)
-    if getattr(PunicaWrapperBase, "_flylora_active", False):
-        return
-    original = PunicaWrapperBase.update_metadata
+def note_active_slots(original):
+    """``PunicaWrapperBase.update_metadata`` that also notes, on the host, which slots the step's tokens use
+    (``flylora_active_slots``, read by :meth:`FlyLoRALayerMixin._apply_lora_to_output`). Installed by
+    :mod:`.patches`."""
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         original(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         slot_of = {lora_id: i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
         self.flylora_active_slots = frozenset(slot_of[i] for i in set(mapping.index_mapping) if i > 0 and i in slot_of)
 
-    PunicaWrapperBase.update_metadata = update_metadata
-    PunicaWrapperBase._flylora_active = True
+    return update_metadata

@@ -1,7 +1,8 @@
 """Loading FlyLoRA checkpoints into vLLM's LoRA machinery.
 
 vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` tensors and its
-``PEFTHelper`` drops ``top_k``. :func:`install_loading` replaces that class method with one that:
+``PEFTHelper`` drops ``top_k``. :func:`load_flylora_checkpoint` (installed by :mod:`.patches`, like every
+replacement here) is a class method that:
 
 - refuses pickle files (``adapter_model.bin`` / ``.pt``) and reads only safetensors;
 - also accepts our compact form (``flylora_compact.safetensors``, :mod:`flylora_runtime.weights.compact`);
@@ -9,12 +10,14 @@ vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` ten
   ``LoRAModel`` from the A/B tensors (vLLM folds ``lora_alpha / r`` into B);
 - attaches :class:`FlyLoRAInfo` (top_k, routing, d per module) to the ``LoRAModel``.
 
-It also wraps ``LoRAModelManager.activate_adapter``: after vLLM has copied A and B into a slot, the
-FlyLoRA layers of that slot get the adapter's top-k, d and routing (from a slot image kept with the adapter
-after its first activation). Both count themselves (``flylora_adapter_loads_total``,
-``flylora_adapter_activations_total``, :mod:`.metrics`). A plain PEFT LoRA adapter (no ``top_k``) is served
-with ``k = r``, ``d = 0``: exactly LoRA. ``LoRAModelManager.remove_adapter`` (an unload, or an in-place
-reload) then hands free heap pages back to the OS (:func:`release_free_memory`).
+:func:`activate_with_flylora_weights` wraps ``LoRAModelManager.activate_adapter``: after vLLM has handed A and
+B to a slot, the FlyLoRA layers of that slot copy in the adapter's A, B, top-k, d and routing
+(:func:`set_slot_weights`; from a slot image kept with the adapter after its first activation). Both count
+themselves (``flylora_adapter_loads_total``, ``flylora_adapter_activations_total``, :mod:`.metrics`). A plain
+PEFT LoRA adapter (no ``top_k``) is served with ``k = r``, ``d = 0``: exactly LoRA.
+:func:`remove_and_release_memory` wraps ``LoRAModelManager.remove_adapter`` (an unload, or an in-place reload)
+to hand free heap pages back to the OS (:func:`release_free_memory`); :func:`accept_sparse_init` lets
+``PEFTHelper`` accept FlyLoRA's ``init_lora_weights="sparse"``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from safetensors.torch import load_file
 
 from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
 from flylora_runtime.format.config import FlyLoRAConfig
-from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, CACHE_HITS, CACHE_MISSES, LOADS, count, count_many
+from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, LOADS, count
 
 COMPACT_NAME = "flylora_compact.safetensors"
 BIAS_SUFFIX = ".lora_topk_bias"
@@ -42,7 +45,7 @@ class FlyLoRAInfo:
     top_k: int | None
     routing: str = "signed"
     d: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Per vLLM module name: the adapter in that layer's slot layout (FlyLoRALayerMixin.set_flylora_routing),
+    # Per vLLM module name: the adapter in that layer's slot layout (FlyLoRALayerMixin.set_flylora_weights),
     # made on the first activation and kept while the adapter is in the engine's CPU cache (it goes with the
     # LoRAModel), so that later activations only copy.
     images: dict = field(default_factory=dict)
@@ -75,15 +78,10 @@ def _module_name(key: str, weights_mapper) -> str:
     return parse_fine_tuned_lora_name(key, weights_mapper)[0]
 
 
-def install_loading() -> None:
-    """Patch vLLM's checkpoint loader and slot activation (idempotent)."""
-    from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.model_manager import LoRAModelManager
-    from vllm.lora.peft_helper import PEFTHelper
+def load_flylora_checkpoint(original):
+    """The replacement of ``LoRAModel.from_local_checkpoint`` (see the module docstring; vLLM's own, the
+    ``original``, is not called)."""
     from vllm.lora.utils import get_lora_id
-
-    if getattr(LoRAModel, "_flylora_installed", False):
-        return
 
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
                               device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
@@ -110,37 +108,46 @@ def install_loading() -> None:
         count(LOADS)
         return model
 
-    original_activate = LoRAModelManager.activate_adapter
+    return classmethod(from_local_checkpoint)
+
+
+def activate_with_flylora_weights(original):
+    """``LoRAModelManager.activate_adapter`` that, once vLLM has placed the adapter in a slot, copies its
+    FlyLoRA weights into that slot of every FlyLoRA layer (:func:`set_slot_weights`) and counts it."""
 
     def activate_adapter(self, lora_id: int) -> bool:
-        placed = original_activate(self, lora_id)
+        placed = original(self, lora_id)
         if placed:
-            apply_routing(self, lora_id)
+            set_slot_weights(self, lora_id)
             if getattr(self._registered_adapters[lora_id], "flylora", None) is not None:
                 count(ACTIVATIONS)  # a real adapter (vLLM's warm-up dummies are not counted)
         return placed
 
-    original_init_ok = PEFTHelper._init_is_supported
+    return activate_adapter
+
+
+def accept_sparse_init(original):
+    """``PEFTHelper._init_is_supported`` that also accepts ``init_lora_weights="sparse"``."""
 
     def _init_is_supported(self) -> bool:
         # FlyLoRA's "sparse" init only sets the frozen A at training time; it leaves the base weights alone.
         init = self.init_lora_weights
-        return (isinstance(init, str) and init.lower() == "sparse") or original_init_ok(self)
+        return (isinstance(init, str) and init.lower() == "sparse") or original(self)
 
-    PEFTHelper._init_is_supported = _init_is_supported
-    _install_request_counting()
-    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
-    LoRAModelManager.activate_adapter = activate_adapter
-    original_remove = LoRAModelManager.remove_adapter
+    return _init_is_supported
+
+
+def remove_and_release_memory(original):
+    """``LoRAModelManager.remove_adapter`` that hands free heap pages back after a removal
+    (:func:`release_free_memory`)."""
 
     def remove_adapter(self, adapter_id: int) -> bool:
-        removed = original_remove(self, adapter_id)
+        removed = original(self, adapter_id)
         if removed:
             release_free_memory()
         return removed
 
-    LoRAModelManager.remove_adapter = remove_adapter
-    LoRAModel._flylora_installed = True
+    return remove_adapter
 
 
 def release_free_memory() -> None:
@@ -167,8 +174,9 @@ def release_free_memory() -> None:
 _malloc_trim = None
 
 
-def apply_routing(manager, lora_id: int) -> None:
-    """Give every FlyLoRA layer of ``lora_id``'s slot the adapter's top-k, d and routing."""
+def set_slot_weights(manager, lora_id: int) -> None:
+    """Copy adapter ``lora_id`` into its slot of every FlyLoRA layer: A and B (which vLLM has just handed to the
+    layers), top-k, d and routing."""
     from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
 
     index = manager.lora_index_to_id.index(lora_id)
@@ -181,58 +189,10 @@ def apply_routing(manager, lora_id: int) -> None:
         if len(names) != module.flylora_slots.num_slices:
             # A packed group that vLLM expanded (e.g. one A for several slices): d is per group.
             names = (names * module.flylora_slots.num_slices)[: module.flylora_slots.num_slices]
-        image = module.set_flylora_routing(index, [info.d.get(n) for n in names], info.top_k,
+        image = module.set_flylora_weights(index, [info.d.get(n) for n in names], info.top_k,
                                            info.routing == "magnitude", image=info.images.get(module_name))
-        if image is not None:
+        if image is not None and module.flylora_slots.device.type == "cpu":
+            # Off the CPU an image is a device copy of the adapter (dense A, B): kept for every adapter in
+            # the CPU cache it would fill the GPU past what the engine sized. Dense A needs no compaction, so
+            # making it again at the next activation costs only the copy the image would have saved.
             info.images[module_name] = image
-
-
-def _install_request_counting() -> None:
-    """Count each request's adapter as a cache hit or miss when the worker first schedules it.
-
-    A miss: the adapter had to be read from the store for this request, either in the request's first
-    step (it was not in the CPU cache) or just before, when the API server resolved the adapter for it
-    (vLLM's ``add_lora`` on first use: such a load is remembered until its first request is scheduled).
-    A hit: the adapter was in the engine's CPU cache. Requests for the same adapter that arrive while it
-    loads are hits if their first step comes after the load (they waited, but did not load it again).
-    """
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
-
-    original_add_lora = LoRAModelRunnerMixin.add_lora
-    original_update = GPUModelRunner._update_states
-
-    def add_lora(self, lora_request) -> bool:
-        known = lora_request.lora_int_id in self.lora_manager.list_adapters()
-        added = original_add_lora(self, lora_request)
-        if added and not known:
-            _preloaded(self).add(lora_request.lora_int_id)
-        return added
-
-    def _update_states(self, scheduler_output):
-        manager = getattr(self, "lora_manager", None)
-        new = [r for r in scheduler_output.scheduled_new_reqs
-               if r.lora_request is not None and r.lora_request.lora_int_id > 0 and r.req_id not in self.requests]
-        if manager is not None and new:
-            held, preloaded = manager.list_adapters(), _preloaded(self)
-            hits = misses = 0
-            for req in new:
-                lora_id = req.lora_request.lora_int_id
-                if lora_id in preloaded or lora_id not in held:
-                    preloaded.discard(lora_id)
-                    misses += 1
-                else:
-                    hits += 1
-            count_many({CACHE_HITS: hits, CACHE_MISSES: misses})
-        return original_update(self, scheduler_output)
-
-    LoRAModelRunnerMixin.add_lora = add_lora
-    GPUModelRunner._update_states = _update_states
-
-
-def _preloaded(runner) -> set[int]:
-    """Adapter ids loaded by ``add_lora`` whose first request has not been scheduled yet."""
-    found = getattr(runner, "_flylora_preloaded", None)
-    if found is None:
-        found = runner._flylora_preloaded = set()
-    return found

@@ -7,7 +7,7 @@
   (``--max-loras``): slot misses.
 - ``flylora_adapter_requests_total{cache="hit"|"miss"}``: requests for an adapter, by whether the engine
   held the adapter in its CPU cache when it first scheduled the request (a miss had to read it from the
-  store; see ``loading._install_request_counting``).
+  store; see :mod:`.cache_counting`).
 
 All three are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
 CPU, or inside the engine-core process), while ``/metrics`` is served by the API-server process from

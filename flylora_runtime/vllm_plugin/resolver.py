@@ -2,12 +2,19 @@
 
 - :class:`StoreResolver` (a vLLM ``LoRAResolver``): a request whose ``model`` is an adapter id the engine
   has not seen is looked up as ``<store>/<id>/``; the adapter is validated against the served base model
-  in a worker thread (off the API server's event loop, which also warms the page cache for the engine's
-  read), then handed to the engine, which loads it into its CPU cache and a device slot on first use.
-  Ids must match :data:`ADAPTER_ID_RE`, so a name can never address a path outside the store.
+  (and the engine's max rank, ``FLYLORA_MAX_LORA_RANK``) in a worker thread (off the API server's event
+  loop, which also warms the page cache for the engine's read), then handed to the engine, which loads it
+  into its CPU cache and a device slot on first use. Ids must match :data:`ADAPTER_ID_RE`, so a name can
+  never address a path outside the store. A folder holding a tombstone (``DELETED``, written by the gateway
+  before it deletes an adapter) is refused; an invalid adapter is remembered (by its files' mtimes), so
+  requests for it do not validate it again and again.
 - vLLM's ``/v1/unload_lora_adapter`` only forgets the name (upstream issue #54839): the engine keeps the
-  weights in its CPU cache and slot. :func:`install_unload` makes it also call ``engine.remove_lora``, so
-  unloading really frees the engine's copy.
+  weights in its CPU cache and slot. :func:`unload_frees_engine_copy` (installed by :mod:`.patches`) makes it
+  also call ``engine.remove_lora``, so unloading really frees the engine's copy. Before that it fails every
+  request still holding the adapter (queued or running) with a 404, aborts them in the engine, and
+  :func:`refuse_unloaded_adapters` refuses any request that resolved the adapter before the unload and is
+  only now being added: vLLM reloads an adapter a scheduled request needs from its path inside the engine
+  step, where a failure (the folder is being deleted) kills the engine.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import asyncio
 import logging
 import os
 import re
+from collections import OrderedDict
 
-from flylora_runtime.format.checkpoint import CONFIG_NAME, validate_dir
+from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME, validate_dir
 from flylora_runtime.format.errors import AdapterError
 from flylora_runtime.format.modelspec import BaseModelSpec
 
@@ -26,14 +34,21 @@ logger = logging.getLogger("flylora.resolver")
 #: Adapter ids the store resolver accepts: a name is never a path.
 ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 STORE_ENV = "FLYLORA_ADAPTER_STORE"
+MAX_RANK_ENV = "FLYLORA_MAX_LORA_RANK"
+#: Invalid adapters remembered by the resolver (each entry: an id and two mtimes).
+MAX_REMEMBERED_INVALID = 4096
+#: Unloaded adapter int ids remembered to refuse late requests (ints; vLLM never reuses one).
+MAX_DEAD_IDS = 100_000
 
 
 class StoreResolver:
     """Resolve ``lora_name`` to ``<store>/<lora_name>/`` after validating it against the base model."""
 
-    def __init__(self, store: str, base: BaseModelSpec | None):
+    def __init__(self, store: str, base: BaseModelSpec | None, max_rank: int | None = None):
         self.store = os.path.realpath(store)
         self.base = base
+        self.max_rank = max_rank
+        self._invalid: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def path_for(self, lora_name: str) -> str | None:
         if not ADAPTER_ID_RE.match(lora_name) or ".." in lora_name:
@@ -41,7 +56,30 @@ class StoreResolver:
         path = os.path.join(self.store, lora_name)
         if os.path.dirname(os.path.realpath(path)) != self.store:
             return None
+        if os.path.exists(os.path.join(path, TOMBSTONE_NAME)):
+            return None  # being deleted
         return path if os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
+
+    def _stamp(self, path: str) -> tuple[float, float]:
+        try:
+            return (os.stat(os.path.join(path, CONFIG_NAME)).st_mtime, os.stat(os.path.join(path, WEIGHTS_NAME)).st_mtime)
+        except OSError:
+            return (0.0, 0.0)
+
+    def _validate(self, lora_name: str, path: str) -> bool:
+        stamp = self._stamp(path)
+        if self._invalid.get(lora_name) == stamp:
+            return False
+        try:
+            validate_dir(path, self.base, max_rank=self.max_rank, hash_file=False)  # type: ignore[arg-type]
+        except AdapterError as exc:
+            logger.warning("adapter %s in the store is invalid: %s", lora_name, exc)
+            self._invalid[lora_name] = stamp
+            while len(self._invalid) > MAX_REMEMBERED_INVALID:
+                self._invalid.popitem(last=False)
+            return False
+        self._invalid.pop(lora_name, None)
+        return True
 
     async def resolve_lora(self, base_model_name: str, lora_name: str):
         from vllm.lora.request import LoRARequest
@@ -49,12 +87,8 @@ class StoreResolver:
         path = self.path_for(lora_name)
         if path is None:
             return None
-        if self.base is not None:
-            try:
-                await asyncio.to_thread(validate_dir, path, self.base)
-            except AdapterError as exc:
-                logger.warning("adapter %s in the store is invalid: %s", lora_name, exc)
-                return None
+        if self.base is not None and not await asyncio.to_thread(self._validate, lora_name, path):
+            return None
         # lora_int_id is replaced by the serving layer with a unique counter value.
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=path)
 
@@ -75,25 +109,78 @@ def install_resolver() -> None:
         return
     if not os.path.isdir(store):
         raise ValueError(f"{STORE_ENV}={store!r} is not a directory")
-    LoRAResolverRegistry.register_resolver("FlyLoRA store", StoreResolver(store, _base_spec_from_vllm_args()))
+    rank = os.environ.get(MAX_RANK_ENV, "")
+    LoRAResolverRegistry.register_resolver(
+        "FlyLoRA store", StoreResolver(store, _base_spec_from_vllm_args(), int(rank) if rank.isdigit() else None))
 
 
-def install_unload() -> None:
-    """Make ``/v1/unload_lora_adapter`` free the engine's copy too (idempotent)."""
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+def _not_found(lora_name: str) -> Exception:
+    from vllm.exceptions import VLLMNotFoundError
 
-    if getattr(OpenAIServingModels, "_flylora_unload", False):
-        return
-    original = OpenAIServingModels.unload_lora_adapter
+    return VLLMNotFoundError(f"The model `{lora_name}` does not exist.")
+
+
+def fail_requests_using(engine_client, lora_name: str, lora_int_id: int) -> list[str]:
+    """Refuse from now on any request for ``lora_int_id``; fail the ones in flight with a 404 (the client sees
+    the adapter is gone) and drop them from the API server's bookkeeping. Returns their ids, to abort in the
+    engine. Synchronous: nothing can be added between the snapshot and the refusal."""
+    processor = getattr(engine_client, "output_processor", None)
+    if processor is None or not hasattr(processor, "request_states"):
+        logger.warning("FlyLoRA: cannot see the requests in flight; requests for %s are not failed", lora_name)
+        return []
+    dead = _dead_ids(processor)
+    dead[lora_int_id] = None
+    while len(dead) > MAX_DEAD_IDS:
+        dead.popitem(last=False)
+    doomed = [(rid, state.queue) for rid, state in list(processor.request_states.items())
+              if getattr(state, "lora_request", None) is not None
+              and (state.lora_request.lora_int_id == lora_int_id or state.lora_name == lora_name)]
+    ids = processor.abort_requests([rid for rid, _ in doomed], internal=True)
+    for _, queue in doomed:
+        if queue is not None:
+            queue.put(_not_found(lora_name))  # replaces the abort output: the request ends with this error
+    return ids
+
+
+def _dead_ids(processor) -> OrderedDict:
+    found = getattr(processor, "_flylora_dead_lora_ids", None)
+    if found is None:
+        found = processor._flylora_dead_lora_ids = OrderedDict()
+    return found
+
+
+def unload_frees_engine_copy(original):
+    """``OpenAIServingModels.unload_lora_adapter`` that fails the adapter's requests and frees the engine's
+    copy."""
 
     async def unload_lora_adapter(self, request):
         known = self.lora_requests.get(request.lora_name)
         result = await original(self, request)
         if known is not None and isinstance(result, str):
+            # No await between the name's removal (in ``original``) and this: a request either is in flight
+            # now (failed here) or is added later (refused by add_request below).
+            ids = fail_requests_using(self.engine_client, request.lora_name, known.lora_int_id)
+            if ids:
+                await self.engine_client.engine_core.abort_requests_async(ids)
+                logger.warning("FlyLoRA: adapter %s unloaded with %d requests in flight; they were failed",
+                               request.lora_name, len(ids))
+            # The engine handles the abort before this call (one ordered input queue), so no step needs the
+            # adapter again and nothing reloads it from its path.
             await self.engine_client.remove_lora(known.lora_int_id)
             logger.info("FlyLoRA: freed adapter %s (int id %d) in the engine", request.lora_name,
                         known.lora_int_id)
         return result
 
-    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
-    OpenAIServingModels._flylora_unload = True
+    return unload_lora_adapter
+
+
+def refuse_unloaded_adapters(original_add):
+    """``OutputProcessor.add_request`` that refuses a request whose adapter was unloaded after it resolved."""
+
+    def add_request(self, request, *args, **kwargs):
+        lora = getattr(request, "lora_request", None)
+        if lora is not None and lora.lora_int_id in getattr(self, "_flylora_dead_lora_ids", ()):
+            raise _not_found(lora.lora_name)  # resolved before its unload, added after it
+        return original_add(self, request, *args, **kwargs)
+
+    return add_request

@@ -7,9 +7,10 @@ For each module, A ``[r, in]`` is stored as
 - ``a_val``  ``[r, P]`` A's dtype: the values at those columns, padded with 0.0;
 - ``a_nnz``  ``[r]`` int32: how many entries of row ``i`` are real;
 
-with ``P`` the largest row count. "Nonzero" is decided on the raw bits, so ``-0.0`` is kept and the form
-round-trips bit for bit. Padded entries hold value 0.0 at column 0, so a kernel may use all ``P``
-entries without reading ``a_nnz`` (they add ``0 * x[0]``). B and d are kept as they are.
+with ``P`` the largest row count (:func:`flylora_runtime.weights.packing.compact_rows`). "Nonzero" is
+decided on the raw bits, so ``-0.0`` is kept and the form round-trips bit for bit. Padded entries hold
+value 0.0 at column 0, so a kernel may use all ``P`` entries without reading ``a_nnz`` (they add
+``0 * x[0]``). B and d are kept as they are.
 
 The authors' init gives every row exactly ``p = in // (r // top_k)`` nonzeros (a quarter of the row for
 r=32, k=8); merged adapters (the mean of several) have more, plain LoRA's dense A has ``P = in`` and is
@@ -30,15 +31,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flylora_runtime.weights.dense import FlyLoRAAdapter, ModuleWeights, _atomic_write
 from flylora_runtime.format.config import FlyLoRAConfig
 from flylora_runtime.format.errors import InvalidSafetensors
 from flylora_runtime.format.modelspec import BaseModelSpec
+from flylora_runtime.weights.dense import FlyLoRAAdapter, ModuleWeights
+from flylora_runtime.weights.files import atomic_write
+from flylora_runtime.weights.packing import compact_rows
 
 COMPACT_FORMAT = "flylora-compact-v1"
-
-_BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-              torch.float64: torch.int64}
 
 
 @dataclass
@@ -96,7 +96,7 @@ class CompactAdapter:
             in_features[m] = c.in_features
         meta = {"format": COMPACT_FORMAT, "config": json.dumps(self.config.to_dict()),
                 "in_features": json.dumps(in_features)}
-        _atomic_write(os.fspath(path), lambda p: save_file(tensors, p, metadata=meta))
+        atomic_write(os.fspath(path), lambda p: save_file(tensors, p, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompactAdapter":
@@ -122,27 +122,6 @@ class CompactAdapter:
 
 def index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
-
-
-def compact_rows(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise compaction of ``A [r, in]``: ``(idx [r, P] int64, val [r, P], nnz [r] int64)``.
-
-    Row ``i``'s nonzero columns (decided on the raw bits, so ``-0.0`` is kept) in ascending order, padded
-    with column 0 and value 0.0; ``P`` is the largest row count.
-    """
-    A = A.contiguous()
-    nonzero = A.view(_BITS_VIEW[A.dtype]) != 0
-    nnz = nonzero.sum(dim=1)
-    p = int(nnz.max().item()) if A.shape[0] else 0
-    if A.shape[0] and int(nnz.min().item()) == p:  # every row equally full (the authors' A): no sort needed,
-        idx = nonzero.nonzero()[:, 1].view(A.shape[0], p)  # nonzero() lists positions row by row, in order
-        return idx, torch.gather(A, 1, idx), nnz
-    # Stable sort puts nonzero columns first, in ascending column order.
-    order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :p]
-    real = torch.arange(p, device=A.device).unsqueeze(0) < nnz.unsqueeze(1)
-    idx = torch.where(real, order, torch.zeros_like(order))
-    val = torch.where(real, torch.gather(A, 1, order), torch.zeros((), dtype=A.dtype, device=A.device))
-    return idx, val, nnz
 
 
 def compact_module(w: ModuleWeights) -> CompactModule:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from flylora_runtime.format.checkpoint import (
 )
 from flylora_runtime.format.config import FlyLoRAConfig
 from flylora_runtime.format.modelspec import BaseModelSpec
+from flylora_runtime.weights.files import atomic_write, write_text
 
 
 @dataclass
@@ -76,31 +76,10 @@ class FlyLoRAAdapter:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (each atomically)."""
         adapter_dir = os.fspath(adapter_dir)
         os.makedirs(adapter_dir, exist_ok=True)
-        _atomic_write(os.path.join(adapter_dir, CONFIG_NAME),
-                      lambda p: _write_text(p, json.dumps(self.config.to_dict(), indent=2) + "\n"))
-        _atomic_write(os.path.join(adapter_dir, WEIGHTS_NAME),
-                      lambda p: save_file(self.state_dict(), p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(adapter_dir, CONFIG_NAME),
+                     lambda p: write_text(p, json.dumps(self.config.to_dict(), indent=2) + "\n"))
+        atomic_write(os.path.join(adapter_dir, WEIGHTS_NAME),
+                     lambda p: save_file(self.state_dict(), p, metadata={"format": "pt"}))
 
     def numel(self) -> int:
         return sum(w.A.numel() + w.B.numel() + w.d.numel() for w in self.modules.values())
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-def _atomic_write(final_path: str, writer) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over ``final_path``."""
-    directory = os.path.dirname(final_path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

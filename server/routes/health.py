@@ -1,10 +1,11 @@
-"""``/health``, ``/ready``, ``/metrics``: no key (keep them off the public network)."""
+"""``/health``, ``/ready``, ``/metrics``: no key. ``/metrics`` moves to its own port when ``metrics_port`` is set
+(:mod:`server.serve`); deployments keep that port off the public network."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,4 +31,7 @@ async def ready(gw: GatewayDep) -> JSONResponse:
 
 @router.get("/metrics", response_model=None)
 async def metrics(gw: GatewayDep) -> Response:
+    """Prometheus metrics; 404 here when they are served on the separate metrics port."""
+    if gw.settings.metrics_port is not None:
+        raise HTTPException(status_code=404, detail="Not Found")
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

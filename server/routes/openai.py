@@ -12,28 +12,27 @@ from pydantic import BaseModel
 
 from server.deps import GatewayDep, TenantDep
 from server.proxy import COMPLETION_ROUTES, serve_completion
+from server.request_policy import RequestPolicy
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def _body(required: list[str], props: dict[str, Any]) -> dict[str, Any]:
-    common = {
-        "model": {"type": "string", "minLength": 1}, "stream": {"type": "boolean"},
-        "max_tokens": {"type": "integer", "minimum": 0}, "n": {"type": "integer", "minimum": 1},
-        "temperature": {"type": "number", "minimum": 0},
-    }
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["model", *required], "properties": {**common, **props},
-        "additionalProperties": True}}}}}
+#: The request body of each completion endpoint in the OpenAPI document: the request policy's models, with the
+#: app's caps (filled in by :func:`document_completion_bodies` when the document is built).
+BODY_PLACEHOLDER: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object"}}}}}
 
 
-#: The documented request body of each completion endpoint.
-BODIES = {
-    "chat.completions": _body(["messages"], {"messages": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}}}),
-    "completions": _body(["prompt"], {"prompt": {"type": "string", "minLength": 1}}),
-}
+def document_completion_bodies(schema: dict[str, Any], policy: RequestPolicy) -> None:
+    """Put the policy's request models into an OpenAPI document (bodies and their component schemas)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, endpoint in COMPLETION_ROUTES.items():
+        body, defs = policy.schema(endpoint, ref_template="#/components/schemas/{model}")
+        components.update(defs)
+        components[body["title"]] = body
+        operation = schema["paths"][path]["post"]
+        operation["requestBody"]["content"]["application/json"]["schema"] = {
+            "$ref": f"#/components/schemas/{body['title']}"}
 
 
 def _completion_route(endpoint: str) -> Callable[..., Awaitable[Response]]:
@@ -47,7 +46,7 @@ def _completion_route(endpoint: str) -> Callable[..., Awaitable[Response]]:
 
 for _path, _endpoint in COMPLETION_ROUTES.items():
     router.add_api_route(_path.removeprefix(router.prefix), _completion_route(_endpoint), methods=["POST"],
-                         openapi_extra=BODIES[_endpoint], response_model=None)
+                         openapi_extra=BODY_PLACEHOLDER, response_model=None)
 
 
 class ModelCard(BaseModel):

@@ -118,9 +118,14 @@ def test_dockerfile_engine_listens_where_it_exposes_and_checks_health(only_env, 
 
 # --- docker-compose ---------------------------------------------------------------------------------------
 
+#: What an operator exports before `docker compose up` (the file refuses to start without them).
+OPERATOR_ENV = {"FLYLORA_ADMIN_KEY": "a" * 8 + "0123456789abcdef" * 3,
+                "FLYLORA_ENGINE_API_KEY": "e" * 8 + "fedcba9876543210" * 3}
+
+
 @pytest.fixture
 def compose() -> dict:
-    return compose_interpolate(yaml.safe_load(COMPOSE.read_text()), env={})
+    return compose_interpolate(yaml.safe_load(COMPOSE.read_text()), env=OPERATOR_ENV)
 
 
 def container_mounts(service: dict) -> list[str]:
@@ -154,7 +159,11 @@ def test_compose_gateway_and_engine_agree(only_env, compose, engine_service):
     assert config.served_model_name == settings.base_model_id
     assert under(Path(settings.db_url.removeprefix("sqlite:///")), container_mounts(gw))
 
-    # Only the gateway is published; the engine sits on the internal network only.
+    # The engine key: the same on both sides, and the engine may listen beyond loopback only with it.
+    assert config.api_key == settings.engine_api_key.get_secret_value() == OPERATOR_ENV["FLYLORA_ENGINE_API_KEY"]
+
+    # Only the gateway's API port is published (not its metrics port); the engine sits on the internal network.
+    assert settings.metrics_port is not None and settings.metrics_port != settings.gateway_port
     assert [name for name, s in services.items() if s.get("ports")] == ["gateway"]
     assert list(eng["networks"]) == ["internal"] and compose["networks"]["internal"]["internal"] is True
 
@@ -177,7 +186,7 @@ def test_compose_prometheus_scrapes_the_ports_the_processes_listen_on(only_env, 
                for job in prom["scrape_configs"]}
     settings = gateway_settings(only_env, compose["services"]["gateway"]["environment"])
     config = engine_config(only_env, compose["services"]["engine"]["environment"])
-    assert targets == {"flylora-gateway": [f"gateway:{settings.gateway_port}"],
+    assert targets == {"flylora-gateway": [f"gateway:{settings.metrics_port}"],
                        "flylora-engine": [f"engine:{config.port}"]}
     mounted = {Path(v.split(":")[1]).name for v in compose["services"]["prometheus"]["volumes"]}
     assert {"prometheus.yml", *prom["rule_files"]} <= mounted
@@ -196,9 +205,22 @@ def pod_env(k8s, container: dict) -> dict[str, str]:
         if "configMapRef" in source:
             env.update(k8s[("ConfigMap", source["configMapRef"]["name"])]["data"])
         if "secretRef" in source:
-            env.update(k8s[("Secret", source["secretRef"]["name"])]["stringData"])
-    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+            env.update(operator_secret(k8s[("Secret", source["secretRef"]["name"])]))
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = operator_secret(k8s[("Secret", ref["name"])])[ref["key"]]
     return env
+
+
+def operator_secret(secret: dict) -> dict[str, str]:
+    """The Secret as an operator applies it: the CHANGE-ME placeholders replaced (the processes refuse them)."""
+    values = {**secret["stringData"]}
+    for name in ("FLYLORA_ADMIN_KEY", "FLYLORA_ENGINE_API_KEY"):
+        values[name] = OPERATOR_ENV[name]
+    return values
 
 
 def expand_k8s_args(args: list[str], env: dict[str, str]) -> list[str]:
@@ -227,7 +249,10 @@ def test_k8s_gateway_and_engines_agree(only_env, k8s):
                                       ("flylora-engine", eng_c, config.port)):
         svc = k8s[("Service", svc_name)]["spec"]["ports"][0]
         assert named_port(container, svc["targetPort"]) == port and svc["port"] == port
-    assert int(gw_pod["metadata"]["annotations"]["prometheus.io/port"]) == settings.gateway_port
+    assert int(gw_pod["metadata"]["annotations"]["prometheus.io/port"]) == settings.metrics_port
+    assert named_port(gw_c, "metrics") == settings.metrics_port != settings.gateway_port
+    assert settings.metrics_port not in [p["port"] for p in k8s[("Service", "flylora-gateway")]["spec"]["ports"]]
+    assert config.api_key == settings.engine_api_key.get_secret_value()
     assert int(eng_pod["metadata"]["annotations"]["prometheus.io/port"]) == config.port
     assert eng_c["readinessProbe"]["httpGet"]["path"] == "/health"
     assert named_port(eng_c, eng_c["readinessProbe"]["httpGet"]["port"]) == config.port
@@ -276,3 +301,46 @@ def test_k8s_pods_run_as_the_images_non_root_user(k8s):
         if kind in ("Deployment", "StatefulSet"):
             sc = obj["spec"]["template"]["spec"]["securityContext"]
             assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, name
+
+
+def test_k8s_metrics_port_is_reachable_from_monitoring_only(only_env, k8s):
+    gw_c = k8s[("Deployment", "flylora-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    settings = gateway_settings(only_env, pod_env(k8s, gw_c))
+    policy = k8s[("NetworkPolicy", "flylora-gateway")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "flylora-gateway"}
+    by_port = {p["port"]: rule.get("from") for rule in policy["ingress"] for p in rule["ports"]}
+    assert set(by_port) == {settings.gateway_port, settings.metrics_port}
+    assert by_port[settings.gateway_port] is None  # the API: open to the cluster (the ingress decides the rest)
+    assert by_port[settings.metrics_port] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_shipped_secret_placeholders_are_refused_by_gateway_and_engine(only_env, k8s):
+    """deploy/k8s/secret.yaml applied unchanged must not give a running service with a known admin key."""
+    from pydantic import ValidationError
+
+    shipped = k8s[("Secret", "flylora-secrets")]["stringData"]
+    only_env({})
+    with pytest.raises(ValidationError, match="FLYLORA_ADMIN_KEY is refused: .*placeholder"):
+        Settings(_env_file=None, admin_key=shipped["FLYLORA_ADMIN_KEY"])
+    with pytest.raises(ValidationError, match="FLYLORA_ENGINE_API_KEY is refused: .*placeholder"):
+        Settings(_env_file=None, engine_api_key=shipped["FLYLORA_ENGINE_API_KEY"])
+    config = EngineConfig(host="0.0.0.0", api_key=shipped["FLYLORA_ENGINE_API_KEY"])
+    with pytest.raises(ValueError, match="FLYLORA_ENGINE_API_KEY is refused: .*placeholder"):
+        config.validate()
+
+
+def test_compose_postgres_override_gives_the_gateway_a_reachable_registry(only_env, compose):
+    from sqlalchemy.engine import make_url
+
+    override = compose_interpolate(yaml.safe_load((REPO / "deploy" / "compose" / "postgres.yml").read_text()),
+                                   env={**OPERATOR_ENV, "POSTGRES_PASSWORD": "p" * 32})
+    pg = override["services"]["postgres"]
+    gw_env = {**compose["services"]["gateway"]["environment"], **override["services"]["gateway"]["environment"]}
+    url = make_url(gateway_settings(only_env, gw_env).db_url)
+    assert (url.drivername, url.host, url.port, url.database) == ("postgresql+psycopg", "postgres", 5432,
+                                                                  pg["environment"]["POSTGRES_DB"])
+    assert (url.username, url.password) == (pg["environment"]["POSTGRES_USER"], "p" * 32)
+    assert "ports" not in pg and set(pg["networks"]) <= set(compose["services"]["gateway"]["networks"])
+    assert override["services"]["gateway"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert pg["image"].startswith("postgres:15")

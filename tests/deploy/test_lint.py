@@ -72,11 +72,12 @@ def test_promtool_accepts_the_kubernetes_config():
 def test_promtool_accepts_the_alert_rules():
     proc = run([tool("promtool"), "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 5 rules found" in proc.stdout + proc.stderr
+    assert "SUCCESS: 6 rules found" in proc.stdout + proc.stderr
 
 
 def test_alert_rules_fire_as_their_unit_tests_say():
-    """Engine down after 1 min, error rate above 5%, p99 TTFT above 2 s: each fires, and not before."""
+    """Engine down after 1 min, error rate above 5%, p99 TTFT above 2 s, an adapter's quality drift for 15 min:
+    each fires, and not before."""
     proc = run([tool("promtool"), "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -89,3 +90,4 @@ def test_alert_rules_cover_engine_down_error_rate_and_ttft():
     assert 'up{job="flylora-engine"} == 0' in exprs["FlyLoRAEngineDown"]
     assert "flylora_gateway_requests_total" in exprs["FlyLoRAHighErrorRate"]
     assert "histogram_quantile(0.99" in exprs["FlyLoRAHighTTFTp99"]
+    assert "flylora_adapter_quality_drift" in exprs["FlyLoRAAdapterQualityDrift"]

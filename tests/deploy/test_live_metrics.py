@@ -6,8 +6,6 @@ that the stack's /metrics actually exports."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from flylora_runtime.client import GatewayClient
+from flylora_runtime.engine.process import ChildProcess, free_port
 from server.app import create_app
 from server.settings import Settings
 
@@ -24,7 +24,7 @@ from tests.server.helpers import ServerThread, adapter_files
 from tests.deploy.tools import PROMETHEUS_DIR, dashboard_queries, grafana_to_promql, promql_metric_names, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-ADMIN_KEY = "deploy-admin-key"
+ADMIN_KEY = "deploy-admin-key-not-secret-0123456789"
 #: The series a metric family of each type exposes (OpenMetrics naming, as prometheus_client parses it).
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "summary": ("", "_sum", "_count", "_created"), "gauge": ("",), "info": ("_info",), "untyped": ("",)}
@@ -57,16 +57,13 @@ def live_stack(flylora_engine, demo_model_dir, tmp_path_factory) -> Iterator[Liv
                         engine_read_timeout_s=300)
     server = ServerThread(create_app(settings)).start()
     try:
-        with httpx.Client(base_url=server.url, timeout=300) as c:
-            r = c.post("/admin/tenants", json={"name": "acme"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-            assert r.status_code == 201, r.text
-            c.headers["authorization"] = f"Bearer {r.json()['api_key']}"
-            base = json.loads((Path(demo_model_dir) / "config.json").read_text())
-            config, weights = adapter_files(tmp / "adapter", base=base, r=8, top_k=2, targets=("q_proj", "v_proj"))
-            r = c.post("/v1/adapters", data={"name": "support"},
-                       files={"config": ("adapter_config.json", config.read_bytes()),
-                              "weights": ("adapter_model.safetensors", weights.read_bytes())})
-            assert r.status_code == 201, r.text
+        with GatewayClient(server.url, ADMIN_KEY) as admin:
+            key = admin.create_tenant("acme")
+        base = json.loads((Path(demo_model_dir) / "config.json").read_text())
+        adapter_files(tmp / "adapter", base=base, r=8, top_k=2, targets=("q_proj", "v_proj"))
+        with GatewayClient(server.url, key, timeout=300) as tenant:
+            tenant.upload_adapter("support", tmp / "adapter")
+        with httpx.Client(base_url=server.url, timeout=300, headers={"authorization": f"Bearer {key}"}) as c:
             body = {"model": "support", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
                     "temperature": 0}
             r = c.post("/v1/chat/completions", json=body)
@@ -78,12 +75,6 @@ def live_stack(flylora_engine, demo_model_dir, tmp_path_factory) -> Iterator[Liv
         yield LiveStack(server.url, flylora_engine.url)
     finally:
         server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hostport(url: str) -> str:
@@ -124,26 +115,12 @@ def prometheus(live_stack, tmp_path_factory) -> Iterator[Prometheus]:
     config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start:\n{(tmp / 'prometheus.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield Prometheus(url)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+    proc = ChildProcess("prometheus", [binary, f"--config.file={tmp / 'prometheus.yml'}",
+                                       f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                        log_path=tmp / "prometheus.log", ready_url=f"http://127.0.0.1:{port}/-/ready", ready_timeout=30,
+                        grace=10)
+    with proc:
+        yield Prometheus(f"http://127.0.0.1:{port}")
 
 
 def test_prometheus_scrapes_gateway_and_engine(prometheus):

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,11 +39,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flylora_runtime.client import GatewayClient
 from flylora_runtime.engine.launcher import EngineConfig
-from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.engine.process import EngineProcess, free_port
 from flylora_runtime.format.modelspec import BaseModelSpec
 from flylora_runtime.paths import DEMO_MODEL_NAME
-from flylora_runtime.engine.process import EngineProcess, free_port
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
 from server.app import create_app
 from server.settings import Settings
 
@@ -52,7 +52,7 @@ from tests.server.helpers import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-ADMIN_KEY = "scale-out-admin-key"
+ADMIN_KEY = "scale-out-admin-key-not-secret-0123456789"
 N_ADAPTERS = 20
 IN_FLIGHT = 8
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "What is rain?", "Give me a fruit.",
@@ -132,8 +132,7 @@ class Stack:
     def kill_engine(self, i: int) -> None:
         proc = self.engines[i]
         assert proc is not None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.proc.wait(timeout=30)
+        proc.kill()  # SIGKILL to its whole process group
 
     @property
     def gw(self):
@@ -149,20 +148,15 @@ class Stack:
 
     def setup_tenant_and_adapters(self, demo_model_dir: Path) -> None:
         base = BaseModelSpec.from_pretrained(demo_model_dir)
-        with httpx.Client(base_url=self.server.url, timeout=120) as c:
-            r = c.post("/admin/tenants", json={"name": "acme"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-            assert r.status_code == 201, r.text
-            self.key = r.json()["api_key"]
-            c.headers["authorization"] = f"Bearer {self.key}"
-            for i, name in enumerate(self.names):
-                folder = self.root / "src" / name
-                spec = GenerateSpec(r=8, top_k=2, lora_alpha=16, targets=("q_proj", "v_proj"), b_std=0.02, seed=i)
-                generate_adapter(base, spec, base_name=DEMO_MODEL_NAME).save(folder)
-                r = c.post("/v1/adapters", data={"name": name},
-                           files={"config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
-                                  "weights": ("adapter_model.safetensors",
-                                              (folder / "adapter_model.safetensors").read_bytes())})
-                assert r.status_code == 201, r.text
+        with GatewayClient(self.server.url, ADMIN_KEY, timeout=120) as admin:
+            self.key = admin.create_tenant("acme")
+        folders = []
+        for i, name in enumerate(self.names):
+            folders.append(self.root / "src" / name)
+            spec = GenerateSpec(r=8, top_k=2, lora_alpha=16, targets=("q_proj", "v_proj"), b_std=0.02, seed=i)
+            generate_adapter(base, spec, base_name=DEMO_MODEL_NAME).save(folders[-1])
+        with GatewayClient(self.server.url, self.key, timeout=120) as tenant:
+            tenant.upload_adapters(zip(self.names, folders))
 
     def stop(self) -> None:
         if self.server is not None:

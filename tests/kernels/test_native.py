@@ -217,8 +217,7 @@ def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype) ->
     """The C packing of one slice's A (prepare_slot's fast path) gives bit for bit what the torch compaction
     and column words give: rows of unequal counts, an all-zero row, -0.0 and subnormal entries kept, values
     rounded as torch rounds, and ``in`` not a multiple of 16."""
-    from flylora_runtime.weights.compact import compact_rows
-    from flylora_runtime.kernels import _column_words
+    from flylora_runtime.weights.packing import column_words, compact_rows
 
     g = torch.Generator().manual_seed(31)
     A = torch.randn(20, 100, generator=g) * (torch.rand(20, 100, generator=g) < torch.rand(20, 1, generator=g))
@@ -233,7 +232,7 @@ def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype) ->
                                          .sum(1).max())
     assert torch.equal(idx, want_idx.reshape(-1).to(index_dtype))
     assert torch.equal(val.view(torch.uint8), want_val.to(v_dtype).reshape(-1).contiguous().view(torch.uint8))
-    assert torch.equal(mask, _column_words(A))
+    assert torch.equal(mask, column_words(A))
 
 
 def test_pack_rows_refuses_what_it_does_not_convert() -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flylora_runtime.kernels import (allocate_slots, build_slots, clear_slot, flylora_apply, load_slot, prepare_slot,
-                                    write_slot)
-from flylora_runtime.kernels import _dense_a
+from flylora_runtime.kernels import (allocate_slots, build_slots, clear_slot, dense_a, flylora_apply, load_slot,
+                                    prepare_slot, write_slot)
 from flylora_runtime.reference.ops import LayerAdapter, flylora_delta
 from tests.helpers import assert_close
 
@@ -81,8 +80,8 @@ def test_hot_swap_and_clear() -> None:
         flylora_apply(out, x, slot, slots)
         assert_close(out, flylora_delta(x, torch.zeros(4, dtype=torch.long), [w]), torch.float32)
     # Compact A holds w2 exactly (and nothing of w1's longer rows).
-    assert torch.equal(_dense_a(slots)[1, :8], w2.A)
-    assert torch.equal(_dense_a(slots)[1, 8:], torch.zeros(8, 64))
+    assert torch.equal(dense_a(slots)[1, :8], w2.A)
+    assert torch.equal(dense_a(slots)[1, 8:], torch.zeros(8, 64))
     clear_slot(slots, 1)
     out = torch.zeros(4, 32)
     flylora_apply(out, x, slot, slots)

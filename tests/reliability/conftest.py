@@ -29,7 +29,7 @@ from server.settings import Settings
 from loadtests.clients import Outcome, async_client, request, run  # noqa: F401  (the tests' clients)
 from tests.server.helpers import ServerThread
 
-ADMIN_KEY = "reliability-admin-key"
+ADMIN_KEY = "reliability-admin-key-not-secret-0123456789"
 ENGINE_BATCH = 8
 PROMPT = "Write one sentence about the sea."
 

@@ -204,9 +204,8 @@ def test_malformed_safetensors(tiny_adapter_dir, tiny_base, payload):
 def test_out_of_range_offsets(tiny_adapter_dir, tiny_base):
     header = json.dumps({KA: {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]}}).encode()
     (tiny_adapter_dir / WEIGHTS_NAME).write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
-    with pytest.raises(errors.InvalidSafetensors, match="within the file") as info:
+    with pytest.raises(errors.InvalidSafetensors, match="not fully covered"):
         validate_dir(tiny_adapter_dir, tiny_base)
-    assert info.value.key == KA
 
 
 def test_unsupported_base_architecture():

@@ -58,11 +58,12 @@ def test_the_first_process_creates_and_exports_the_folder(monkeypatch):
 def test_flylora_engine_gives_every_engine_its_own_folder(monkeypatch, tmp_path):
     from flylora_runtime.engine.launcher import EngineConfig, command
 
-    monkeypatch.setenv(metrics.METRICS_DIR_ENV, "/shared/by/accident")
+    monkeypatch.setenv(metrics.METRICS_DIR_ENV, "/elsewhere/by/accident")
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    _, env = command(EngineConfig(model=str(model), adapter_store=str(tmp_path / "store")))
+    _, env = command(EngineConfig(model=str(model), adapter_store=str(tmp_path / "store"), max_loras=4,
+                                  max_cpu_loras=16))  # counts set: a model of "{}" cannot be sized
     assert metrics.METRICS_DIR_ENV not in env
 
 

@@ -23,8 +23,8 @@ import sys
 import tempfile
 import time
 
-import httpx
-
+from flylora_runtime.client import GatewayClient
+from flylora_runtime.engine.process import ChildProcess
 from tests.server import bench_gateway_overhead as bench
 
 GATEWAY = """
@@ -66,24 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     up.start()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
-        gw = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-             "-c", GATEWAY, str(gw_port), upstream, tmp],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+        # under valgrind the start takes a while
+        gw = ChildProcess("gateway", ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                      f"--callgrind-out-file={out}", sys.executable, "-c", GATEWAY, str(gw_port),
+                                      upstream, tmp], log_path=os.path.join(tmp, "gateway.log"), cwd=os.getcwd(),
+                          ready_url=gateway + "/health", ready_timeout=600, grace=60)
+        gw.spawn()
         try:
             bench._wait(upstream)
-            deadline = time.monotonic() + 600
-            while True:  # under valgrind the start takes a while
-                try:
-                    if httpx.get(gateway + "/health", timeout=10).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or gw.poll() is not None:
-                    raise RuntimeError("the gateway did not start under valgrind")
-                time.sleep(1)
-            key = httpx.post(gateway + "/admin/tenants", json={"name": "bench"}, timeout=60,
-                             headers={"authorization": "Bearer bench-admin"}).json()["api_key"]
+            gw.wait_ready()
+            with GatewayClient(gateway, bench.BENCH_ADMIN_KEY) as admin:
+                key = admin.create_tenant("bench")
             uvloop.run(_load(gateway, key, 200, args.concurrency))  # warm-up, not counted
             def control(*command: str) -> None:
                 subprocess.run(["callgrind_control", *command, str(gw.pid)], check=True,
@@ -101,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                         if line.startswith(("summary:", "totals:")):
                             total = max(total, int(line.split()[1]))
         finally:
-            gw.terminate()
-            gw.wait(60)
+            gw.stop()
             up.terminate()
     print(f"gateway instructions per request: {total / args.requests / 1e3:.0f} k "
           f"({args.requests} requests, {args.concurrency} connections)")

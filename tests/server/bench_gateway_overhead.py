@@ -26,7 +26,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from flylora_runtime.client import GatewayClient
+from flylora_runtime.engine.process import free_port, wait_http
 
 ANSWER = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "SmolLM2-135M-Instruct",
@@ -45,6 +45,9 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-lengt
             + b"\r\n\r\n" + ANSWER)
 HEALTH = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 BODY = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+BENCH_ADMIN_KEY = "bench-admin-key-not-secret-0123456789"
 
 
 class _Instant(asyncio.Protocol):
@@ -89,7 +92,7 @@ def _run_gateway(port: int, upstream: str, data_dir: str) -> None:
     from tests.server.helpers import write_base_model
 
     write_base_model(Path(data_dir) / "models" / "SmolLM2-135M-Instruct")
-    settings = Settings(_env_file=None, data_dir=data_dir, engine_urls=[upstream], admin_key="bench-admin",
+    settings = Settings(_env_file=None, data_dir=data_dir, engine_urls=[upstream], admin_key=BENCH_ADMIN_KEY,
                         max_concurrency_per_tenant=10_000, tokens_per_minute_per_tenant=0)
     # As `flylora-gateway` runs it (server/cli.py), with uvloop and httptools.
     uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="error", access_log=False,
@@ -97,20 +100,11 @@ def _run_gateway(port: int, upstream: str, data_dir: str) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _wait(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not start")
+    wait_http(url + "/health", timeout=30, interval=0.1)
 
 
 async def _sequential(url: str, key: str | None, n: int) -> list[float]:
@@ -294,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _wait(upstream)
             _wait(gateway)
-            key = httpx.post(gateway + "/admin/tenants", json={"name": "bench"},
-                             headers={"authorization": "Bearer bench-admin"}).json()["api_key"]
+            with GatewayClient(gateway, BENCH_ADMIN_KEY) as admin:
+                key = admin.create_tenant("bench")
             import uvloop
 
             run = uvloop.run

@@ -13,11 +13,12 @@ import httpx
 import openai
 import pytest
 
+from flylora_runtime.client import GatewayClient
 from server.app import create_app
 from server.settings import Settings
 from server.gateway import Gateway
 
-from tests.server.fake_engine import FakeEngineState, create_fake_engine
+from tests.server.fake_engine import FAKE_ENGINE_KNOBS, FakeEngineState, create_fake_engine
 from tests.server.helpers import ADMIN_KEY, ServerThread, adapter_files, upload_form, write_base_model
 
 BASE_ID = "SmolLM2-135M-Instruct"
@@ -60,12 +61,11 @@ class GatewayHandle:
 
     def new_tenant(self, **limits: Any) -> tuple[str, str]:
         name = f"tenant-{next(_names)}"
-        with self.admin() as c:
-            r = c.post("/admin/tenants", json={"name": name, **limits})
-        assert r.status_code == 201, r.text
-        return name, r.json()["api_key"]
+        with GatewayClient(self.url, ADMIN_KEY) as admin:
+            return name, admin.create_tenant(name, **limits)
 
     def upload(self, key: str, name: str, folder: Path, **adapter_kwargs: Any) -> httpx.Response:
+        """The raw response (API tests look at refusals too; :class:`GatewayClient` raises on them)."""
         config, weights = adapter_files(folder, **adapter_kwargs)
         data, files = upload_form(name, config.read_bytes(), weights.read_bytes())
         with self.client(key) as c:
@@ -86,6 +86,7 @@ def start_gateway(data_dir: Path, engine_urls: list[str], **overrides: Any) -> G
         "data_dir": data_dir, "engine_urls": engine_urls, "admin_key": ADMIN_KEY, "base_model_id": BASE_ID,
         "max_upload_bytes": 256 * 1024, "max_request_bytes": 64 * 1024, "max_prompt_chars": 8000,
         "engine_connect_timeout_s": 2.0, "engine_read_timeout_s": 20.0,
+        "passthrough_request_fields": list(FAKE_ENGINE_KNOBS),
     }
     values.update(overrides)
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -13,6 +13,8 @@ import numpy as np
 import uvicorn
 from safetensors.numpy import save_file
 
+from flylora_runtime.engine.process import free_port
+
 #: A 2-layer Llama-shaped base model (hidden 64, intermediate 96, 4 heads / 2 KV heads).
 TINY_BASE_CONFIG = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
@@ -22,13 +24,15 @@ TINY_BASE_CONFIG = {
 OTHER_BASE_CONFIG = {**TINY_BASE_CONFIG, "hidden_size": 128, "intermediate_size": 192}
 
 #: The admin key of every test gateway (not a secret).
-ADMIN_KEY = "test-admin-key-not-secret"
+ADMIN_KEY = "test-admin-key-not-secret-0123456789"
 
 PICKLE_BYTES = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s."
 
 
 class ServerThread:
-    """Runs an ASGI app under uvicorn on a free loopback port, in a daemon thread."""
+    """Runs an ASGI app under uvicorn on a free loopback port, in a daemon thread: in this process, so a test
+    can look inside the app (``app.state``). Services run as child processes use
+    :mod:`flylora_runtime.engine.process`."""
 
     def __init__(self, app: Any, *, log_level: str = "warning", port: int = 0):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -57,10 +61,7 @@ class ServerThread:
 
 def free_port_url() -> str:
     """A loopback URL on which nothing listens (for a dead replica)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, bytes]:

@@ -53,7 +53,12 @@ def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
     folder = gateway.settings.store_dir / internal
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (folder / "adapter_model.safetensors").read_bytes() == weights_bytes
-    assert (folder / "adapter_config.json").read_bytes() == config_bytes
+    # The stored config is the validated one in canonical form (what the engine reads is what was checked).
+    from flylora_runtime.format.config import FlyLoRAConfig
+
+    stored = json.loads((folder / "adapter_config.json").read_text())
+    assert FlyLoRAConfig.from_dict(stored) == FlyLoRAConfig.from_json_bytes(config_bytes)
+    assert stored == FlyLoRAConfig.from_json_bytes(config_bytes).canonical_dict()
     assert not [e for e in gateway.store_entries() if e.startswith(".")]  # no staging left behind
     with gateway.client(key) as c:
         assert c.get("/v1/adapters/support").json() == adapter
@@ -185,19 +190,35 @@ def test_delete_evicts_from_engine_then_removes_files_and_row(gateway, engine, t
     assert gateway.upload(key, "gone", tmp_path / "b").status_code == 201
 
 
-def test_delete_completes_when_the_engine_fails_to_evict(make_engine, make_gateway, tmp_path):
+def test_delete_keeps_files_until_the_engine_confirms_the_eviction(make_engine, make_gateway, tmp_path):
+    """An engine that fails to evict may still need the files (a queued request reloads them inside its step):
+    the adapter is gone for the tenant at once, its folder stays tombstoned until a retry succeeds."""
     bad = make_engine()
     bad.state.unload_status = 500
-    gw = make_gateway([bad.url])
+    gw = make_gateway([bad.url], store_maintenance_interval_s=0.2)
+    bad.state.store = gw.settings.store_dir
     _, key = gw.new_tenant()
     assert gw.upload(key, "x", tmp_path / "a").status_code == 201
     with gw.client(key) as c:
         assert c.delete("/v1/adapters/x").status_code == 204
         assert c.get("/v1/adapters").json()["data"] == []
-    assert bad.state.unloads and [e for e in gw.store_entries() if e.startswith("fl-")] == []
+        assert_openai_error(c.get("/v1/adapters/x"), 404)
+        assert_openai_error(c.post("/v1/completions", json={"model": "x", "prompt": "p", "max_tokens": 1}), 404)
+    (folder,) = [e for e in gw.store_entries() if e.startswith("fl-")]
+    assert (gw.settings.store_dir / folder / "DELETED").exists()  # the engine's resolver refuses it now
+    time.sleep(0.5)  # maintenance retries meanwhile, and fails: the files must stay
+    assert [e for e in gw.store_entries() if e.startswith("fl-")] == [folder]
+    assert [a.state for a in gw.gw.registry.list_adapters(None, state=None)] == ["deleting"]
     with gw.client(None) as c:
         metrics = c.get("/metrics").text
-    assert f'flylora_gateway_upstream_errors_total{{engine="{bad.url}",kind="unload"}} 1.0' in metrics
+    assert re.search(rf'flylora_gateway_upstream_errors_total{{engine="{re.escape(bad.url)}",kind="unload"}} '
+                     r"[1-9]", metrics)
+    bad.state.unload_status = None  # the engine recovers: the next maintenance pass finishes the deletion
+    deadline = time.monotonic() + 10
+    while gw.gw.registry.list_adapters(None, state=None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.gw.registry.list_adapters(None, state=None) == []
+    assert [e for e in gw.store_entries() if e.startswith("fl-")] == []
 
 
 def test_failure_at_registration_removes_the_stored_folder(gateway, tenant, tmp_path, monkeypatch):

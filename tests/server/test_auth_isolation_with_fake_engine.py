@@ -64,7 +64,7 @@ def test_keys_are_stored_hashed_and_shown_once(gateway, tenant):
 def test_admin_tenant_lifecycle(gateway, tmp_path):
     with gateway.admin() as c:
         r = c.post("/admin/tenants", json={"name": "acme", "max_concurrency": 40})
-        assert r.status_code == 201 and set(r.json()) == {"name", "api_key"}
+        assert r.status_code == 201 and set(r.json()) == {"name", "api_key", "key_id"}
         key = r.json()["api_key"]
         assert_openai_error(c.post("/admin/tenants", json={"name": "acme"}), 409)
         assert_openai_error(c.post("/admin/tenants", json={"name": "Bad Name"}), 400)

@@ -79,7 +79,8 @@ def test_stream_without_include_usage_hides_usage_but_engine_is_asked_with_fake_
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     assert all("usage" not in p for p in payloads)
-    assert engine.state.bodies("/v1/chat/completions")[-1]["stream_options"] == {"include_usage": True}
+    assert engine.state.bodies("/v1/chat/completions")[-1]["stream_options"] == {
+        "include_usage": True, "continuous_usage_stats": True}
 
 
 def test_raw_stream_never_contains_internal_id_with_fake_engine(gateway, with_adapter):

@@ -156,8 +156,9 @@ def _answer_flight(model: str, internal: str | None):
     import time
 
     from server.metrics import GatewayMetrics
-    from server.proxy import CompletionRequest, Flight
+    from server.proxy import Flight
     from server.registry import Adapter, Tenant
+    from server.request_policy import CompletionRequest
 
     class Gw:
         metrics = GatewayMetrics(max_adapter_labels=10, base_model_id=BASE)
@@ -165,8 +166,10 @@ def _answer_flight(model: str, internal: str | None):
     adapter = None if internal is None else Adapter(
         tenant_id=1, name=model, internal_id=internal, base_model=BASE, r=4, top_k=2, routing="signed", bytes=1,
         sha256="0", created=0)
-    req = CompletionRequest(payload={}, model=model, stream=False, wants_usage=False)
-    return Flight(Gw(), Tenant(id=1, name="t", created=0), "completions", req, adapter, time.perf_counter())  # type: ignore[arg-type]
+    req = CompletionRequest(payload={}, model=model, stream=False, wants_usage=False, wants_continuous_usage=False,
+                            prompt_tokens=1, max_tokens=2, sequences=1)
+    return Flight(Gw(), Tenant(id=1, name="t", created=0), "completions", time.perf_counter(),  # type: ignore[arg-type]
+                  request=req, adapter=adapter)
 
 
 @pytest.mark.parametrize("case", ["adapter", "base", "escaped", "other_model", "non_ascii"])

@@ -70,3 +70,39 @@ def test_unlimited_tokens_and_tenant_overrides():
         lim.acquire(2, tokens_per_minute=60)
     lim.forget(2)
     assert 2 not in lim.buckets
+
+
+def test_a_reservation_holds_tokens_until_it_is_settled_against_usage():
+    clock = Clock()
+    lim = TenantLimiter(max_concurrency=10, tokens_per_minute=600, clock=clock)
+    lim.acquire(1)
+    lim.reserve(1, 500)  # admitted on a positive balance, holds its worst case
+    assert lim.buckets[1].level == 100
+    lim.acquire(1)
+    lim.reserve(1, 500)  # still positive: this one may overdraw
+    assert lim.buckets[1].level == -400
+    with pytest.raises(TokenRateLimited) as exc:
+        lim.acquire(1)  # nothing left while both run
+    assert exc.value.headers == {"Retry-After": "41"}  # (400 + 1) tokens at 10/s
+    lim.settle(1, reserved=500, used=20)
+    lim.settle(1, reserved=500, used=30)
+    assert lim.buckets[1].level == 600 - 50  # the unused part came back
+    lim.settle(1, reserved=0, used=0)
+    assert lim.buckets[1].level == 550
+
+
+def test_a_reservation_found_empty_is_refused_and_a_refund_never_overfills():
+    clock = Clock()
+    lim = TenantLimiter(max_concurrency=10, tokens_per_minute=600, clock=clock)
+    lim.acquire(1)  # admitted on a full bucket, body not read yet
+    lim.acquire(1)
+    lim.reserve(1, 700)  # the first body read reserves more than there is
+    with pytest.raises(TokenRateLimited):
+        lim.reserve(1, 10)  # the second finds it empty by now
+    clock.t = 120.0  # refilled to full meanwhile: the refund must not push it over a minute's worth
+    lim.settle(1, reserved=700, used=5)
+    assert lim.buckets[1].level == 600
+    unlimited = TenantLimiter(max_concurrency=1, tokens_per_minute=0)
+    unlimited.reserve(1, 10**9)
+    unlimited.settle(1, reserved=10**9, used=10**9)
+    assert unlimited.buckets == {}

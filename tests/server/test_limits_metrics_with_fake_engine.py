@@ -44,21 +44,34 @@ def test_concurrency_limit_is_429_with_retry_after_with_fake_engine(gateway, eng
         assert c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1}).status_code == 200
 
 
-def test_default_concurrency_admits_32_at_once_with_fake_engine(gateway):
+def test_default_concurrency_is_a_fair_share_of_the_engine_batch_with_fake_engine(gateway, engine):
+    """A tenant without an override gets 16 requests in flight (a quarter of an engine's default batch of 64),
+    not the whole batch: the 17th is refused while the 16 run, and another tenant is still served."""
+    assert gateway.settings.max_concurrency_per_tenant == 16
     _, key = gateway.new_tenant()
+    started = len(engine.state.requests)
     statuses: list[int] = []
 
     def one() -> None:
         with gateway.client(key) as c:
             statuses.append(c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1,
-                                                            "fake_sleep_s": 0.3}).status_code)
+                                                            "fake_sleep_s": 3.0}).status_code)
 
-    threads = [threading.Thread(target=one) for _ in range(32)]
+    threads = [threading.Thread(target=one) for _ in range(16)]
     for t in threads:
         t.start()
+    while len(engine.state.requests) < started + 16:
+        threading.Event().wait(0.01)
+    with gateway.client(key) as c:
+        err = assert_openai_error(c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1}),
+                                  429)
+    assert err["code"] == "concurrency_limit_exceeded"
+    _, other = gateway.new_tenant()
+    with gateway.client(other) as c:
+        assert c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1}).status_code == 200
     for t in threads:
         t.join()
-    assert statuses == [200] * 32
+    assert statuses == [200] * 16
 
 
 def test_tokens_per_minute_is_429_with_retry_after_with_fake_engine(gateway, engine):

@@ -33,17 +33,17 @@ def test_defaults_follow_the_shared_conventions():
     assert s.base_dir == data / "models" / "SmolLM2-135M-Instruct"
     assert s.engine_urls == ["http://127.0.0.1:8100"]
     assert (s.gateway_host, s.gateway_port, s.admin_key) == ("127.0.0.1", 8000, None)
-    assert s.max_upload_bytes == 1 << 30 and s.max_tokens_cap == 4096 and s.max_concurrency_per_tenant >= 32
+    assert s.max_upload_bytes == 1 << 30 and s.max_tokens_cap == 4096 and s.max_concurrency_per_tenant == 16
 
 
 def test_environment_overrides(monkeypatch, tmp_path):
     monkeypatch.setenv("FLYLORA_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("FLYLORA_ENGINE_URLS", "http://a:1, http://b:2/")
-    monkeypatch.setenv("FLYLORA_ADMIN_KEY", "k")
+    monkeypatch.setenv("FLYLORA_ADMIN_KEY", "k" * 16 + "0123456789abcdef")
     s = Settings(_env_file=None)
     assert s.store_dir == tmp_path / "adapters" and s.db_url == f"sqlite:///{tmp_path / 'registry.db'}"
     assert s.engine_urls == ["http://a:1", "http://b:2"]
-    assert s.admin_key.get_secret_value() == "k"
+    assert s.admin_key.get_secret_value() == "k" * 16 + "0123456789abcdef"
 
 
 def test_env_file_is_read_and_environment_wins(monkeypatch, tmp_path):
@@ -73,9 +73,10 @@ def test_cli_generates_and_prints_an_admin_key_once(capsys, tmp_path):
 
 
 def test_cli_keeps_a_configured_admin_key(monkeypatch, capsys):
-    monkeypatch.setenv("FLYLORA_ADMIN_KEY", "set-by-ops")
+    key = "set-by-ops-" + "0123456789abcdef" * 2
+    monkeypatch.setenv("FLYLORA_ADMIN_KEY", key)
     s = load_settings(build_parser().parse_args([]))
-    assert s.admin_key.get_secret_value() == "set-by-ops" and "set-by-ops" not in capsys.readouterr().err
+    assert s.admin_key.get_secret_value() == key and key not in capsys.readouterr().err
 
 
 def test_server_never_imports_torch_or_vllm():

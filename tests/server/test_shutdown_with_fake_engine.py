@@ -5,10 +5,7 @@ left at the end of the grace, and exits 0; after a restart the registry and the 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,48 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.settings import REPO_ROOT
-
-from tests.server.conftest import BASE_ID, start_fake_engine
-from tests.server.helpers import ADMIN_KEY, adapter_files, free_port_url, upload_form, write_base_model
+from tests.server.conftest import start_fake_engine
+from tests.server.fake_engine import FAKE_ENGINE_KNOBS
+from tests.server.gateway_process import GatewayProcess
+from tests.server.helpers import ADMIN_KEY, adapter_files, upload_form
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class GatewayProcess:
-    def __init__(self, data: Path, engine_url: str, grace_s: float):
-        self.data = data
-        self.url = free_port_url()
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FLYLORA_DATA_DIR": str(data),
-                    "FLYLORA_ENGINE_URLS": engine_url, "FLYLORA_ADMIN_KEY": ADMIN_KEY,
-                    "FLYLORA_GATEWAY_PORT": self.url.rsplit(":", 1)[1], "FLYLORA_SHUTDOWN_GRACE_S": str(grace_s),
-                    "FLYLORA_BASE_MODEL_ID": BASE_ID, "FLYLORA_MAX_UPLOAD_BYTES": str(256 * 1024)}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> GatewayProcess:
-        log = open(self.data / "gateway.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "info"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return (self.data / "gateway.log").read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+def start_gateway(data: Path, engine_url: str, grace_s: float) -> GatewayProcess:
+    return GatewayProcess(data, [engine_url], shutdown_grace_s=grace_s, max_upload_bytes=256 * 1024,
+                          passthrough_request_fields=",".join(FAKE_ENGINE_KNOBS)).start()
 
 
 def read_stream(url: str, key: str, tokens: int, delay: float) -> tuple[int, bool, str | None]:
@@ -85,9 +51,8 @@ def read_stream(url: str, key: str, tokens: int, delay: float) -> tuple[int, boo
 @pytest.mark.parametrize("grace_s,tokens,finishes", [(10.0, 20, True), (1.0, 200, False)],
                          ids=["streams_finish_within_the_grace", "streams_cut_at_the_end_of_the_grace"])
 def test_sigterm_drains_then_exits_0_and_state_survives_a_restart(tmp_path, grace_s, tokens, finishes):
-    write_base_model(tmp_path / "models" / BASE_ID)
     engine = start_fake_engine(tmp_path / "adapters")
-    gw = GatewayProcess(tmp_path, engine.url, grace_s).start()
+    gw = start_gateway(tmp_path, engine.url, grace_s)
     try:
         admin = {"authorization": f"Bearer {ADMIN_KEY}"}
         key = httpx.post(gw.url + "/admin/tenants", json={"name": "acme"}, headers=admin).json()["api_key"]
@@ -110,7 +75,7 @@ def test_sigterm_drains_then_exits_0_and_state_survives_a_restart(tmp_path, grac
             code = gw.proc.wait(grace_s + 15)
             exited_s = time.monotonic() - t_term
             results = [s.result(30) for s in streams]
-        assert code == 0, gw.log()
+        assert code == 0, gw.log.read_text(errors="replace")[-3000:]
         if finishes:
             assert all(done and n == tokens and err is None for n, done, err in results), results
             assert exited_s < grace_s
@@ -119,9 +84,9 @@ def test_sigterm_drains_then_exits_0_and_state_survives_a_restart(tmp_path, grac
             assert all(not done and 0 < n < tokens and err == "server_shutting_down" for n, done, err in results), \
                 results
             assert grace_s <= exited_s < grace_s + 10
-        assert "timeout graceful shutdown exceeded" in gw.log() or finishes
+        assert "timeout graceful shutdown exceeded" in gw.log.read_text(errors="replace") or finishes
 
-        gw = GatewayProcess(tmp_path, engine.url, grace_s).start()  # restart: the same registry and store
+        gw = start_gateway(tmp_path, engine.url, grace_s)  # restart: the same registry and store
         assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == before
         with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as c:
             info = c.get("/v1/adapters/kept").json()

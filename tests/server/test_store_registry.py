@@ -1,4 +1,4 @@
-"""AdapterStore (atomic commit, removal, sweep) and Registry (real SQLite in tmp_path)."""
+"""AdapterStore (atomic commit, removal, sweep) and the id and key formats. The registry: test_registry.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import time
 
 import pytest
 
-from server.errors import AdapterExists, TenantExists, TenantNotFound
-from server.registry import DELETING, Adapter, Registry
 from server.security import INTERNAL_ID_RE, hash_key, new_api_key, new_internal_id
 from server.store import AdapterStore
 
@@ -48,18 +46,27 @@ def test_remove_and_path_checks(tmp_path):
             store.path(bad)
 
 
+def _age(folder, seconds: float) -> None:
+    """Make a folder and everything in it look last written ``seconds`` ago."""
+    then = time.time() - seconds
+    for p in [*folder.iterdir(), folder]:
+        os.utime(p, (then, then))
+
+
 def test_sweep_removes_only_old_leftovers(tmp_path):
     store = AdapterStore(tmp_path)
     kept, orphan, fresh_orphan = new_internal_id(), new_internal_id(), new_internal_id()
     for iid in (kept, orphan, fresh_orphan):
         store.commit(_stage(store), iid)
-    old_staging = _stage(store)
-    old = time.time() - 7200
-    for p in (store.root / orphan, old_staging):
-        os.utime(p, (old, old))
-    removed = store.sweep({kept})
+    old_staging, active_staging, in_progress = _stage(store), _stage(store), _stage(store)
+    for p in (store.root / orphan, store.root / kept, old_staging, active_staging, in_progress):
+        _age(p, 7200)
+    os.utime(store.staged_files(in_progress)[1])  # an upload still writing its weights into an old folder
+    removed = store.sweep({kept}, active={active_staging.name})
     assert sorted(removed) == sorted([orphan, old_staging.name])
     assert store.ids() == {kept, fresh_orphan}
+    assert active_staging.exists() and in_progress.exists()
+    assert store.sweep(None, min_age_s=1.0) == [active_staging.name]  # no longer held, and old: a leftover
 
 
 def test_ids_and_keys_formats():
@@ -67,53 +74,3 @@ def test_ids_and_keys_formats():
     k1, k2 = new_api_key(), new_api_key()
     assert k1 != k2 and k1.startswith("flk-") and len(k1) >= 40
     assert hash_key(k1) != k1 and len(hash_key(k1)) == 64
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}")
-    yield reg
-    reg.close()
-
-
-def _adapter(tenant_id: int, name: str) -> Adapter:
-    return Adapter(tenant_id=tenant_id, name=name, internal_id=new_internal_id(), base_model="b", r=8, top_k=2,
-                   routing="signed", bytes=10, sha256="0" * 64, created=1)
-
-
-def test_tenants_and_keys(registry):
-    t, key = registry.create_tenant("acme", max_concurrency=40)
-    assert (t.name, t.max_concurrency, t.tokens_per_minute) == ("acme", 40, None)
-    with pytest.raises(TenantExists):
-        registry.create_tenant("acme")
-    assert registry.tenant_for_key(key) == t
-    assert registry.tenant_for_key(key + "x") is None
-    second = registry.add_key("acme")
-    assert registry.tenant_for_key(second) == t
-    with pytest.raises(TenantNotFound):
-        registry.add_key("nobody")
-    with registry.db.connect() as conn:
-        hashes = {r[0] for r in conn.exec_driver_sql("SELECT key_hash FROM api_keys")}
-    assert hashes == {hash_key(key), hash_key(second)}
-
-
-def test_adapters_unique_per_tenant_and_deleting_state(registry):
-    a, _ = registry.create_tenant("a")
-    b, _ = registry.create_tenant("b")
-    one = registry.add_adapter(_adapter(a.id, "x"))
-    registry.add_adapter(_adapter(b.id, "x"))  # same name, other tenant: fine
-    with pytest.raises(AdapterExists):
-        registry.add_adapter(_adapter(a.id, "x"))
-    assert registry.get_adapter(a.id, "x") == one
-    assert registry.get_adapter(b.id, "y") is None
-    assert [t.name for t, _ in registry.list_tenants()] == ["a", "b"]
-    assert [n for _, n in registry.list_tenants()] == [1, 1]
-    taken = registry.mark_deleting(a.id, "x")
-    assert taken is not None and taken.state == DELETING
-    assert registry.mark_deleting(a.id, "x") is None  # only one deleter wins
-    assert registry.get_adapter(a.id, "x") is None and registry.list_adapters(a.id) == []
-    assert registry.has_adapter_name(a.id, "x")  # the name stays taken until the row goes
-    registry.delete_adapter_row(one.internal_id)
-    assert not registry.has_adapter_name(a.id, "x")
-    registry.delete_tenant(b.id)
-    assert [t.name for t, _ in registry.list_tenants()] == ["a"] and registry.list_adapters(None, state=None) == []

@@ -48,8 +48,8 @@ def test_fast_path_and_fastapi_routes_behave_alike_with_fake_engine(make_engine,
     assert out.model == "p" and {c.model for c in chunks} == {"p"}
     with gw.client(key) as c:
         assert c.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}).json() == {
-            "error": {"message": "The request body is not valid JSON.", "type": "invalid_request_error",
-                      "param": None, "code": "invalid_request"}}
+            "error": {"message": "The request body is not valid JSON: EOF while parsing an object at line 1 column 1.",
+                      "type": "invalid_request_error", "param": None, "code": "invalid_request"}}
         assert c.post("/v1/chat/completions", json={"model": "q", "messages": [{"role": "user", "content": "x"}]}
                       ).json()["error"]["code"] == "model_not_found"
     with gw.client("bad") as c:

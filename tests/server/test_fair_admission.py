@@ -1,4 +1,4 @@
-"""FairAdmission (server/admission.py): the global cap, the per-tenant cap, bounded queues, round robin."""
+"""FairAdmission (server/fair_admission.py): the global cap, the per-tenant cap, bounded queues, round robin."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.admission import FairAdmission, QueueFull, QueueTimeout
+from server.fair_admission import FairAdmission, QueueFull, QueueTimeout
 
 
 def run(coro):

@@ -1,0 +1,195 @@
+"""Slot lifecycle: an adapter into a slot (prepare, write, load), out of it (clear), and whole slot sets for
+tests and benchmarks (build).
+
+A hot swap is :func:`prepare_slot` (compaction, bitmasks: the slow part, done once per adapter and layer,
+by the compiled kernel's one C pass when it is there) and :func:`write_slot` (a few copies). The host
+mirrors :attr:`FlyLoRASlots.host_meta` and :attr:`FlyLoRASlots.host_extent` are kept here, so change slots
+only through these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from flylora_runtime.kernels import native
+from flylora_runtime.kernels.layout import FlyLoRASlots, allocate_slots, layout_key
+from flylora_runtime.reference.ops import LayerAdapter
+from flylora_runtime.weights.packing import column_words, compact_rows
+
+
+def clear_slot(slots: FlyLoRASlots, slot: int) -> None:
+    """Empty ``slot`` in place (zeros everywhere, ``k = r = 0``: it contributes nothing). A slot already known
+    empty (``host_extent``) is left as it is: vLLM resets every layer an adapter does not target on each
+    activation, and with 1,000 q/v adapters cycling through 16 slots, clearing o/gate_up/down again each
+    time was 3% of the engine's time."""
+    empty = ((0, 0),) * slots.num_slices
+    if slots.host_extent[slot] == empty:
+        return
+    for t in (slots.a_val, slots.d, slots.k, slots.r, slots.magnitude):
+        t[slot].zero_()
+    for i in range(slots.num_slices):
+        slots.b_view(i)[slot].zero_()
+    if slots.a_idx is not None:
+        slots.a_idx[slot].zero_()
+    if slots.a_nnz is not None:
+        slots.a_nnz[slot].zero_()
+    if slots.a_mask is not None:
+        slots.a_mask[slot].zero_()
+    slots.host_meta[slot] = ((0,) * slots.num_slices, (0,) * slots.num_slices, False)
+    slots.host_extent[slot] = empty
+
+
+@dataclass(frozen=True)
+class SlotImage:
+    """One adapter's weights for one layer, already in a slot layout (:func:`prepare_slot`): writing it into
+    a slot (:func:`write_slot`) is a few copies, without the compaction and bitmasks that make up most of
+    :func:`load_slot`'s time. The engine keeps one per adapter and layer while the adapter is in its CPU
+    cache, so a hot swap of a cached adapter only copies (a 1,000-adapter workload activates adapters
+    several times a second). It holds the compacted A; B^T (when unscaled) and d are views of the
+    adapter's own tensors, so the image must not outlive changes to them. ``layout`` names the slot layout
+    it was made for."""
+
+    layout: tuple
+    a_idx: tuple[torch.Tensor | None, ...]  # per slice: packed [r*p], compact [r, p], or None (dense A)
+    a_val: tuple[torch.Tensor, ...]  # per slice: packed [r*p], compact [r, p] or dense [r, in], slot dtype
+    a_mask: tuple[torch.Tensor | None, ...]  # per slice: [r, ceil(in/16)] int16 (packed only)
+    b: tuple[torch.Tensor, ...]  # per slice: [r, out_i] = scaling * B^T (unscaled: a view of B, any dtype)
+    d: tuple[torch.Tensor, ...]  # per slice: [r] fp32
+    k: torch.Tensor  # [n] int32
+    r: torch.Tensor  # [n] int32
+    nnz: torch.Tensor  # [n] int32 (packed: entries per row; else zeros)
+    host_meta: tuple[tuple[int, ...], tuple[int, ...], bool]  # (k, r, magnitude) for FlyLoRASlots.host_meta
+    extent: tuple[tuple[int, int], ...]  # per slice (r, p): what it writes (FlyLoRASlots.host_extent)
+
+
+def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> SlotImage:
+    """One adapter's weights for every slice (``adapters[i]`` for slice ``i``), converted to ``slots``'
+    layout (nothing is written to ``slots``). Raises ``ValueError`` as :func:`load_slot` does."""
+    if len(adapters) != slots.num_slices:
+        raise ValueError(f"expected {slots.num_slices} slice adapters, got {len(adapters)}")
+    routings = {w.routing for w in adapters}
+    if len(routings) != 1:
+        raise ValueError(f"all slices of one adapter must share the routing, got {sorted(routings)}")
+    R, n_in = slots.max_rank, slots.in_features
+    for i, w in enumerate(adapters):
+        r, out = w.A.shape[0], slots.output_slices[i]
+        if w.A.shape != (r, n_in) or w.B.shape != (out, r) or w.d.shape != (r,):
+            raise ValueError(f"slice {i}: expected A [r, {n_in}], B [{out}, r], d [r], got "
+                             f"{tuple(w.A.shape)}, {tuple(w.B.shape)}, {tuple(w.d.shape)}")
+        if r > R or not 0 < w.top_k <= min(r, slots.max_top_k):
+            raise ValueError(f"slice {i}: need r <= {R} and 0 < top_k <= min(r, {slots.max_top_k}), "
+                             f"got r={r}, top_k={w.top_k}")
+        for name, t in (("A", w.A), ("B", w.B), ("d", w.d)) if check_finite else ():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"slice {i}: {name} holds non-finite values (inf or NaN)")
+    dev = slots.device
+    a_idx, a_val, a_mask, bs, ds, nnz, extent = [], [], [], [], [], [], []
+    for i, w in enumerate(adapters):
+        if slots.a_idx is None:
+            a_idx.append(None), a_mask.append(None), nnz.append(0), extent.append((w.A.shape[0], 0))
+            a_val.append(w.A.to(device=dev, dtype=slots.a_val.dtype).contiguous())
+        else:
+            # packed (the compiled kernel's layout, so the library is there): one C pass over A
+            done = native.pack_rows(w.A, slots.a_idx.dtype, slots.a_val.dtype) if slots.a_packed else None
+            if done is not None:
+                idx, vals, mask, p = done
+            else:
+                idx, vals, _ = compact_rows(w.A)  # padding stays (column 0, value 0.0)
+                p = idx.shape[1]
+                mask = column_words(w.A) if slots.a_packed else None
+            P = slots.a_idx.shape[-1]
+            if p > P:
+                raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
+            shape = (-1,) if slots.a_packed else tuple(idx.shape)  # packed: rows of p entries back to back
+            a_idx.append(idx.to(slots.a_idx.dtype).reshape(shape).to(dev))
+            a_val.append(vals.to(slots.a_val.dtype).reshape(shape).to(dev))
+            a_mask.append(None if mask is None else mask.to(dev))
+            nnz.append(p if slots.a_packed else 0)
+            extent.append((w.A.shape[0], p))
+        # Unscaled (the engine's B: vLLM folds alpha/r in), B^T stays a view of the caller's B, converted by
+        # write_slot's copy: an image then costs no memory for B, only for the compacted A.
+        bs.append((w.B.T if w.scaling == 1.0 else w.scaling * w.B.to(torch.float32).T).to(dev))
+        ds.append(w.d.to(device=dev, dtype=torch.float32))
+    ks, rs = tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters)
+    magnitude = adapters[0].routing == "magnitude"
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+    return SlotImage(layout=layout_key(slots), a_idx=tuple(a_idx), a_val=tuple(a_val), a_mask=tuple(a_mask),
+                     b=tuple(bs), d=tuple(ds), k=as_int(ks), r=as_int(rs), nnz=as_int(nnz),
+                     host_meta=(ks, rs, magnitude), extent=tuple(extent))
+
+
+def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
+    """Copy ``image`` (:func:`prepare_slot` for a slot layout like ``slots``') into ``slot``, in place."""
+    if not 0 <= slot < slots.num_slots:
+        raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    if image.layout != layout_key(slots):
+        raise ValueError("the slot image was prepared for another slot layout")
+    old = slots.host_extent[slot]
+    if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, image.extent)):
+        clear_slot(slots, slot)  # else every nonzero the slot may hold is overwritten below
+    slots.host_extent[slot] = None  # until the copy is complete
+    R = slots.max_rank
+    for i in range(slots.num_slices):
+        r = image.b[i].shape[0]
+        rows = slice(i * R, i * R + r)
+        if slots.a_idx is None:
+            slots.a_val[slot, rows] = image.a_val[i]
+        elif slots.a_packed:  # the slice's block starts at i*R*P; its rows are back to back from there
+            start = i * R * slots.a_idx.shape[-1]
+            block = slice(start, start + image.a_idx[i].numel())
+            slots.a_idx[slot].view(-1)[block] = image.a_idx[i]
+            slots.a_val[slot].view(-1)[block] = image.a_val[i]
+            slots.a_mask[slot, rows] = image.a_mask[i]
+        else:
+            p = image.a_idx[i].shape[1]
+            slots.a_idx[slot, rows, :p] = image.a_idx[i]
+            slots.a_val[slot, rows, :p] = image.a_val[i]
+        slots.b_view(i)[slot, :r] = image.b[i]
+        slots.d[slot, rows] = image.d[i]
+    slots.k[slot] = image.k
+    slots.r[slot] = image.r
+    if slots.a_nnz is not None:
+        slots.a_nnz[slot] = image.nnz
+    slots.magnitude[slot] = image.host_meta[2]
+    slots.host_meta[slot] = image.host_meta
+    slots.host_extent[slot] = image.extent
+
+
+def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> None:
+    """Copy one adapter's weights for every slice (``adapters[i]`` for slice ``i``) into ``slot``, in place.
+
+    All slices must share the routing (it is per adapter). Raises ``ValueError`` on any size mismatch, and on
+    non-finite weights (nothing is written then). The kernels rely on finite weights (the CPU block expand
+    multiplies unselected ranks' B rows by zero). ``check_finite=False`` skips that scan for weights already
+    known finite: the engine's, which the checkpoint validator checked on upload (a third of the time of an
+    activation). Equivalent to :func:`write_slot` of :func:`prepare_slot`.
+    """
+    if not 0 <= slot < slots.num_slots:
+        raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    write_slot(slots, slot, prepare_slot(slots, adapters, check_finite=check_finite))
+
+
+def build_slots(adapters: Sequence[Sequence[LayerAdapter]], *, num_slots: int | None = None,
+                max_rank: int | None = None, compact: bool = False, **kwargs) -> FlyLoRASlots:
+    """Allocate slots and load ``adapters[s]`` (one LayerAdapter per slice) into slot ``s``.
+
+    ``compact=True`` stores A compact with ``P`` = the largest row count among the adapters. ``max_top_k``
+    defaults to the largest ``top_k`` among them. Other keyword arguments go to :func:`allocate_slots`
+    (``a_dtype``, ``b_dtype``, ``device``).
+    """
+    if not adapters:
+        raise ValueError("need at least one adapter")
+    first = adapters[0]
+    max_rank = max_rank or max(w.A.shape[0] for ws in adapters for w in ws)
+    max_nnz = max(int(compact_rows(w.A)[2].max()) for ws in adapters for w in ws) if compact else None
+    if kwargs.get("packed") and not compact:
+        raise ValueError("packed=True needs compact=True")
+    kwargs.setdefault("max_top_k", max(w.top_k for ws in adapters for w in ws))
+    slots = allocate_slots(num_slots or len(adapters), max_rank, first[0].A.shape[1],
+                           [w.B.shape[0] for w in first], max_nnz=max_nnz, **kwargs)
+    for s, ws in enumerate(adapters):
+        load_slot(slots, s, ws)
+    return slots

@@ -1,0 +1,78 @@
+"""``python -m loadtests.run cold``: cold adapter loads while other requests decode, with and without the
+worker's background first loads (flylora_runtime/vllm_plugin/prefetch.py; ``FLYLORA_PREFETCH=0`` turns them
+off), in two engine sessions with the default settings.
+
+Per session: base-model load from 8 closed-loop clients (64-token completions) for ``--duration`` seconds
+alone (steady), then again while one client requests 12 adapters that are in the store but were never
+requested, one after another (``max_tokens`` 1). Reported: the cold adapters' time to first token, and the
+base requests' time per output token (p50, p99) steady and during the cold loads. Writes
+``cold_benchmark.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+
+from flylora_runtime.paths import data_dir
+
+from loadtests.generator import run_load
+from loadtests.report import machine, percentile, summarize, write_json
+from loadtests.stack import FLYLORA_FULL, Stack, ensure_adapters
+from loadtests.workload import Lengths
+
+N_COLD = 12
+CLIENTS = 8
+
+
+async def _session(b, base_model: str, prefetch: bool) -> dict:
+    os.environ["FLYLORA_PREFETCH"] = "1" if prefetch else "0"
+    workdir = data_dir() / "loadtests" / f"stack-cold-{'on' if prefetch else 'off'}"
+    names = [f"cold-{i:04d}" for i in range(N_COLD)]
+    with Stack(workdir, max_loras=0, max_cpu_loras=0, max_num_seqs=0, dtype="bfloat16") as stack:
+        await stack.upload(names, ensure_adapters(FLYLORA_FULL, N_COLD))
+        spec = b.spec(stack, [base_model], "base", popularity="single", concurrency=CLIENTS)
+        await run_load(replace(spec, max_requests=CLIENTS, output_tokens=Lengths(2, 2), progress=False))  # warm
+        load_steady = os.getloadavg()[0]
+        steady = summarize(await run_load(spec))
+        ttfts, failures = [], []
+
+        async def cold() -> None:
+            await asyncio.sleep(2.0)  # let the base clients reach decode
+            for name in names:
+                res = await run_load(replace(spec, models=[name], label=f"cold {name}", max_requests=1, concurrency=1,
+                                             duration_s=600, output_tokens=Lengths(1, 1), progress=False))
+                rec = res.records[0]
+                (ttfts.append(rec.ttft) if rec.ok and rec.ttft is not None else failures.append(rec.error))
+                await asyncio.sleep(0.5)
+
+        load_during = os.getloadavg()[0]
+        during, _ = await asyncio.gather(run_load(spec), cold())
+        during = summarize(during)
+    return {"prefetch": prefetch, "cold_ttft_s": ttfts, "cold_ttft_p50_s": percentile(ttfts, 50),
+            "cold_ttft_p99_s": percentile(ttfts, 99), "cold_failures": failures,
+            "steady": steady, "during_cold": during, "loadavg_steady": load_steady, "loadavg_during": load_during,
+            "tpot_p99_during_over_steady": (during["tpot_s"]["p99"] or 0) / (steady["tpot_s"]["p99"] or 1)}
+
+
+async def run_cold(b, base_model: str) -> dict:
+    t0 = time.monotonic()
+    sessions = {}
+    for prefetch in (True, False):
+        sessions["on" if prefetch else "off"] = await _session(b, base_model, prefetch)
+    os.environ.pop("FLYLORA_PREFETCH", None)
+    out = {"machine": machine(), "command": b.meta.get("command"), "sessions": sessions,
+           "settings": {"duration_s": b.duration_s, "clients": CLIENTS, "output_tokens": b.output_tokens,
+                        "cold_adapters": N_COLD}, "session_s": time.monotonic() - t0}
+    b.out.mkdir(parents=True, exist_ok=True)
+    write_json(b.out / "cold_benchmark.json", out)
+    for key, s in sessions.items():
+        print(f"prefetch {key}: cold TTFT p50 {s['cold_ttft_p50_s'] or float('nan'):.3f} s p99 "
+              f"{s['cold_ttft_p99_s'] or float('nan'):.3f} s ({len(s['cold_failures'])} failed); base TPOT p50/p99 "
+              f"steady {s['steady']['tpot_s']['p50'] * 1e3:.0f}/{s['steady']['tpot_s']['p99'] * 1e3:.0f} ms, during "
+              f"cold loads {s['during_cold']['tpot_s']['p50'] * 1e3:.0f}/{s['during_cold']['tpot_s']['p99'] * 1e3:.0f} ms "
+              f"({s['tpot_p99_during_over_steady']:.2f}x); load avg {s['loadavg_steady']:.1f}/{s['loadavg_during']:.1f}",
+              flush=True)
+    return out

@@ -1,0 +1,117 @@
+"""The engine's store resolver and unload bookkeeping, without an engine (the real-engine test of a delete with
+queued requests is tests/server/test_delete_queued_real_engine.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from flylora_runtime.format.checkpoint import TOMBSTONE_NAME
+from flylora_runtime.training.random_adapters import GenerateSpec, generate_adapter
+from flylora_runtime.vllm_plugin import resolver as resolver_module
+from flylora_runtime.vllm_plugin.resolver import StoreResolver, fail_requests_using
+
+ID = "fl-" + "a" * 32
+
+
+@pytest.fixture
+def store(tmp_path, tiny_base):
+    generate_adapter(tiny_base, GenerateSpec(r=8, top_k=2, seed=1)).save(tmp_path / ID)
+    return tmp_path
+
+
+def test_tombstoned_adapter_is_not_resolved(store, tiny_base):
+    resolver = StoreResolver(str(store), tiny_base)
+    assert resolver.path_for(ID) == str(store / ID)
+    (store / ID / TOMBSTONE_NAME).touch()
+    assert resolver.path_for(ID) is None
+    for bad in ("../x", "fl-missing", ".."):
+        assert resolver.path_for(bad) is None
+
+
+def test_invalid_adapter_is_validated_once_until_its_files_change(store, tiny_base, monkeypatch):
+    calls = []
+    real = resolver_module.validate_dir
+    monkeypatch.setattr(resolver_module, "validate_dir", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resolver = StoreResolver(str(store), tiny_base, max_rank=4)  # the adapter's r=8 is above the engine's max
+    assert resolver._validate(ID, str(store / ID)) is False
+    assert resolver._validate(ID, str(store / ID)) is False
+    assert len(calls) == 1
+    later = time.time() + 5
+    os.utime(store / ID / "adapter_config.json", (later, later))  # replaced: validated again
+    assert resolver._validate(ID, str(store / ID)) is False and len(calls) == 2
+    assert StoreResolver(str(store), tiny_base, max_rank=32)._validate(ID, str(store / ID)) is True
+
+
+# --- unload bookkeeping, on test doubles of vLLM's output processor ----------------------------------------
+
+@dataclass
+class _Lora:
+    lora_name: str
+    lora_int_id: int
+
+
+class _Queue:
+    def __init__(self):
+        self.items = []
+
+    def put(self, item):
+        self.items.append(item)
+
+
+@dataclass
+class _State:
+    lora_request: _Lora | None
+    queue: _Queue = field(default_factory=_Queue)
+
+    @property
+    def lora_name(self):
+        return self.lora_request.lora_name if self.lora_request else None
+
+
+class _ProcessorDouble:
+    """A test double of vLLM's OutputProcessor: request states, and abort_requests as it behaves."""
+
+    def __init__(self, states):
+        self.request_states = dict(states)
+
+    def abort_requests(self, ids, internal):
+        assert internal
+        for rid in ids:
+            self.request_states[rid].queue.put("abort output")
+            del self.request_states[rid]
+        return list(ids)
+
+
+def test_unload_fails_the_adapters_requests_and_refuses_late_ones():
+    pytest.importorskip("vllm")
+    from vllm.exceptions import VLLMNotFoundError
+
+    doomed, other = _Lora(ID, 7), _Lora("fl-" + "b" * 32, 8)
+    states = {"r1": _State(doomed), "r2": _State(other), "r3": _State(None), "r4": _State(_Lora(ID, 3))}
+    queues = {rid: s.queue for rid, s in states.items()}
+    processor = _ProcessorDouble(states)
+    engine_client = type("Client", (), {"output_processor": processor})()
+    ids = fail_requests_using(engine_client, ID, 7)
+    assert sorted(ids) == ["r1", "r4"]  # by int id, and by name (an older load of the same adapter)
+    assert sorted(processor.request_states) == ["r2", "r3"]
+    for rid in ("r1", "r4"):
+        error = queues[rid].items[-1]  # the error replaces the abort output
+        assert isinstance(error, VLLMNotFoundError) and "does not exist" in str(error)
+    assert queues["r2"].items == [] and 7 in processor._flylora_dead_lora_ids
+
+
+def test_patched_add_request_refuses_an_unloaded_adapter():
+    pytest.importorskip("vllm")
+    from vllm.exceptions import VLLMNotFoundError
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    add_request = resolver_module.refuse_unloaded_adapters(OutputProcessor.add_request)
+    processor = OutputProcessor.__new__(OutputProcessor)  # only the attribute the patch reads
+    processor._flylora_dead_lora_ids = {7: None}
+    request = type("Req", (), {"lora_request": _Lora(ID, 7)})()
+    with pytest.raises(VLLMNotFoundError, match="does not exist"):
+        add_request(processor, request, None)

@@ -1,0 +1,87 @@
+"""The plugin's table of replaced vLLM symbols against the installed vLLM (no engine started).
+
+A vLLM bump that renames, moves or re-signs a patched symbol fails here, before anything is served.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from flylora_runtime.vllm_plugin import SUPPORTED_VLLM, patches  # noqa: E402
+
+
+@pytest.fixture
+def clean_install():
+    """No patch installed before the test and none after it (the test process's vLLM left as it was)."""
+    patches.uninstall()
+    yield
+    patches.uninstall()
+
+
+def test_the_supported_vllm_is_installed() -> None:
+    import vllm
+
+    assert vllm.__version__.split("+")[0] == SUPPORTED_VLLM
+
+
+def test_the_table_names_each_symbol_once_and_says_why() -> None:
+    names = [p.name for p in patches.PATCHES]
+    assert len(names) == len(set(names)) == 18
+    for p in patches.PATCHES:
+        assert p.why.strip() and callable(p.replacement), p.name
+
+
+@pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: p.name)
+def test_every_patched_symbol_exists_with_the_parameters_relied_on(patch) -> None:
+    owner = patch.resolve_owner()
+    if patch.adds:
+        from flylora_runtime.vllm_plugin import patches as installed_patches
+
+        if patch.name not in installed_patches.installed():
+            assert not hasattr(owner, patch.attribute), f"vLLM now has {patch.name}: the addition would shadow it"
+        return
+    assert patch.attribute in vars(owner), f"{patch.name} is gone from vLLM (or now inherited)"
+    original = getattr(owner, patch.attribute)
+    if patch.params is None:
+        assert not callable(original), f"{patch.name} is now callable: its replacement expects a value"
+    else:
+        assert tuple(inspect.signature(original).parameters) == patch.params, (
+            f"{patch.name} changed its signature: {inspect.signature(original)}")
+
+
+def test_install_is_idempotent_and_keeps_every_original(clean_install) -> None:
+    before = {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES}
+    patches.install()
+    after = {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES}
+    for name in before:
+        assert after[name] is not before[name] and after[name] != before[name], f"{name} was not replaced"
+    assert patches.installed() == [p.name for p in patches.PATCHES]
+    assert patches.originals() == before  # every original kept, as getattr returned it
+
+    patches.install()  # again: nothing changes, nothing is wrapped twice
+    assert {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES} == after
+    assert patches.originals() == before
+
+    patches.uninstall()
+    assert {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES} == before
+    assert patches.installed() == []
+
+
+def test_register_installs_the_table(clean_install, monkeypatch) -> None:
+    from flylora_runtime.vllm_plugin import metrics, register
+
+    # The counters' collector would stay on this test process's default prometheus registry: not here.
+    monkeypatch.setattr(metrics, "install_metrics", lambda: None)
+    monkeypatch.delenv("FLYLORA_ADAPTER_STORE", raising=False)
+    register()
+    register()
+    assert patches.installed() == [p.name for p in patches.PATCHES]
+    from vllm.lora import utils
+    from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
+
+    flylora = [c for c in utils._all_lora_classes if isinstance(c, type) and issubclass(c, FlyLoRALayerMixin)]
+    assert flylora and all(c.__mro__[1] is FlyLoRALayerMixin for c in flylora)  # wrapped once
