@@ -6,18 +6,36 @@ vLLM runs between two scheduler steps. One call serves many requests: the gatewa
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from flylora_runtime.vllm_plugin.energy import CONTROL_METHOD, CONTROL_ROUTE, MAX_QUERY, ROUTE, RPC_METHOD
 
 router = APIRouter()
-RPC_TIMEOUT_S = 30.0
+#: How long a route waits for the worker's answer. vLLM's client waits for a utility reply with no limit of
+#: its own, and a call that reaches an engine core while it shuts down is never answered: unbounded, that
+#: request would keep the API server from exiting on SIGTERM (uvicorn waits for every request to end).
+RPC_TIMEOUT_S = 10.0
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                    "code": None}}, status_code=status)
+
+
+async def call_worker(engine_client: Any, method: str, args: tuple) -> Any | JSONResponse:
+    """The worker's reply to ``method``, or a 503 answer when none comes within ``RPC_TIMEOUT_S`` (or the
+    engine core is gone)."""
+    try:
+        replies = await asyncio.wait_for(engine_client.collective_rpc(method, timeout=RPC_TIMEOUT_S, args=args),
+                                         RPC_TIMEOUT_S)
+    except (asyncio.TimeoutError, EngineDeadError) as exc:
+        return _error(f"The engine did not answer ({type(exc).__name__}); it may be shutting down.", 503)
+    return replies[0] if isinstance(replies, list) else replies
 
 
 def parse_queries(body: object) -> tuple[list[tuple[str, int | None]], bool] | str:
@@ -53,9 +71,8 @@ async def take_energy(request: Request) -> JSONResponse:
     queries, detail = parsed
     if not queries:
         return JSONResponse({"results": {}, "missing": []})
-    engine = request.app.state.engine_client
-    replies = await engine.collective_rpc(RPC_METHOD, timeout=RPC_TIMEOUT_S, args=(queries, detail))
-    return JSONResponse(replies[0] if isinstance(replies, list) else replies)
+    reply = await call_worker(request.app.state.engine_client, RPC_METHOD, (queries, detail))
+    return reply if isinstance(reply, JSONResponse) else JSONResponse(reply)
 
 
 @router.post(CONTROL_ROUTE, include_in_schema=False)
@@ -72,6 +89,5 @@ async def control(request: Request) -> JSONResponse:
         if not isinstance(body, dict) or any(not isinstance(body.get(k, False), bool) for k in ("enabled", "entropy")):
             return _error("The body must be an object with optional booleans `enabled` and `entropy`.")
         args = [body.get("enabled"), body.get("entropy")]
-    replies = await request.app.state.engine_client.collective_rpc(CONTROL_METHOD, timeout=RPC_TIMEOUT_S,
-                                                                   args=tuple(args))
-    return JSONResponse(replies[0] if isinstance(replies, list) else replies)
+    reply = await call_worker(request.app.state.engine_client, CONTROL_METHOD, tuple(args))
+    return reply if isinstance(reply, JSONResponse) else JSONResponse(reply)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -158,3 +159,18 @@ def test_control_pauses_and_reports():
     assert ledger.control(False)["enabled"] is False and ledger.measuring is False
     assert ledger.control()["enabled"] is False
     assert ledger.control(True)["enabled"] is True
+
+
+class _SilentEngineClient:
+    """An engine client whose engine core never answers (as when it shuts down under the call)."""
+
+    async def collective_rpc(self, method, timeout=None, args=()):
+        await asyncio.Event().wait()
+
+
+def test_the_route_answers_503_when_the_engine_core_never_replies(monkeypatch):
+    from flylora_runtime.vllm_plugin import energy_route
+
+    monkeypatch.setattr(energy_route, "RPC_TIMEOUT_S", 0.05)
+    reply = asyncio.run(energy_route.call_worker(_SilentEngineClient(), "x", ()))
+    assert reply.status_code == 503 and b"did not answer" in reply.body
