@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 
 import httpx
 import pytest
@@ -73,6 +74,7 @@ def test_damaged_and_removed_adapters_fail_cleanly_and_nothing_else_changes(stac
         assert metric_value(stack.url, "flylora_gateway_adapter_integrity_failures_total", reason="missing") == 1
 
         weights.write_bytes(original)  # restored from a backup: serves again by itself, its own output
+        time.sleep(stack.settings.adapter_check_interval_s)  # from the next check on (GET just checked)
         r = stack.complete(key, "bad")
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["bad"], r.text
         assert c.get("/v1/adapters/bad").json()["status"] == "ready"
