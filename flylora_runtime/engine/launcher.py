@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[flylora-engine] {config.served_model_name} ({config.model}, "
           f"{'online' if config.online else 'offline'}) on http://{config.host}:{config.port} "
           f"(dtype {config.dtype}, {config.max_loras} slots, {config.max_cpu_loras} cached, store "
-          f"{config.adapter_store})", file=sys.stderr, flush=True)
+          f"{config.adapter_store}); the gateway's FLYLORA_BASE_MODEL_ID={config.served_model_name} and "
+          f"FLYLORA_BASE_MODEL_DIR={env['FLYLORA_BASE_MODEL_DIR']}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 0  # pragma: no cover
 
