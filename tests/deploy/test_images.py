@@ -12,6 +12,7 @@ client gets a completion). Prints image sizes and build times and writes them to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -58,16 +59,12 @@ def images(docker, tmp_path_factory) -> dict:
                   ca_bundle_secret=str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.is_file() else None)
     build_args = {"PYTHON_IMAGE": base}
     built = {}
-    index = TorchIndex(tmp / "torch-index") if TorchIndex.wheel() else None
-    try:
-        if index is not None:
-            build_args["TORCH_INDEX_URL"] = index.__enter__()
+    with contextlib.ExitStack() as stack:
+        if TorchIndex.wheel():
+            build_args["TORCH_INDEX_URL"] = stack.enter_context(TorchIndex(tmp / "torch-index"))
         for target, tag in (("gateway", GATEWAY_IMAGE), ("engine-cpu", ENGINE_IMAGE)):
             took = docker.build(target, tag, build_args, tmp / f"build-{target}.log")
             built[target] = {"tag": tag, "build_s": round(took, 1), "size_bytes": docker.image_size(tag)}
-    finally:
-        if index is not None:
-            index.__exit__(None, None, None)
     REPORT["images"] = built
     return built
 
