@@ -45,6 +45,7 @@ class FakeEngineState:
     energies: dict[str, dict[str, Any]] = field(default_factory=dict)
     energy_queries: list[dict[str, Any]] = field(default_factory=list)
     energy_supported: bool = True
+    energy_failures: int = 0  # answer this many /flylora/energy calls with a 500
     #: make every stream break off (connection dropped): "before_first_chunk" or "after_first_chunk"
     break_streams: str | None = None
 
@@ -175,6 +176,9 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         state.energy_queries.append(body)
         if not state.energy_supported:
             return _error(404, "Not Found")
+        if state.energy_failures > 0:
+            state.energy_failures -= 1
+            return _error(500, "fake engine: energies unavailable")
         results, missing = {}, []
         for item in body["requests"]:
             found = state.energies.pop(item["id"], None)

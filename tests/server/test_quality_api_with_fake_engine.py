@@ -200,3 +200,22 @@ def test_a_deleted_adapters_window_goes_with_it(stack, tmp_path):
         assert gw.upload(key, "brief", tmp_path / "b").status_code == 201  # a new adapter, a new window
         assert _quality(c, "brief").json()["window"] == {"size": WINDOW, "fill": 0, "observed": 0}
     assert gw.gw.quality.store.subjects() == []
+
+
+@pytest.mark.parametrize("failures, recorded, errors", [(1, 2, 0), (5, 0, 2)])
+def test_a_failed_engine_call_is_retried_once(make_engine, make_gateway, failures, recorded, errors):
+    engine = make_engine()
+    engine.state.energy_failures = failures
+    gw = make_gateway([engine.url], quality_window=WINDOW, quality_flush_interval_s=0.05)
+    _, key = gw.new_tenant()
+    with gw.client(key) as c:
+        _send(c, BASE_ID, -1.0)
+        _send(c, BASE_ID, -2.0)
+        deadline = time.monotonic() + 10
+        while len(engine.state.energy_queries) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert _quality(c, BASE_ID).json()["window"]["observed"] == recorded
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert f'flylora_gateway_quality_samples_total{{result="error"}} {errors}.0' in metrics
