@@ -237,6 +237,9 @@ class Flight:
             return self.sanitize(event) + b"\n\n" if event.strip() else None
         payload = b"\n".join(data)
         if payload.strip() == b"[DONE]":
+            # quality hook: the client has the whole answer (the openai SDK closes at [DONE], often before the
+            # engine ends its body): a complete stream, not a 499
+            self.status = 200
             return b"data: [DONE]\n\n"
         try:
             obj = json.loads(payload)

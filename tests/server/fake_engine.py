@@ -9,6 +9,7 @@ receives so tests can check what the gateway sent upstream.
 Knobs, as extra JSON fields of a request (the gateway passes unknown fields through):
 ``fake_sleep_s`` (wait before answering), ``fake_chunk_delay_s`` (wait between SSE chunks),
 ``fake_status`` (answer this HTTP error, with the model id in the message, as vLLM's errors do),
+``fake_tail_delay_s`` (wait between a stream's ``[DONE]`` and the end of its body),
 ``fake_energy`` (the request's mean token energy that ``/flylora/energy`` reports; default -10).
 """
 
@@ -144,6 +145,8 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
                 if include_usage:
                     yield chunk([], usage=usage)
                 yield b"data: [DONE]\n\n"
+                if body.get("fake_tail_delay_s"):  # vLLM may end its body a moment after [DONE]
+                    await asyncio.sleep(float(body["fake_tail_delay_s"]))
                 finished = True
             finally:
                 (state.completed if finished else state.aborted).append(rid)

@@ -219,3 +219,19 @@ def test_a_failed_engine_call_is_retried_once(make_engine, make_gateway, failure
         assert _quality(c, BASE_ID).json()["window"]["observed"] == recorded
     metrics = httpx.get(gw.url + "/metrics").text
     assert f'flylora_gateway_quality_samples_total{{result="error"}} {errors}.0' in metrics
+
+
+def test_a_stream_the_sdk_closes_at_done_is_complete_and_measured(stack, tmp_path):
+    """The openai SDK closes the connection as soon as it reads [DONE]; vLLM may end its body a moment later.
+    The client has the whole answer: the request counts as 200 and its energy goes into the window."""
+    engine, gw = stack
+    _, key = gw.new_tenant()
+    client = gw.openai(key)
+    chunks = list(client.chat.completions.create(model=BASE_ID, messages=MESSAGES, max_tokens=3, stream=True,
+                                                 extra_body={"fake_tail_delay_s": 1.0, "fake_energy": -7.0}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).count(" w") == 3
+    with gw.client(key) as c:
+        assert _wait_observed(c, BASE_ID, 1)["mean_energy"] == -7.0
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'flylora_gateway_requests_total{endpoint="chat.completions",status="200"' in metrics
+    assert 'status="499"' not in metrics
