@@ -48,8 +48,9 @@ gpu-check:
 	@mkdir -p "$(dir $(GPU_CHECK_OUT))"
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m flylora_runtime.bench.gpu_check --out "$(GPU_CHECK_OUT)"
 
-# Docker for the image test: Debian's docker.io (daemon started in the background when none answers; its log
-# in $(DATA)/logs/dockerd.log), debootstrap for a base image when no registry is reachable, docker-compose.
+# Docker for the image test: Debian's docker.io (daemon started in the background when none answers, in its own
+# session and holding none of make's file descriptors, so no caller's lock or pipe stays open; its log in
+# $(DATA)/logs/dockerd.log), debootstrap for a base image when no registry is reachable, docker-compose.
 docker:
 	@if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
 	    || ! command -v docker-compose >/dev/null 2>&1; then \
@@ -59,7 +60,7 @@ docker:
 	  else echo "[setup] docker.io/debootstrap/docker-compose missing and not root: the image test will skip"; fi; fi
 	@if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  mkdir -p $(DATA)/logs; echo "[setup] starting dockerd (log: $(DATA)/logs/dockerd.log)"; \
-	  nohup dockerd >$(DATA)/logs/dockerd.log 2>&1 & \
+	  python3 -c 'import subprocess, sys; subprocess.Popen(["dockerd"], stdin=subprocess.DEVNULL, stdout=open(sys.argv[1], "ab"), stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)' $(DATA)/logs/dockerd.log; \
 	  for i in $$(seq 30); do docker info >/dev/null 2>&1 && break; sleep 1; done; fi
 
 # Builds the gateway and CPU engine images and runs them (tests/deploy/test_images.py, test_compose_up.py):

@@ -176,7 +176,10 @@ def test_an_adapter_uploaded_through_the_gateway_container_is_served_by_the_engi
     REPORT["completion"] = {"model": chat.model, "prompt": "Name a colour.", "text": text,
                             "completion_tokens": chat.usage.completion_tokens}
     # The engine container loaded it from the volume the gateway container wrote.
-    engine_models = httpx.get(stack.engine_url + "/v1/models", timeout=10).json()["data"]
+    # Only the gateway can ask it: the engine refuses a request without the shared engine key.
+    assert httpx.get(stack.engine_url + "/v1/models", timeout=10).status_code == 401
+    engine_models = httpx.get(stack.engine_url + "/v1/models", timeout=10,
+                              headers={"authorization": f"Bearer {ENGINE_KEY}"}).json()["data"]
     assert any(m["id"].startswith("fl-") for m in engine_models), engine_models
 
 
