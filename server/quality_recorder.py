@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -54,6 +54,7 @@ class Pending:
     tenant_id: int
     tenant_name: str
     model: str
+    retried: bool = False
 
 
 class QualityRecorder:
@@ -166,7 +167,7 @@ class QualityRecorder:
                                                   timeout=self.settings.quality_engine_timeout_s)
             except httpx.HTTPError as exc:
                 log.warning("could not fetch energies from %s: %s", engine, type(exc).__name__)
-                self.samples.labels("error").inc(len(part))
+                self._retry_or_drop(part)
                 continue
             if response.status_code in (404, 405):
                 log.warning("engine %s has no %s (started with --no-energy?); quality figures skip its requests",
@@ -179,16 +180,29 @@ class QualityRecorder:
             except (ValueError, KeyError, TypeError):
                 results = None
             if not isinstance(results, dict):
-                log.warning("engine %s answered %s with HTTP %d", engine, ENERGY_PATH, response.status_code)
-                self.samples.labels("error").inc(len(part))
+                log.warning("engine %s answered %s with HTTP %d: %s", engine, ENERGY_PATH, response.status_code,
+                            response.text[:200])
+                self._retry_or_drop(part)
                 continue
+            missing = 0
             for p in part:
                 sample = _sample(results.get(p.answer_id))
                 if sample is None:
-                    self.samples.labels("missing").inc()
+                    missing += 1
                     continue
                 out.append(Observation(p.subject, p.tenant_id, p.tenant_name, p.model, sample))
+            if missing:
+                self.samples.labels("missing").inc(missing)
+                log.info("engine %s had no energies for %d of %d finished requests", engine, missing, len(part))
         return out
+
+    def _retry_or_drop(self, part: list[Pending]) -> None:
+        """A failed engine call: its requests are asked once more next round (the engine keeps unclaimed
+        entries), then dropped and counted."""
+        again = [replace(p, retried=True) for p in part if not p.retried]
+        self.queue.extend(again)
+        if len(part) > len(again):
+            self.samples.labels("error").inc(len(part) - len(again))
 
     async def refresh(self) -> None:
         """Reload every subject's summary from the database, dropping deleted adapters and tenants."""

@@ -2,6 +2,8 @@
 
     python pyproject_deps.py gateway        # dependencies + the gateway extra
     python pyproject_deps.py cpu            # dependencies + cpu (and runtime, which cpu names)
+    python pyproject_deps.py --build cpu    # also [build-system] requires, so that the project itself
+                                            # installs later with --no-build-isolation, offline
 
 The image installs these before the source is copied, so editing code does not rebuild the (large)
 dependency layer; pins stay in one place, pyproject.toml. Self-references such as
@@ -44,7 +46,13 @@ def main(argv: list[str]) -> int:
     if not path.is_file():
         path = Path("pyproject.toml")
     data = tomllib.loads(path.read_text())
-    print("\n".join(requirements(data, argv[1:])))
+    extras = argv[1:]
+    build = "--build" in extras
+    extras = [e for e in extras if e != "--build"]
+    reqs = requirements(data, extras)
+    if build:
+        reqs = sorted(set(reqs) | set(data.get("build-system", {}).get("requires", [])))
+    print("\n".join(reqs))
     return 0
 
 

@@ -224,7 +224,7 @@ def device_memory() -> tuple[str, int]:
 
 def plan_for(config) -> MemoryPlan:
     """:func:`plan` for an :class:`~flylora_runtime.engine.launcher.EngineConfig` on this machine."""
-    with open(Path(config.model, "config.json"), encoding="utf-8") as fh:
+    with open(Path(config.config_dir(), "config.json"), encoding="utf-8") as fh:
         model_config = json.load(fh)
     spec = BaseModelSpec.from_hf_config(model_config, name=config.served_model_name)
     device_type, memory = device_memory()

@@ -13,6 +13,8 @@ model is built. It installs, idempotently:
 - :mod:`.prefetch`: an adapter's first load in a background thread, off the engine loop (rows of the
   patch table);
 - :mod:`.metrics`: adapter load, slot activation and cache hit/miss counters on the engine's ``/metrics``;
+- :mod:`.residency`: which adapters are resident, per tier (``vllm:lora_adapter_loaded``), for routers such
+  as llm-d's (rows of the patch table publish it; the collector is registered by :mod:`.metrics`);
 - :mod:`.energy`: each generated token's free energy from the raw logits, per request
   (``POST /flylora/energy``; rows of the patch table).
 

@@ -9,6 +9,8 @@
   held the adapter in its CPU cache when it first scheduled the request (a miss had to read it from the
   store; see :mod:`.cache_counting`).
 
+Beside them, :mod:`.residency` exports which adapters are resident, per tier (``vllm:lora_adapter_loaded``).
+
 All three are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
 CPU, or inside the engine-core process), while ``/metrics`` is served by the API-server process from
 prometheus_client's default registry (vLLM switches to prometheus' multiprocess mode only with several API
@@ -139,4 +141,8 @@ def install_metrics() -> None:
     from prometheus_client import REGISTRY
 
     REGISTRY.register(EngineCountersCollector(folder))
+    # Which adapters are resident, per tier (vllm:lora_adapter_loaded and its counts): its own module.
+    from flylora_runtime.vllm_plugin.residency import install_residency
+
+    install_residency(folder)
     _collector_installed = True

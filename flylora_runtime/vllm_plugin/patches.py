@@ -26,6 +26,7 @@ from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_wi
                                                  load_flylora_checkpoint, remove_and_release_memory)
 from flylora_runtime.vllm_plugin.prefetch import (discarding_remove_lora, prefetching_add_lora, status_method,
                                                   take_prefetched_load, waiting_async_add_lora)
+from flylora_runtime.vllm_plugin.residency import naming_add_adapter, publishing_after, publishing_create_lora_manager
 from flylora_runtime.vllm_plugin.resolver import refuse_unloaded_adapters, unload_frees_engine_copy
 
 
@@ -126,6 +127,19 @@ PATCHES: tuple[Patch, ...] = (
           "would otherwise reload the adapter from its path inside the engine step, where a failure (its folder "
           "being deleted) kills the engine.",
           ("self", "request", "prompt", "parent_req", "request_index", "queue")),
+    Patch("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager", "create_lora_manager",
+          publishing_create_lora_manager,
+          "Residency: remember the served model's name and publish the first snapshot of which adapters are "
+          "resident (residency.py, vllm:lora_adapter_loaded).", ("self", "model", "vllm_config")),
+    Patch("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager", "add_adapter", naming_add_adapter,
+          "Residency: record the adapter's request name (vLLM's LoRAModel has none) and publish after a load, "
+          "an LRU eviction or a slot change.", ("self", "lora_request")),
+    Patch("vllm.lora.worker_manager:WorkerLoRAManager", "remove_adapter", publishing_after,
+          "Residency: publish after an unload.", ("self", "adapter_id")),
+    Patch("vllm.lora.worker_manager:WorkerLoRAManager", "remove_all_adapters", publishing_after,
+          "Residency: publish after every adapter is dropped.", ("self",)),
+    Patch("vllm.lora.worker_manager:WorkerLoRAManager", "pin_adapter", publishing_after,
+          "Residency: publish after a pin (the pinned label).", ("self", "adapter_id")),
 )
 
 _MISSING = object()

@@ -49,7 +49,10 @@ class Stack:
     def wait_observed(self, count: int, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         while (got := self.quality())["window"]["observed"] < count:
-            assert time.monotonic() < deadline, got
+            if time.monotonic() > deadline:
+                counts = [ln for ln in httpx.get(self.url + "/metrics", timeout=10).text.splitlines()
+                          if ln.startswith("flylora_gateway_quality_samples_total")]
+                raise AssertionError(f"{got['window']} after {timeout} s; {counts}")
             time.sleep(0.2)
         return got
 

@@ -10,7 +10,8 @@ Knobs, as extra JSON fields of a request (the test gateways let them through wit
 ``passthrough_request_fields``):
 ``fake_sleep_s`` (wait before answering), ``fake_chunk_delay_s`` (wait between SSE chunks),
 ``fake_status`` (answer this HTTP error, with the model id in the message, as vLLM's errors do),
-``fake_completion_tokens`` (generate this many tokens, fewer than ``max_tokens``: a stop sequence met).
+``fake_completion_tokens`` (generate this many tokens, fewer than ``max_tokens``: a stop sequence met),
+``fake_tail_delay_s`` (wait between a stream's ``[DONE]`` and the end of its body),
 ``fake_energy`` (the request's mean token energy that ``/flylora/energy`` reports; default -10).
 """
 
@@ -31,7 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 INTERNAL_ID = re.compile(r"^fl-[0-9a-f]{32}$")
 #: The request fields the test double reads as knobs.
-FAKE_ENGINE_KNOBS = ("fake_sleep_s", "fake_chunk_delay_s", "fake_status", "fake_completion_tokens", "fake_energy")
+FAKE_ENGINE_KNOBS = ("fake_sleep_s", "fake_chunk_delay_s", "fake_status", "fake_completion_tokens", "fake_tail_delay_s",
+                     "fake_energy")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class FakeEngineState:
     energies: dict[str, dict[str, Any]] = field(default_factory=dict)
     energy_queries: list[dict[str, Any]] = field(default_factory=list)
     energy_supported: bool = True
+    energy_failures: int = 0  # answer this many /flylora/energy calls with a 500
     #: make every stream break off (connection dropped): "before_first_chunk" or "after_first_chunk"
     break_streams: str | None = None
     #: answer every completion request with this HTTP error (an engine shutting down, a dead engine core)
@@ -166,6 +169,8 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
                 if include_usage:
                     yield chunk([], usage=usage)
                 yield b"data: [DONE]\n\n"
+                if body.get("fake_tail_delay_s"):  # vLLM may end its body a moment after [DONE]
+                    await asyncio.sleep(float(body["fake_tail_delay_s"]))
                 finished = True
             finally:
                 (state.completed if finished else state.aborted).append(rid)
@@ -222,6 +227,9 @@ def create_fake_engine(state: FakeEngineState) -> FastAPI:
         state.energy_queries.append(body)
         if not state.energy_supported:
             return _error(404, "Not Found")
+        if state.energy_failures > 0:
+            state.energy_failures -= 1
+            return _error(500, "fake engine: energies unavailable")
         results, missing = {}, []
         for item in body["requests"]:
             found = state.energies.pop(item["id"], None)

@@ -199,3 +199,38 @@ def test_a_deleted_adapters_window_goes_with_it(stack, tmp_path):
         assert gw.upload(key, "brief", tmp_path / "b").status_code == 201  # a new adapter, a new window
         assert _quality(c, "brief").json()["window"] == {"size": WINDOW, "fill": 0, "observed": 0}
     assert gw.gw.quality.store.subjects() == []
+
+
+@pytest.mark.parametrize("failures, recorded, errors", [(1, 2, 0), (5, 0, 2)])
+def test_a_failed_engine_call_is_retried_once(make_engine, make_gateway, failures, recorded, errors):
+    engine = make_engine()
+    engine.state.energy_failures = failures
+    gw = make_gateway([engine.url], quality_window=WINDOW, quality_flush_interval_s=0.05)
+    _, key = gw.new_tenant()
+    with gw.client(key) as c:
+        _send(c, BASE_ID, -1.0)
+        _send(c, BASE_ID, -2.0)
+        deadline = time.monotonic() + 10
+        while len(engine.state.energy_queries) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert _quality(c, BASE_ID).json()["window"]["observed"] == recorded
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert f'flylora_gateway_quality_samples_total{{result="error"}} {errors}.0' in metrics
+
+
+def test_a_stream_the_sdk_closes_at_done_is_complete_and_measured(stack, tmp_path):
+    """The openai SDK closes the connection as soon as it reads [DONE]; vLLM may end its body a moment later.
+    The client has the whole answer: the request counts as 200 and its energy goes into the window."""
+    engine, gw = stack
+    _, key = gw.new_tenant()
+    client = gw.openai(key)
+    chunks = list(client.chat.completions.create(model=BASE_ID, messages=MESSAGES, max_tokens=3, stream=True,
+                                                 extra_body={"fake_tail_delay_s": 1.0, "fake_energy": -7.0}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).count(" w") == 3
+    with gw.client(key) as c:
+        assert _wait_observed(c, BASE_ID, 1)["mean_energy"] == -7.0
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'flylora_gateway_requests_total{endpoint="chat.completions",status="200"' in metrics
+    assert 'status="499"' not in metrics
