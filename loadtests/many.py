@@ -282,13 +282,14 @@ async def run_many(b, base_model: str) -> dict:
     with stack:
         plan = sized(stack.engine_config)[1]
         budget = rss_budget(plan, stack.rss_bytes())
-        described = {**stack.describe(), "gateway_settings": GATEWAY}
+        described = {**stack.describe(), "max_loras": plan.max_loras, "max_cpu_loras": plan.max_cpu_loras,
+                     "gateway_settings": GATEWAY}  # the counts as sized at start (the config keeps 0: "size")
         b.stacks["many"] = described
         with RssSampler(stack) as rss:
             upload = await upload_chunks(stack, names, folders, on_chunk=lambda done: lookups.setdefault(
                 str(len(done)), time_lookups(stack, done)) if len(done) in (UPLOAD_CHUNK, n) else None)
             upload["engine_rss_peak_gib"] = rss.peak() / 2**30
-            slots = stack.describe()["max_loras"]
+            slots = plan.max_loras
             phases = {}
             phases["one_a"] = await _phase(b, stack, rss, "many_one_a", b.spec(stack, names[:1], "1 adapter",
                                            popularity="single"), warm=names[:1])
@@ -342,7 +343,8 @@ async def run_churn(b, base_model: str) -> dict:
     with stack:
         plan = sized(stack.engine_config)[1]
         budget = rss_budget(plan, stack.rss_bytes())
-        described = {**stack.describe(), "gateway_settings": GATEWAY}
+        described = {**stack.describe(), "max_loras": plan.max_loras, "max_cpu_loras": plan.max_cpu_loras,
+                     "gateway_settings": GATEWAY}  # the counts as sized at start (the config keeps 0: "size")
         b.stacks["churn"] = described
         slots, cached = described["max_loras"], described["max_cpu_loras"]
         n = int(b.meta.get("adapters") or CHURN_FACTOR * cached)
