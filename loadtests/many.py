@@ -235,8 +235,22 @@ def _rate(runs: list[dict]) -> tuple[float, float]:
 
 
 async def _phase(b, stack: Stack, rss: RssSampler, key: str, spec, warm: list[str] | None) -> dict:
-    t0, before = time.monotonic(), await scrape(stack)
-    summary = await b.measure(stack, key, spec, warm=warm)
+    """One measured phase; the engine's counters cover its measured requests only (scraped after warm-up)."""
+    from dataclasses import replace
+
+    from loadtests.generator import run_load
+    from loadtests.workload import Lengths
+
+    t0, warmup = time.monotonic(), None
+    if warm:  # one short request per adapter, not measured: as b.measure's warm-up
+        warmup = await run_load(replace(spec, models=warm, popularity="uniform", mode="closed",
+                                        concurrency=min(len(warm), spec.concurrency), max_requests=len(warm),
+                                        duration_s=600, output_tokens=Lengths(2, 2), progress=False,
+                                        label="warm-up"))
+    before = await scrape(stack)
+    summary = await b.measure(stack, key, spec, warm=None)
+    if warmup is not None:
+        summary["warmup"] = {"issued": len(warmup.records), "ok": len(warmup.ok), "failed": len(warmup.failed)}
     summary["engine_counters"] = counter_delta(before, await scrape(stack))
     summary["engine_rss_peak_gib"] = rss.peak(t0) / 2**30
     return summary
