@@ -75,8 +75,9 @@ class Stack:
     ``s.tenant_key`` (a fresh tenant), ``await s.upload(...)``."""
 
     def __init__(self, workdir: Path, *, flylora: bool = True, max_loras: int = 16, max_cpu_loras: int = 64,
-                 max_num_seqs: int = 64, dtype: str = "auto"):
-        """``max_loras``/``max_cpu_loras`` 0: sized from memory as by default; ``max_num_seqs`` 0: the default."""
+                 max_num_seqs: int = 64, dtype: str = "auto", gateway_settings: dict | None = None):
+        """``max_loras``/``max_cpu_loras`` 0: sized from memory as by default; ``max_num_seqs`` 0: the default;
+        ``gateway_settings``: more gateway settings (e.g. lifted adapter quotas), over the ones set here."""
         self.workdir = workdir
         self.store = workdir / "store"
         seqs = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
@@ -90,6 +91,7 @@ class Stack:
         self.gateway: GatewayProcess | None = None
         self.tenant_key = ""
         self._registered: set[str] = set()
+        self.gateway_settings = dict(gateway_settings or {})
 
     def describe(self) -> dict:
         c = self.engine.config if self.engine is not None else self.engine_config  # sized once started
@@ -107,7 +109,7 @@ class Stack:
                                       grace=15, settings={
             "data_dir": self.workdir, "adapter_store": self.store, "base_model_dir": demo_model_dir(),
             "admin_key": self.admin_key, "engine_urls": [f"http://127.0.0.1:{self.engine_config.port}"],
-            "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0})
+            "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0, **self.gateway_settings})
         self.engine = EngineProcess(self.engine_config, self.workdir / "engine.log")
         try:
             self.gateway.spawn()
