@@ -109,7 +109,9 @@ class Stack:
                                       grace=15, settings={
             "data_dir": self.workdir, "adapter_store": self.store, "base_model_dir": demo_model_dir(),
             "admin_key": self.admin_key, "engine_urls": [f"http://127.0.0.1:{self.engine_config.port}"],
-            "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0, **self.gateway_settings})
+            "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0,
+            # one benchmark tenant holds every adapter of a run (the adapters curve uploads 1,000)
+            "max_adapters_per_tenant": 0, "max_stored_bytes_per_tenant": 0, **self.gateway_settings})
         self.engine = EngineProcess(self.engine_config, self.workdir / "engine.log")
         try:
             self.gateway.spawn()
