@@ -11,6 +11,11 @@
                                        # 16 FlyLoRA adapters, alternating phases (loadtests/defaults.py)
     python -m loadtests.run cold --output-tokens 64 --out docs/bench/cold
                                        # cold loads during decode, background first loads on/off (cold.py)
+    python -m loadtests.run many --duration 40 --out docs/bench/many
+                                       # 10,000 small adapters on the default engine: 1 adapter vs Zipf vs
+                                       # uniform, uploads, lookups, engine RSS (loadtests/many.py)
+    python -m loadtests.run churn --duration 40 --out docs/bench/many
+                                       # 4x the engine's CPU cache in adapters, uniform (loadtests/many.py)
     python -m loadtests.run fairness   # issue 17: a quiet tenant's TTFT alone, under fair load, next to a noisy one
     python -m loadtests.run soak       # issue 17: 10 minutes of mixed load; RSS and open files over time
     python -m loadtests.run all        # engine + adapters + sweep in two engine sessions (FlyLoRA, then
@@ -351,7 +356,8 @@ def markdown_tables(b: Bench, partial: bool) -> str:
 
 # --- sessions --------------------------------------------------------------------------------------------------
 
-SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "defaults", "cold", "all", "fairness", "soak")
+SCENARIOS = ("engine", "decode", "adapters", "sweep", "native", "base", "defaults", "cold", "many", "churn", "all",
+             "fairness", "soak")
 #: Default --duration per scenario (seconds of load per measured run; the soak's whole run).
 DEFAULT_DURATION = {"fairness": 60.0, "soak": 600.0}
 
@@ -367,6 +373,11 @@ async def session(b: Bench, name: str, flylora: bool, parts) -> None:
 
 
 async def main_async(scenario: str, b: Bench) -> None:
+    if scenario in ("many", "churn"):
+        from loadtests.many import run_churn, run_many
+
+        await (run_many if scenario == "many" else run_churn)(b, BASE)
+        return
     if scenario in ("defaults", "cold"):
         from loadtests.cold import run_cold
         from loadtests.defaults import run_defaults
@@ -404,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON, PNG and tables (docs/bench)")
+    p.add_argument("--adapters", type=int, default=None, help="many/churn: adapters to register (default 10000 / "
+                   "4x the engine's CPU cache)")
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = DEFAULT_DURATION.get(args.scenario, 30.0)
@@ -420,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     b.meta["command"] = "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:])
     b.meta["loadavg_start"] = list(os.getloadavg())
+    b.meta["adapters"] = args.adapters
     asyncio.run(main_async(args.scenario, b))
     _log(f"{args.scenario} done in {(time.monotonic() - t0) / 60:.1f} min")
     return 0

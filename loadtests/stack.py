@@ -76,8 +76,9 @@ class Stack:
 
     def __init__(self, workdir: Path, *, flylora: bool = True, max_loras: int = 16, max_cpu_loras: int = 64,
                  max_num_seqs: int = 64, dtype: str = "auto", gateway_settings: dict[str, object] | None = None):
-        """``max_loras``/``max_cpu_loras`` 0: sized from memory as by default; ``max_num_seqs`` 0: the default.
-        ``gateway_settings``: more gateway settings by field name (``{"admission_in_flight_per_engine": 8}``)."""
+        """``max_loras``/``max_cpu_loras`` 0: sized from memory as by default; ``max_num_seqs`` 0: the default;
+        ``gateway_settings``: more gateway settings by field name, over the ones set here (e.g.
+        ``{"admission_in_flight_per_engine": 8}``). ``self.gateway_settings``: all of them."""
         self.workdir = workdir
         self.store = workdir / "store"
         seqs = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
@@ -91,6 +92,8 @@ class Stack:
             "data_dir": self.workdir, "adapter_store": self.store, "base_model_dir": demo_model_dir(),
             "admin_key": self.admin_key, "engine_urls": [f"http://127.0.0.1:{self.engine_config.port}"],
             "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0,
+            # one benchmark tenant holds every adapter of a run (the adapters curve uploads 1,000)
+            "max_adapters_per_tenant": 0, "max_stored_bytes_per_tenant": 0,
             # Fair admission off unless a scenario turns it on (docs/RELIABILITY.md): it would shape the load.
             "admission_in_flight_per_engine": 0, **(gateway_settings or {})}
         self.engine: EngineProcess | None = None
