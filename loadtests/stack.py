@@ -94,6 +94,8 @@ class Stack:
             "max_concurrency_per_tenant": 100000, "tokens_per_minute_per_tenant": 0,
             # one benchmark tenant holds every adapter of a run (the adapters curve uploads 1,000)
             "max_adapters_per_tenant": 0, "max_stored_bytes_per_tenant": 0,
+            # Stack.upload sends 4 at a time; a tenant may have 2 uploads in progress by default (runs got 429s)
+            "max_uploads_per_tenant": 8,
             # Fair admission off unless a scenario turns it on (docs/RELIABILITY.md): it would shape the load.
             "admission_in_flight_per_engine": 0, **(gateway_settings or {})}
         self.engine: EngineProcess | None = None
