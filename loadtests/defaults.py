@@ -34,6 +34,17 @@ def _plan(config) -> list[str] | None:
         return None
 
 
+def _counts(config) -> tuple[int, int] | None:
+    """(device slots, CPU-cached adapters) as the engine sized them for ``config``, or None if not sizable."""
+    from flylora_runtime.engine.launcher import sized
+
+    try:
+        memory = sized(config)[1]
+    except (ValueError, AttributeError):
+        return None
+    return (memory.max_loras, memory.max_cpu_loras) if memory is not None else None
+
+
 def _rate(runs: list[dict]) -> float:
     seconds = sum(r["duration_s"] for r in runs)
     return sum(r["output_tokens"] for r in runs) / seconds if seconds else 0.0
@@ -47,6 +58,9 @@ async def run_defaults(b, base_model: str) -> dict:
     with Stack(workdir, max_loras=0, max_cpu_loras=0, max_num_seqs=0, dtype="bfloat16") as stack:
         described = {**stack.describe(), "started_rss_gib": stack.rss_bytes() / 2**30,
                      "memory_plan": _plan(stack.engine.config)}
+        counts = _counts(stack.engine.config)
+        if counts:  # the config keeps 0 ("size from memory"): report the counts the engine was started with
+            described.update(max_loras=counts[0], max_cpu_loras=counts[1])
         b.stacks["defaults"] = described
         await stack.upload(names, ensure_adapters(FLYLORA_FULL, N_ADAPTERS))
         base_runs, fly_runs = [], []
