@@ -70,7 +70,8 @@ def test_tenant_deletion_killed_midway_is_crash_safe_and_finished_at_restart(mak
         for row in rows:  # never ready without its files
             assert row.state != READY or (data / "adapters" / row.internal_id / "adapter_model.safetensors").exists()
         doomed_rows = [r for r in rows if r.name.startswith("a")]
-        assert 1 <= len(doomed_rows) <= 3 and all(r.state == "deleting" for r in doomed_rows)
+        assert len(doomed_rows) in (1, 2, 3), doomed_rows  # at least one purged before the kill, one left
+        assert {r.state for r in doomed_rows} == {"deleting"}
         assert registry.tenant_for_key(doomed_key) is None  # revoked at once
         assert len(registry.pending_tenant_deletions()) == 1
         kept_id = next(r.internal_id for r in rows if r.name == "kept")

@@ -189,11 +189,12 @@ def test_a_stream_cut_short_is_charged_what_it_produced_with_fake_engine(make_en
                         break
     wait_released(gw, key)
     charged = 10_000 - balance(gw, key)
-    assert 1 + received <= charged < 1 + 400  # what it produced, not nothing and not the whole reservation
     metrics = httpx.get(gw.url + "/metrics").text
     produced = next(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("flylora_gateway_completion_tokens_total") and f'tenant="{name}"' in line)
-    assert produced == charged - 1
+    assert charged == 1 + produced  # the prompt's token and what it produced, not the whole reservation
+    assert produced >= received  # at least what the client read
+    assert produced < 400  # cut short: the engine stopped when the client left
 
 
 @pytest.mark.parametrize("status,answered,charged", [(500, 503, 100), (400, 400, 0)])
