@@ -189,3 +189,23 @@ def compose_command(docker: Docker) -> list[str] | None:
         return [docker.path, "compose"]
     legacy = shutil.which("docker-compose")
     return [legacy] if legacy else None
+
+
+def tenant_with_adapter(url: str, admin_key: str, demo_model_dir: Path, folder: Path, name: str = "support") -> str:
+    """Through the gateway at ``url``: a tenant ``acme`` and a small random FlyLoRA adapter ``name`` (r=8, q/v)
+    uploaded for it; returns the tenant's key."""
+    import httpx
+
+    from tests.server.helpers import adapter_files
+
+    with httpx.Client(base_url=url, timeout=300) as c:
+        r = c.post("/admin/tenants", json={"name": "acme"}, headers={"authorization": f"Bearer {admin_key}"})
+        assert r.status_code == 201, r.text
+        key = r.json()["api_key"]
+        base = json.loads((demo_model_dir / "config.json").read_text())
+        config, weights = adapter_files(folder, base=base, r=8, top_k=2, targets=("q_proj", "v_proj"))
+        r = c.post("/v1/adapters", data={"name": name}, headers={"authorization": f"Bearer {key}"},
+                   files={"config": ("adapter_config.json", config.read_bytes()),
+                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
+        assert r.status_code == 201, r.text
+    return key

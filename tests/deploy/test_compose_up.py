@@ -21,10 +21,9 @@ from openai import OpenAI
 
 from flylora_runtime.paths import data_dir
 
-from tests.deploy.docker_tools import (ENGINE_IMAGE, GATEWAY_IMAGE, Docker, compose_command, find_docker, free_port,
-                                       seed_model_volume)
+from tests.deploy.docker_tools import (Docker, ENGINE_IMAGE, GATEWAY_IMAGE, compose_command, find_docker, free_port,
+                                       seed_model_volume, tenant_with_adapter)
 from tests.deploy.tools import COMPOSE, REPO
-from tests.server.helpers import adapter_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(1800)]
 if not os.environ.get("FLYLORA_IMAGE_TEST"):
@@ -98,15 +97,7 @@ def test_compose_stack_becomes_healthy_and_serves_an_adapter(compose, demo_model
         while c.get("/ready").status_code != 200:
             assert time.monotonic() < deadline, c.get("/ready").text
             time.sleep(1)
-        r = c.post("/admin/tenants", json={"name": "acme"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-        assert r.status_code == 201, r.text
-        key = r.json()["api_key"]
-        base = json.loads((demo_model_dir / "config.json").read_text())
-        config, weights = adapter_files(tmp_path / "adapter", base=base, r=8, top_k=2, targets=("q_proj", "v_proj"))
-        r = c.post("/v1/adapters", data={"name": "support"}, headers={"authorization": f"Bearer {key}"},
-                   files={"config": ("adapter_config.json", config.read_bytes()),
-                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
-        assert r.status_code == 201, r.text
+    key = tenant_with_adapter(compose.url, ADMIN_KEY, demo_model_dir, tmp_path / "adapter")
     client = OpenAI(base_url=compose.url + "/v1", api_key=key, timeout=300, max_retries=0)
     chat = client.chat.completions.create(model="support", messages=[{"role": "user", "content": "Name a colour."}],
                                           max_tokens=12, temperature=0)

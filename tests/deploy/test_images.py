@@ -26,9 +26,8 @@ from openai import OpenAI
 
 from flylora_runtime.paths import data_dir
 
-from tests.deploy.docker_tools import (ENGINE_IMAGE, GATEWAY_IMAGE, HOST_CA_BUNDLE, Docker, TorchIndex, find_docker,
-                                       free_port, pem_blocks, seed_model_volume)
-from tests.server.helpers import adapter_files
+from tests.deploy.docker_tools import (Docker, ENGINE_IMAGE, GATEWAY_IMAGE, HOST_CA_BUNDLE, TorchIndex, find_docker,
+                                       free_port, pem_blocks, seed_model_volume, tenant_with_adapter)
 
 pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(5400)]
 if not os.environ.get("FLYLORA_IMAGE_TEST"):
@@ -156,16 +155,7 @@ def test_healthchecks_pass(docker, stack):
 
 def test_an_adapter_uploaded_through_the_gateway_container_is_served_by_the_engine_container(stack, demo_model_dir,
                                                                                              tmp_path):
-    with httpx.Client(base_url=stack.gateway_url, timeout=300) as c:
-        r = c.post("/admin/tenants", json={"name": "acme"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-        assert r.status_code == 201, r.text
-        key = r.json()["api_key"]
-        base = json.loads((demo_model_dir / "config.json").read_text())
-        config, weights = adapter_files(tmp_path / "adapter", base=base, r=8, top_k=2, targets=("q_proj", "v_proj"))
-        r = c.post("/v1/adapters", data={"name": "support"}, headers={"authorization": f"Bearer {key}"},
-                   files={"config": ("adapter_config.json", config.read_bytes()),
-                          "weights": ("adapter_model.safetensors", weights.read_bytes())})
-        assert r.status_code == 201, r.text
+    key = tenant_with_adapter(stack.gateway_url, ADMIN_KEY, demo_model_dir, tmp_path / "adapter")
     client = OpenAI(base_url=stack.gateway_url + "/v1", api_key=key, timeout=300, max_retries=0)
     start = time.monotonic()
     chat = client.chat.completions.create(model="support", messages=[{"role": "user", "content": "Name a colour."}],
