@@ -125,6 +125,9 @@ class RequestRecord:
     status: int | None = None
     ok: bool = False
     error: str | None = None
+    # Inter-token latencies: the gaps between consecutive content chunks (one per decode step, as vLLM streams),
+    # so a stall of the engine loop shows as one long gap that the mean ``tpot`` would average away.
+    itl: list[float] = field(default_factory=list, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -218,6 +221,7 @@ class _Run:
 
     async def _consume(self, resp: httpx.Response, rec: RequestRecord) -> bool:
         content_chunks = 0
+        last = 0.0
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -233,8 +237,12 @@ class _Run:
             for choice in event.get("choices") or ():
                 if (choice.get("delta") or {}).get("content"):
                     content_chunks += 1
+                    now = self.now()
                     if rec.ttft is None:
-                        rec.ttft = self.now() - rec.start
+                        rec.ttft = now - rec.start
+                    else:
+                        rec.itl.append(now - last)
+                    last = now
             usage = event.get("usage")
             if usage:
                 rec.output_tokens = int(usage.get("completion_tokens") or 0)

@@ -45,13 +45,17 @@ def summarize(result: LoadResult) -> dict:
         "distinct_models": len({r.model for r in result.records}),
         "ttft_s": _dist([r.ttft for r in ok if r.ttft is not None]),
         "tpot_s": _dist([r.tpot for r in ok if r.tpot is not None]),
+        # Every gap between two tokens of every request (vLLM's benchmarks call it ITL), and each request's
+        # longest one: where a stalled engine loop shows.
+        "itl_s": _dist([g for r in ok for g in r.itl]),
+        "max_itl_s": _dist([max(r.itl) for r in ok if r.itl]),
         "e2e_s": _dist([r.e2e for r in ok if r.e2e is not None]),
     }
 
 
 def result_json(result: LoadResult) -> dict:
     return {"spec": result.spec, "started_at": result.started_at, "summary": summarize(result),
-            "records": [asdict(r) for r in result.records]}
+            "records": [{k: v for k, v in asdict(r).items() if k != "itl"} for r in result.records]}
 
 
 def machine() -> dict:

@@ -2,7 +2,8 @@
 
 The fake upstream answers ``/v1/chat/completions`` by the ``model`` it is sent: ``ok`` streams ``max_tokens``
 chunks, usage and ``[DONE]``; ``err500`` answers HTTP 500; ``cut`` streams one chunk and ends without
-``[DONE]``; ``slow`` never answers (cancelled at the drain timeout).
+``[DONE]``; ``slow`` never answers (cancelled at the drain timeout); ``stall`` streams like ``ok`` with one
+0.3 s pause before its third token (a stalled engine loop).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ async def _chat(request: Request):
         if model == "slow":
             await asyncio.sleep(30)
         for i in range(1 if model == "cut" else n):
+            if model == "stall" and i == 2:
+                await asyncio.sleep(0.3)
             yield chunk(f" t{i}")
             await asyncio.sleep(0.001)
         if model == "cut":
@@ -145,3 +148,16 @@ def test_single_and_uniform_popularity():
     assert all(abs(c / 40_000 - 0.25) < 0.01 for c in counts.values()) and len(counts) == 4
     with pytest.raises(ValueError):
         Popularity("pareto", 3)
+
+
+def test_inter_token_gaps_show_a_stall_that_the_mean_time_per_token_hides(upstream):
+    result = asyncio.run(run_load(_spec(upstream, models=["stall"], output_tokens=Lengths(40, 40), max_requests=4,
+                                        concurrency=2)))
+    assert len(result.ok) == 4
+    for r in result.ok:
+        assert len(r.itl) == r.output_tokens - 1  # one gap between each two tokens
+        assert max(r.itl) >= 0.3 and sorted(r.itl)[-2] < 0.2  # the stall is one gap, the others are short
+        assert r.tpot < 0.3 / 4  # the mean over 39 gaps averages it away
+    s = summarize(result)
+    assert s["max_itl_s"]["n"] == 4 and s["max_itl_s"]["p50"] >= 0.3
+    assert s["itl_s"]["n"] == 4 * 39 and s["itl_s"]["p50"] < 0.1
