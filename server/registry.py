@@ -367,13 +367,19 @@ class Registry:
                                                     AdapterRow.state == READY))
             return None if row is None else _adapter(row)
 
-    def list_adapters(self, tenant_id: int | None = None, *, state: str | None = READY) -> list[Adapter]:
-        """The tenant's adapters (every tenant's when ``tenant_id`` is None), by name."""
+    def list_adapters(self, tenant_id: int | None = None, *, state: str | None = READY, after: str | None = None,
+                      limit: int | None = None) -> list[Adapter]:
+        """The tenant's adapters (every tenant's when ``tenant_id`` is None), by name: those named after
+        ``after`` (a page's cursor), at most ``limit`` of them."""
         q = select(AdapterRow).order_by(AdapterRow.name)
         if tenant_id is not None:
             q = q.where(AdapterRow.tenant_id == tenant_id)
         if state is not None:
             q = q.where(AdapterRow.state == state)
+        if after is not None:
+            q = q.where(AdapterRow.name > after)
+        if limit is not None:
+            q = q.limit(limit)
         with self._session() as s:
             return [_adapter(r) for r in s.scalars(q)]
 

@@ -7,9 +7,16 @@ What the vLLM plugin runs on CPU: 30 layers x 4 adapted calls (``qkv`` 576 -> 57
 A (a quarter of each row), packed compact A with 16-bit indices and column bitmasks, bf16 ``x``, ``out`` and
 B. A is timed both ways the plugin stores it: fp32 values (fp32 engines) and bf16 values (bf16 engines).
 
-Steps (tokens -> slots): ``decode16`` 16 tokens of 16 distinct adapters; ``decode1`` one token;
+Steps (tokens -> slots): ``decode16`` 16 tokens of 16 distinct adapters; ``decode16same`` 16 tokens of one
+adapter (the difference is what distinct adapters cost); ``decode1`` one token;
 ``prefill96`` 96 tokens of one adapter; ``mixed`` 16 decode tokens plus prompts of 60 and 57 tokens of two
 of those adapters (what a closed-loop load's steps look like).
+
+``base linear`` times the base model's own matmuls on the same 120 calls (bf16 weights of the layers' shapes,
+``torch.mm``): the part of an engine step the adapters are added to. For each step the
+output gives ``base / (base + FlyLoRA bf16 A)``, an upper bound of the engine's throughput with adapters
+against without them for that step (the rest of a real step, attention, norms and sampling, is the same in
+both, so the engine's ratio is at or above it).
 
 ``--baseline-rev REV`` also builds ``flylora_cpu.c`` as of git revision ``REV`` (same flags) and times it on
 the same fp32-A slots (kernels from before the bitmasks ignore them), and on the bf16-A slots too when that
@@ -41,6 +48,7 @@ from flylora_runtime.bench.kernels import SMOLLM2_LAYERS, SMOLLM2_NUM_LAYERS
 S, R, K = 16, 32, 8
 STEPS = {
     "decode16": list(range(16)),
+    "decode16same": [0] * 16,
     "decode1": [0],
     "prefill96": [0] * 96,
     "mixed": list(range(16)) + [0] * 60 + [1] * 57,
@@ -131,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     layers = build_layers((torch.float32, torch.bfloat16))
     variants = {"fp32 A": (lambda o, x, t, s: native.apply_native(lib, o, x, t, s), torch.float32),
                 "bf16 A": (lambda o, x, t, s: native.apply_native(lib, o, x, t, s), torch.bfloat16)}
+    weights = [torch.randn(sum(s.output_slices), s.in_features, generator=torch.Generator().manual_seed(j))
+               .to(torch.bfloat16) for j, s in enumerate(layers[torch.float32])]
+
+    def base_linear(o, x, t, s, _w={id(s): w for s, w in zip(layers[torch.float32], weights, strict=True)}):
+        torch.mm(x, _w[id(s)].t(), out=o)
+
+    variants["base linear"] = (base_linear, torch.float32)
     if args.baseline_rev:
         call = baseline_call(args.baseline_rev)
         variants[f"{args.baseline_rev} (fp32 A)"] = (call, torch.float32)
@@ -162,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                     times[v].append(clock() - t0)
             results[step] = {v: sorted(t)[len(t) // 2] * 1e3 for v, t in times.items()}
             print(f"{step:10s} " + "  ".join(f"{v}: {ms:7.2f} ms" for v, ms in results[step].items()), flush=True)
+    print("\nbase / (base + FlyLoRA bf16 A), the most a step with these adapters can reach of one without:")
+    for step, r in results.items():
+        print(f"{step:12s} {r['base linear'] / (r['base linear'] + r['bf16 A']):.2f}x   (FlyLoRA {r['bf16 A']:.2f} ms "
+              f"on base {r['base linear']:.2f} ms)")
     if args.baseline_rev:
         base = f"{args.baseline_rev} (fp32 A)"
         print("\nratios against the baseline kernel (same fp32-A slots; bf16 A is what a bf16 engine runs):")

@@ -276,8 +276,16 @@ class GatewayClient:
                 raise
         return self.upload_adapter(name, folder), True
 
-    def list_adapters(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/adapters")["data"]
+    def list_adapters(self, *, page_size: int = 1000) -> list[dict[str, Any]]:
+        """Every adapter of the tenant, by name (the gateway's pages followed to the end)."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = self._json("GET", "/v1/adapters", params=params)
+            out.extend(page["data"])
+            if not page.get("has_more") or not page["data"]:
+                return out
+            params = {"limit": page_size, "after": page["data"][-1]["id"]}
 
     def get_adapter(self, name: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/adapters/{_seg(name)}")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from functools import partial
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from server.adapters import delete_adapter, resolve_adapter, upload_adapter
@@ -43,8 +44,17 @@ class AdapterInfo(BaseModel):
 
 
 class AdapterList(BaseModel):
+    """One page of the caller's adapters, by name (OpenAI's list shape: ``has_more``, ``first_id``, ``last_id``)."""
+
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+    has_more: bool = Field(default=False, description="More adapters follow: ask again with `after=<last_id>`.")
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+#: Adapters per page of ``GET /v1/adapters``: by default, and at most.
+PAGE_DEFAULT, PAGE_MAX = 1000, 1000
 
 
 UPLOAD_BODY = {
@@ -68,10 +78,19 @@ async def upload(request: Request, tenant: TenantDep, gw: GatewayDep) -> Any:
 
 
 @router.get("", response_model=AdapterList)
-async def list_adapters(tenant: TenantDep, gw: GatewayDep) -> Any:
-    adapters = await anyio.to_thread.run_sync(gw.registry.list_adapters, tenant.id)
+async def list_adapters(
+    tenant: TenantDep, gw: GatewayDep,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="Adapters per page.")] = PAGE_DEFAULT,
+    after: Annotated[str | None, Query(max_length=64, description="The `last_id` of the page before.")] = None,
+) -> Any:
+    adapters = await anyio.to_thread.run_sync(partial(gw.registry.list_adapters, tenant.id, after=after,
+                                                      limit=limit + 1))
+    has_more = len(adapters) > limit
+    adapters = adapters[:limit]
     cached = gw.integrity.cached if gw.integrity is not None else (lambda _id: None)
-    return AdapterList(data=[AdapterInfo.of(a, cached(a.internal_id)) for a in adapters])
+    return AdapterList(data=[AdapterInfo.of(a, cached(a.internal_id)) for a in adapters], has_more=has_more,
+                       first_id=adapters[0].name if adapters else None,
+                       last_id=adapters[-1].name if adapters else None)
 
 
 @router.get("/{name}", response_model=AdapterInfo)

@@ -62,7 +62,8 @@ def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
     assert not [e for e in gateway.store_entries() if e.startswith(".")]  # no staging left behind
     with gateway.client(key) as c:
         assert c.get("/v1/adapters/support").json() == adapter
-        assert c.get("/v1/adapters").json() == {"object": "list", "data": [adapter]}
+        assert c.get("/v1/adapters").json() == {"object": "list", "data": [adapter], "has_more": False,
+                                                "first_id": "support", "last_id": "support"}
 
 
 def test_plain_peft_lora_is_accepted_as_top_k_equal_r(gateway, tenant, tmp_path):
@@ -273,3 +274,30 @@ def test_upload_without_base_model_config_is_503_and_leaves_nothing(engine, make
     err = assert_openai_error(gw.upload(key, "ok", tmp_path / "a"), 503)
     assert err["code"] == "base_model_unavailable"
     assert gw.store_entries() == set() and gw.gw.registry.all_internal_ids() == set()
+
+
+def test_the_list_is_paged_by_name_with_a_cursor_and_shows_no_other_tenant(gateway, tmp_path):
+    _, key = gateway.new_tenant()
+    _, other = gateway.new_tenant()
+    names = ["a-1", "a-2", "b-1", "c-1", "c-2"]
+    for i, name in enumerate(names):
+        assert gateway.upload(key, name, tmp_path / name, r=4, top_k=2, seed=i).status_code == 201
+    assert gateway.upload(other, "b-0", tmp_path / "other", r=4, top_k=2).status_code == 201
+    pages, after = [], None
+    with gateway.client(key) as c:
+        while True:
+            page = c.get("/v1/adapters", params={"limit": 2, **({"after": after} if after else {})}).json()
+            pages.append(page)
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert [[a["id"] for a in p["data"]] for p in pages] == [["a-1", "a-2"], ["b-1", "c-1"], ["c-2"]]
+        assert [(p["first_id"], p["last_id"], p["has_more"]) for p in pages] == [
+            ("a-1", "a-2", True), ("b-1", "c-1", True), ("c-2", "c-2", False)]
+        assert [a["id"] for a in c.get("/v1/adapters").json()["data"]] == names  # one page by default
+        assert c.get("/v1/adapters", params={"after": "zzz"}).json() == {
+            "object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+        for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "ten"}, {"after": "x" * 65}):
+            r = c.get("/v1/adapters", params=bad)
+            assert_openai_error(r, 400)
+            assert r.json()["error"]["param"] == next(iter(bad)), r.text

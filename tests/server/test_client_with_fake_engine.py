@@ -135,3 +135,14 @@ def test_ready_follows_the_engine(gateway, engine):
             assert not c.ready()
         finally:
             engine.state.health_status = 200
+
+
+def test_list_adapters_follows_the_gateways_pages_to_the_end(gateway, tmp_path):
+    with GatewayClient(gateway.url, ADMIN_KEY) as admin:
+        key = admin.create_tenant(_name("pages"))
+    with GatewayClient(gateway.url, key) as tenant:
+        for i in range(5):
+            adapter_files(tmp_path / str(i), r=4, top_k=2, seed=i)
+            tenant.upload_adapter(f"p-{i}", tmp_path / str(i))
+        assert [a["id"] for a in tenant.list_adapters(page_size=2)] == [f"p-{i}" for i in range(5)]
+        assert [a["id"] for a in tenant.list_adapters()] == [f"p-{i}" for i in range(5)]
