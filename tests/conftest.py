@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,5 +45,7 @@ def flylora_engine(demo_model_dir, tmp_path_factory):
     config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="float32",
                           energy="full",
                           max_loras=4, max_cpu_loras=16, max_lora_rank=32, max_num_seqs=64)
-    with EngineProcess(config, root / "engine.log") as proc:
+    # First loads in the background thread (the GPU default; CPU engines load in the loop unless told):
+    # the engine tests cover that path, the reliability tests' engine the CPU default.
+    with EngineProcess(config, root / "engine.log", env={**os.environ, "FLYLORA_PREFETCH": "1"}) as proc:
         yield RunningEngine(proc, store)

@@ -1,5 +1,7 @@
 """Adapter loads off the engine loop: an adapter's first load runs in a background thread of the worker.
 
+On by default on GPU engines, off on CPU engines (:func:`enabled` says why; ``FLYLORA_PREFETCH`` sets it).
+
 Without this, the first request for an adapter makes vLLM's API server call the engine's ``add_lora``; the
 engine core passes it to the worker, which reads the checkpoint, validates it and builds its tensors in the
 LoRA dtype while every other request waits: the core loop is blocked on that call and the worker runs no
@@ -119,8 +121,21 @@ def prefetcher() -> Prefetcher:
 
 
 def enabled() -> bool:
-    """``FLYLORA_PREFETCH=0`` loads in the loop, as vLLM does (for comparisons)."""
-    return os.environ.get("FLYLORA_PREFETCH", "1") != "0"
+    """Whether first loads run in the background: ``FLYLORA_PREFETCH=1`` yes, ``0`` no (in the loop, as vLLM
+    does); unset: yes on GPU engines, no on CPU engines.
+
+    Why not on CPU: there the engine loop is the CPU. On the 2-vCPU machine of docs/BENCHMARKS.md ("Cold first
+    loads"), the background thread took its time from the loop's own OpenMP threads, and two runs of
+    ``loadtests.run cold`` measured it worse than loading in the loop on both counts: cold first token p50
+    0.48-0.62 s against 0.33-0.35 s, and the other streams' p99 gap between tokens 2.7-3.4x their steady value
+    against 1.8-2.1x. On a GPU engine the loop waits on the device and a CPU thread is free.
+    """
+    value = os.environ.get("FLYLORA_PREFETCH", "").strip()
+    if value:
+        return value != "0"
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
 
 
 #: vLLM's own ``WorkerLoRAManager._load_adapter``, kept when its replacement is built (:mod:`.patches`): the
