@@ -212,9 +212,20 @@ def test_a_quiet_tenant_does_not_wait_behind_a_noisy_tenants_backlog(make_engine
     gw = make_gateway([engine.url], admission_in_flight_per_engine=4, admission_queue_depth=200,
                       max_concurrency_per_tenant=1000)
     _, noisy = gw.new_tenant()
-    _, quiet = gw.new_tenant()
+    quiet_name, quiet = gw.new_tenant()
+    quiet_id = gw.gw.registry.get_tenant(quiet_name).id
     slow = {"model": BASE_ID, "prompt": "x", "max_tokens": 2, "fake_sleep_s": 0.5}
     stop = threading.Event()
+    admission, queued = gw.gw.admission, []  # tenant ids of the requests that found no free slot
+    try_enter = admission.try_enter
+
+    def counting_try_enter(tenant: int):
+        slot = try_enter(tenant)
+        if slot is None:
+            queued.append(tenant)
+        return slot
+
+    admission.try_enter = counting_try_enter
 
     def flood(client: httpx.Client) -> None:
         while not stop.is_set():
@@ -232,8 +243,13 @@ def test_a_quiet_tenant_does_not_wait_behind_a_noisy_tenants_backlog(make_engine
                 assert qc.post("/v1/completions", json={**slow, "fake_sleep_s": 0.05}).status_code == 200
                 latencies.append(time.monotonic() - t0)
         stop.set()
-    # Without fair admission each would wait for the 36 queued ahead (4.5 s at 4 x 0.5 s); here it finds a slot.
-    assert max(latencies) < 0.5, latencies
+    del admission.try_enter
+    # Without fair admission each would wait for the 36 queued ahead (4.5 s at 4 x 0.5 s); here every one found
+    # a slot at once (only the noisy tenant's requests ever waited), so the typical one takes what the engine
+    # takes. (Not the slowest: 40 flooding threads share this process and 2 cores, and one of five once took
+    # 0.9 s in CI without having waited for a slot.)
+    assert queued and quiet_id not in queued, latencies
+    assert sorted(latencies)[2] < 0.5, latencies
     assert engine.state.max_in_flight <= 4
 
 
