@@ -14,9 +14,10 @@ of those adapters (what a closed-loop load's steps look like).
 
 ``base linear`` times the base model's own matmuls on the same 120 calls (bf16 weights of the layers' shapes,
 ``torch.mm``): the part of an engine step the adapters are added to. For each step the
-output gives ``base / (base + FlyLoRA bf16 A)``, an upper bound of the engine's throughput with adapters
-against without them for that step (the rest of a real step, attention, norms and sampling, is the same in
-both, so the engine's ratio is at or above it).
+output gives ``base / (base + FlyLoRA bf16 A)``: the ratio of the engine's throughput with adapters to
+without them that these layers allow. The rest of a real step (attention, norms, sampling) adds the same time
+to both sides, which would lift the engine's ratio above it; on the shared 2-vCPU machine of
+docs/BENCHMARKS.md the engine measured at or a little below it instead (its OpenMP threads share the cores).
 
 ``--baseline-rev REV`` also builds ``flylora_cpu.c`` as of git revision ``REV`` (same flags) and times it on
 the same fp32-A slots (kernels from before the bitmasks ignore them), and on the bf16-A slots too when that
