@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
 from loadtests.fairness import three_runs
 from tests.reliability.conftest import ENGINE_BATCH, Stack, async_client, request, run
+from tests.server.helpers import queued_tenants
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -68,22 +70,10 @@ def test_a_quiet_tenant_keeps_its_time_to_first_token_next_to_a_noisy_one(stack:
     stack.ensure_engine()
     keys = {name: stack.tenant(name) for name in ["quiet", "noisy", *[f"fair-{i}" for i in range(6)]]}
     ids = {name: stack.gw.registry.get_tenant(name).id for name in keys}
-    admission = stack.gw.admission
-    queued: dict[int, int] = {}  # tenant id -> requests that found no free slot and had to wait in the gateway
-    try_enter = admission.try_enter
-
-    def counting_try_enter(tenant: int):
-        slot = try_enter(tenant)
-        if slot is None:
-            queued[tenant] = queued.get(tenant, 0) + 1
-        return slot
-
-    admission.try_enter = counting_try_enter
-    try:
+    with queued_tenants(stack.gw.admission) as waited:  # ids of the requests that waited for a slot
         results = run(three_runs(stack.url, stack.engine.url, keys, stack.settings.base_model_id, duration_s=20,
                                  batch=ENGINE_BATCH))
-    finally:
-        del admission.try_enter
+    queued = Counter(waited)  # tenant id -> requests that found no free slot and had to wait in the gateway
     p50 = {name: r["quiet_ttft_s"]["p50"] for name, r in results.items()}
     p99 = {name: r["quiet_ttft_s"]["p99"] for name, r in results.items()}
     keep = ("quiet_ttft_s", "engine_running_mean", "engine_waiting_mean", "gateway_in_flight_mean",

@@ -6,6 +6,8 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,23 @@ def assert_openai_error(response: Any, status: int) -> dict[str, Any]:
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body["error"]
+
+
+@contextmanager
+def queued_tenants(admission: Any) -> Iterator[list[int]]:
+    """While open, the tenant id of every request that found no free slot at the gateway's fair admission
+    (``try_enter`` returned None, so it waited in its tenant's queue), in order; the admission is left as it was."""
+    queued: list[int] = []
+    try_enter = admission.try_enter
+
+    def counting(tenant: int):
+        slot = try_enter(tenant)
+        if slot is None:
+            queued.append(tenant)
+        return slot
+
+    admission.try_enter = counting
+    try:
+        yield queued
+    finally:
+        del admission.try_enter

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import BASE_ID, start_fake_engine
 from tests.server.fake_engine import FakeEngineState, create_fake_engine
-from tests.server.helpers import ServerThread, assert_openai_error, free_port_url
+from tests.server.helpers import ServerThread, assert_openai_error, free_port_url, queued_tenants
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -216,23 +216,14 @@ def test_a_quiet_tenant_does_not_wait_behind_a_noisy_tenants_backlog(make_engine
     quiet_id = gw.gw.registry.get_tenant(quiet_name).id
     slow = {"model": BASE_ID, "prompt": "x", "max_tokens": 2, "fake_sleep_s": 0.5}
     stop = threading.Event()
-    admission, queued = gw.gw.admission, []  # tenant ids of the requests that found no free slot
-    try_enter = admission.try_enter
-
-    def counting_try_enter(tenant: int):
-        slot = try_enter(tenant)
-        if slot is None:
-            queued.append(tenant)
-        return slot
-
-    admission.try_enter = counting_try_enter
 
     def flood(client: httpx.Client) -> None:
         while not stop.is_set():
             client.post("/v1/completions", json=slow)
 
-    with httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {noisy}"}, timeout=120,
-                      limits=httpx.Limits(max_connections=100)) as nc, ThreadPoolExecutor(40) as pool:
+    with queued_tenants(gw.gw.admission) as queued, \
+            httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {noisy}"}, timeout=120,
+                         limits=httpx.Limits(max_connections=100)) as nc, ThreadPoolExecutor(40) as pool:
         for _ in range(40):  # 40 in flight against 4 slots: a backlog of 36+ (10x what the engine takes)
             pool.submit(flood, nc)
         wait_until(lambda: gw.gw.admission.waiting() >= 30, 10, "the noisy backlog")
@@ -243,7 +234,6 @@ def test_a_quiet_tenant_does_not_wait_behind_a_noisy_tenants_backlog(make_engine
                 assert qc.post("/v1/completions", json={**slow, "fake_sleep_s": 0.05}).status_code == 200
                 latencies.append(time.monotonic() - t0)
         stop.set()
-    del admission.try_enter
     # Without fair admission each would wait for the 36 queued ahead (4.5 s at 4 x 0.5 s); here every one found
     # a slot at once (only the noisy tenant's requests ever waited), so the typical one takes what the engine
     # takes. (Not the slowest: 40 flooding threads share this process and 2 cores, and one of five once took
