@@ -26,7 +26,8 @@ from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_wi
                                                  load_flylora_checkpoint, remove_and_release_memory)
 from flylora_runtime.vllm_plugin.prefetch import (discarding_remove_lora, prefetching_add_lora, status_method,
                                                   take_prefetched_load, waiting_async_add_lora)
-from flylora_runtime.vllm_plugin.residency import naming_add_adapter, publishing_after, publishing_create_lora_manager
+from flylora_runtime.vllm_plugin.residency import (naming_add_adapter, publishing_after, publishing_apply_adapters,
+                                                   publishing_create_lora_manager)
 from flylora_runtime.vllm_plugin.resolver import refuse_unloaded_adapters, unload_frees_engine_copy
 
 
@@ -133,7 +134,10 @@ PATCHES: tuple[Patch, ...] = (
           "resident (residency.py, vllm:lora_adapter_loaded).", ("self", "model", "vllm_config")),
     Patch("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager", "add_adapter", naming_add_adapter,
           "Residency: record the adapter's request name (vLLM's LoRAModel has none) and publish after a load, "
-          "an LRU eviction or a slot change.", ("self", "lora_request")),
+          "an LRU eviction or a slot change (once per step inside _apply_adapters).", ("self", "lora_request")),
+    Patch("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager", "_apply_adapters", publishing_apply_adapters,
+          "Residency: publish once per step, after add_adapter has run for every adapter the step uses.",
+          ("self", "lora_requests")),
     Patch("vllm.lora.worker_manager:WorkerLoRAManager", "remove_adapter", publishing_after,
           "Residency: publish after an unload.", ("self", "adapter_id")),
     Patch("vllm.lora.worker_manager:WorkerLoRAManager", "remove_all_adapters", publishing_after,

@@ -41,6 +41,7 @@ def clean_state(tmp_path, monkeypatch):
     monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(residency, "_names", {})
     monkeypatch.setattr(residency, "_last_written", None)
+    monkeypatch.setattr(residency, "_last_key", None)
 
 
 def scrape(folder, limit=None) -> dict:
@@ -113,6 +114,54 @@ def test_the_file_is_rewritten_only_when_residency_changes(tmp_path):
     m.load(2, "fl-b")
     residency.publish(worker)
     assert path.stat().st_mtime != 1
+
+
+def test_a_step_that_only_touches_slot_holders_does_not_rebuild_the_snapshot(tmp_path, monkeypatch):
+    m = StandInManager(slots=2, capacity=3)
+    m.load(1, "fl-a"), m.activate(0, 1)
+    m.load(2, "fl-b"), m.activate(1, 2)
+    worker = SimpleNamespace(_adapter_manager=m, _flylora_model_name="base")
+    built = []
+    real_snapshot = residency.snapshot
+    monkeypatch.setattr(residency, "snapshot", lambda *a: built.append(1) or real_snapshot(*a))
+    residency.publish(worker)
+    assert len(built) == 1
+    for lora_id in (1, 2, 1):  # what every step does to the adapters it uses: LRU touches, same residency
+        m._registered_adapters.touch(lora_id)
+        residency.publish(worker)
+    assert len(built) == 1
+    m.load(3, "fl-c")  # a CPU-only adapter: the snapshot changes
+    residency.publish(worker)
+    assert len(built) == 2
+    assert loaded(scrape(tmp_path)) == {("fl-a", "gpu", "false"), ("fl-b", "gpu", "false"), ("fl-c", "cpu", "false")}
+    m._registered_adapters.pin(3)  # a pin changes a label, so the snapshot is rebuilt
+    residency.publish(worker)
+    assert len(built) == 3
+    assert ("fl-c", "cpu", "true") in loaded(scrape(tmp_path))
+
+
+def test_a_step_publishes_once_after_all_of_its_adapters(monkeypatch):
+    """vLLM calls add_adapter for every adapter of every step, from _apply_adapters: one publish per step."""
+    published = []
+    monkeypatch.setattr(residency, "publish", lambda worker: published.append(worker))
+
+    class StandInWorker:  # the two vLLM methods the patch table wraps, reduced to their calls
+        def add_adapter(self, lora_request):
+            return True
+
+        def _apply_adapters(self, lora_requests):
+            for request in lora_requests:
+                self.add_adapter(request)
+
+    StandInWorker.add_adapter = residency.naming_add_adapter(StandInWorker.add_adapter)
+    StandInWorker._apply_adapters = residency.publishing_apply_adapters(StandInWorker._apply_adapters)
+    worker = StandInWorker()
+    requests = [SimpleNamespace(lora_int_id=i, lora_name=f"fl-{i}") for i in range(16)]
+    worker._apply_adapters(requests)
+    assert published == [worker]
+    assert residency._names == {i: f"fl-{i}" for i in range(16)}
+    worker.add_adapter(SimpleNamespace(lora_int_id=99, lora_name="fl-99"))  # a load outside a step
+    assert published == [worker, worker]
 
 
 def test_per_adapter_series_are_capped_slot_holders_first_counts_stay_exact(tmp_path):

@@ -30,7 +30,7 @@ def test_the_supported_vllm_is_installed() -> None:
 
 def test_the_table_names_each_symbol_once_and_says_why() -> None:
     names = [p.name for p in patches.PATCHES]
-    assert len(names) == len(set(names)) == 23
+    assert len(names) == len(set(names)) == 24
     for p in patches.PATCHES:
         assert p.why.strip() and callable(p.replacement), p.name
 
