@@ -7,8 +7,10 @@ alone (steady), then again while one client requests 12 adapters that are in the
 requested, one after another (``max_tokens`` 1). Reported: the cold adapters' time to first token, and the
 base requests' time per output token steady and during the cold loads, two ways: each token's own time (the
 gap since the token before it, "ITL"; p50, p99: a stall of the engine loop is one long gap) and each
-request's mean (TPOT). The issue's bound: the p99 during cold loads within 1.2x of steady. Writes
-``cold_benchmark.json`` into ``--out``.
+request's mean (TPOT). The issue's bound: the p99 during cold loads within 1.2x of steady. Before that, on
+the idle engine: 6 other never-requested adapters, each asked cold, then warm, with a base request before
+them (``max_tokens`` 1, one at a time), so a cold first token can be read against the same engine's warm
+and base ones (idle_ttft_s). Writes ``cold_benchmark.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from loadtests.stack import FLYLORA_FULL, Stack, ensure_adapters
 from loadtests.workload import Lengths
 
 N_COLD = 12
+N_IDLE = 6
 CLIENTS = 8
 
 
@@ -33,10 +36,12 @@ async def _session(b, base_model: str, prefetch: bool) -> dict:
     os.environ["FLYLORA_PREFETCH"] = "1" if prefetch else "0"
     workdir = data_dir() / "loadtests" / f"stack-cold-{'on' if prefetch else 'off'}"
     names = [f"cold-{i:04d}" for i in range(N_COLD)]
+    idle_names = [f"idle-{i:04d}" for i in range(N_IDLE)]
     with Stack(workdir, max_loras=0, max_cpu_loras=0, max_num_seqs=0, dtype="bfloat16") as stack:
-        await stack.upload(names, ensure_adapters(FLYLORA_FULL, N_COLD))
+        await stack.upload(names + idle_names, ensure_adapters(FLYLORA_FULL, N_COLD + N_IDLE))
         spec = b.spec(stack, [base_model], "base", popularity="single", concurrency=CLIENTS)
         await run_load(replace(spec, max_requests=CLIENTS, output_tokens=Lengths(2, 2), progress=False))  # warm
+        idle = await _idle_ttfts(spec, base_model, idle_names)
         load_steady = os.getloadavg()[0]
         steady = summarize(await run_load(spec))
         ttfts, failures = [], []
@@ -53,11 +58,36 @@ async def _session(b, base_model: str, prefetch: bool) -> dict:
         load_during = os.getloadavg()[0]
         during, _ = await asyncio.gather(run_load(spec), cold())
         during = summarize(during)
-    return {"prefetch": prefetch, "cold_ttft_s": ttfts, "cold_ttft_p50_s": percentile(ttfts, 50),
+    return {"prefetch": prefetch, "idle_ttft_s": idle, "cold_ttft_s": ttfts, "cold_ttft_p50_s": percentile(ttfts, 50),
             "cold_ttft_p99_s": percentile(ttfts, 99), "cold_failures": failures,
             "steady": steady, "during_cold": during, "loadavg_steady": load_steady, "loadavg_during": load_during,
             "tpot_p99_during_over_steady": (during["tpot_s"]["p99"] or 0) / (steady["tpot_s"]["p99"] or 1),
             "itl_p99_during_over_steady": (during["itl_s"]["p99"] or 0) / (steady["itl_s"]["p99"] or 1)}
+
+
+async def _one_ttft(spec, model: str) -> float | None:
+    res = await run_load(replace(spec, models=[model], label=f"idle {model}", max_requests=1, concurrency=1,
+                                 duration_s=600, output_tokens=Lengths(1, 1), progress=False))
+    rec = res.records[0]
+    return rec.ttft if rec.ok else None
+
+
+async def _idle_ttfts(spec, base_model: str, names: list[str]) -> dict:
+    """On the idle engine, per adapter: a base request, the adapter cold, the adapter warm (one at a time)."""
+    out: dict[str, list] = {"base": [], "cold": [], "warm": []}
+    for name in names:
+        for key, model in (("base", base_model), ("cold", name), ("warm", name)):
+            out[key].append(await _one_ttft(spec, model))
+            await asyncio.sleep(0.2)
+    for key in ("base", "cold", "warm"):
+        got = [t for t in out[key] if t is not None]
+        out[key + "_p50"] = percentile(got, 50) if got else None
+        out[key + "_failed"] = len(out[key]) - len(got)
+    return out
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.0f} ms"
 
 
 async def run_cold(b, base_model: str) -> dict:
@@ -72,6 +102,9 @@ async def run_cold(b, base_model: str) -> dict:
     b.out.mkdir(parents=True, exist_ok=True)
     write_json(b.out / "cold_benchmark.json", out)
     for key, s in sessions.items():
+        idle = s["idle_ttft_s"]
+        print(f"prefetch {key}: idle engine TTFT p50 base {_ms(idle['base_p50'])}, warm adapter {_ms(idle['warm_p50'])}, "
+              f"cold adapter {_ms(idle['cold_p50'])}", flush=True)
         print(f"prefetch {key}: cold TTFT p50 {s['cold_ttft_p50_s'] or float('nan'):.3f} s p99 "
               f"{s['cold_ttft_p99_s'] or float('nan'):.3f} s ({len(s['cold_failures'])} failed); base TPOT p50/p99 "
               f"steady {s['steady']['tpot_s']['p50'] * 1e3:.0f}/{s['steady']['tpot_s']['p99'] * 1e3:.0f} ms, during "

@@ -1044,6 +1044,67 @@ static inline uint32_t raw_bits(const char *row, int64_t q, int size) {
     return h;
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+/* The 16-bit rows of pack_rows without a conversion (bf16 A into bf16 values: a bf16 engine's first
+ * activation), 32 columns per step: vptestmw gives the step's nonzero columns, which are its two mask words,
+ * and vpcompressw packs its values and (16-bit) column indices, stored back to back. The same output as the
+ * scalar loop below, bit for bit. */
+static int64_t count_rows16(const uint16_t *A, int64_t r, int64_t in) {
+    int64_t most = 0;
+    for (int64_t j = 0; j < r; j++) {
+        const uint16_t *row = A + j * in;
+        int64_t c = 0;
+        for (int64_t q = 0; q < in; q += 32) {
+            const __mmask32 lanes = in - q >= 32 ? 0xffffffffu : (__mmask32)((1u << (in - q)) - 1u);
+            const __m512i v = _mm512_maskz_loadu_epi16(lanes, row + q);
+            c += __builtin_popcount((uint32_t)_mm512_test_epi16_mask(v, v));
+        }
+        if (c > most) most = c;
+    }
+    return most;
+}
+
+static int64_t pack_rows16(const uint16_t *A, int64_t r, int64_t in, int64_t p, void *idx, int idx_bytes,
+                           uint16_t *val, uint16_t *mask) {
+    const int64_t words = (in + 15) / 16;
+    const __m512i iota = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
+                                          13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t j = 0; j < r; j++) {
+        const uint16_t *row = A + j * in;
+        uint16_t *mk = mask + j * words;
+        int64_t e = j * p;
+        const int64_t end = e + p;
+        for (int64_t q = 0; q < in; q += 32) {
+            const int64_t n = in - q >= 32 ? 32 : in - q;
+            const __mmask32 lanes = n == 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
+            const __m512i v = _mm512_maskz_loadu_epi16(lanes, row + q);
+            const uint32_t nz = (uint32_t)_mm512_test_epi16_mask(v, v);
+            const int64_t c = __builtin_popcount(nz);
+            if (e + c > end) return -3;
+            mk[q >> 4] = (uint16_t)nz; /* q is a multiple of 32: its two words are q/16 and q/16 + 1 */
+            if (n > 16) mk[(q >> 4) + 1] = (uint16_t)(nz >> 16);
+            /* compress in a register, then a masked store of the first c lanes: a compressing store to memory
+             * is microcoded on AMD Zen 4 (measured 1.6x slower than the scalar loop) */
+            const __mmask32 first = c == 32 ? 0xffffffffu : (__mmask32)((1u << c) - 1u);
+            _mm512_mask_storeu_epi16(val + e, first, _mm512_maskz_compress_epi16((__mmask32)nz, v));
+            if (idx_bytes == 2) {
+                const __m512i cols = _mm512_add_epi16(iota, _mm512_set1_epi16((short)q));
+                _mm512_mask_storeu_epi16((uint16_t *)idx + e, first, _mm512_maskz_compress_epi16((__mmask32)nz, cols));
+            } else {
+                int64_t t = e;
+                for (uint32_t m = nz; m; m &= m - 1) ((int32_t *)idx)[t++] = (int32_t)(q + __builtin_ctz(m));
+            }
+            e += c;
+        }
+        if (e < end) { /* padding: column 0, value 0 */
+            memset((char *)idx + e * idx_bytes, 0, (size_t)((end - e) * idx_bytes));
+            memset(val + e, 0, (size_t)(end - e) * sizeof(uint16_t));
+        }
+    }
+    return p;
+}
+#endif
+
 /* One slice's A [r, in] (dtype a_dt, rows contiguous) into the packed compact layout (see the top of this
  * file): row j's entries with nonzero raw bits (so -0.0 is kept), in column order, at idx/val[j*p ...],
  * padded to p with column 0 and value 0; mask[j*words + w] bit c set for an entry at column 16w + c. Values
@@ -1055,6 +1116,11 @@ static inline uint32_t raw_bits(const char *row, int64_t q, int size) {
 int64_t flylora_cpu_pack_rows(const void *A, int a_dt, int64_t r, int64_t in, int64_t p, void *idx, int idx_bytes,
                               void *val, int val_dt, uint16_t *mask) {
     const int a_sz = a_dt == F32 ? 4 : 2;
+#if defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+    if (a_sz == 2 && p < 0) return count_rows16((const uint16_t *)A, r, in);
+    if (a_sz == 2 && val_dt == a_dt && (idx_bytes == 2 ? in <= 32767 : idx_bytes == 4))
+        return pack_rows16((const uint16_t *)A, r, in, p, idx, idx_bytes, (uint16_t *)val, mask);
+#endif
     if (p < 0) {
         int64_t most = 0;
         for (int64_t j = 0; j < r; j++) {

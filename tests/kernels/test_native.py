@@ -211,20 +211,29 @@ def test_bf16_engine_paths_random_shapes() -> None:
 
 @pytest.mark.parametrize("a_dtype,v_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                              (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
-                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float16, torch.float16)])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
-def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype) -> None:
+@pytest.mark.parametrize("n_in", [100, 1553])
+def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype, n_in, monkeypatch) -> None:
     """The C packing of one slice's A (prepare_slot's fast path) gives bit for bit what the torch compaction
-    and column words give: rows of unequal counts, an all-zero row, -0.0 and subnormal entries kept, values
-    rounded as torch rounds, and ``in`` not a multiple of 16."""
+    and column words give: rows of unequal counts, an all-zero row, a dense row, -0.0 and subnormal entries
+    kept, values rounded as torch rounds, and ``in`` not a multiple of 16 (100: under one 32-column step of
+    the AVX-512 path for 16-bit A; 1553: many steps and a tail of 17, which ends in the middle of a word)."""
     from flylora_runtime.weights.packing import column_words, compact_rows
 
     g = torch.Generator().manual_seed(31)
-    A = torch.randn(20, 100, generator=g) * (torch.rand(20, 100, generator=g) < torch.rand(20, 1, generator=g))
+    A = torch.randn(20, n_in, generator=g) * (torch.rand(20, n_in, generator=g) < torch.rand(20, 1, generator=g))
     A[3] = 0.0
-    A[5, 7], A[6, 99], A[7, 0] = -0.0, 1e-40, 1.00390625  # -0.0 (kept), a subnormal, a tie in bf16 rounding
+    A[4] = torch.randn(n_in, generator=g)  # every column
+    A[5, 7], A[6, n_in - 1], A[7, 0] = -0.0, 1e-40, 1.00390625  # -0.0 (kept), a subnormal, a tie in bf16 rounding
     A = A.to(a_dtype)
+    real_empty = torch.empty
+    # The outputs poisoned (torch.empty may hand back an earlier call's correct bytes): every word, index and
+    # value must be written.
+    monkeypatch.setattr(torch, "empty", lambda *shape, dtype: real_empty(*shape, dtype=dtype).fill_(7))
     got = native.pack_rows(A, index_dtype, v_dtype)
+    monkeypatch.undo()
     assert got is not None
     idx, val, mask, p = got
     want_idx, want_val, _ = compact_rows(A)
