@@ -49,9 +49,7 @@ async def _session(b, base_model: str, prefetch: bool) -> dict:
         async def cold() -> None:
             await asyncio.sleep(2.0)  # let the base clients reach decode
             for name in names:
-                res = await run_load(replace(spec, models=[name], label=f"cold {name}", max_requests=1, concurrency=1,
-                                             duration_s=600, output_tokens=Lengths(1, 1), progress=False))
-                rec = res.records[0]
+                rec = await _one_request(spec, name, f"cold {name}")
                 (ttfts.append(rec.ttft) if rec.ok and rec.ttft is not None else failures.append(rec.error))
                 await asyncio.sleep(0.5)
 
@@ -65,11 +63,11 @@ async def _session(b, base_model: str, prefetch: bool) -> dict:
             "itl_p99_during_over_steady": (during["itl_s"]["p99"] or 0) / (steady["itl_s"]["p99"] or 1)}
 
 
-async def _one_ttft(spec, model: str) -> float | None:
-    res = await run_load(replace(spec, models=[model], label=f"idle {model}", max_requests=1, concurrency=1,
-                                 duration_s=600, output_tokens=Lengths(1, 1), progress=False))
-    rec = res.records[0]
-    return rec.ttft if rec.ok else None
+async def _one_request(spec, model: str, label: str):
+    """One request for ``model`` alone (``max_tokens`` 1); its record."""
+    res = await run_load(replace(spec, models=[model], label=label, max_requests=1, concurrency=1, duration_s=600,
+                                 output_tokens=Lengths(1, 1), progress=False))
+    return res.records[0]
 
 
 async def _idle_ttfts(spec, base_model: str, names: list[str]) -> dict:
@@ -77,7 +75,8 @@ async def _idle_ttfts(spec, base_model: str, names: list[str]) -> dict:
     out: dict[str, list] = {"base": [], "cold": [], "warm": []}
     for name in names:
         for key, model in (("base", base_model), ("cold", name), ("warm", name)):
-            out[key].append(await _one_ttft(spec, model))
+            rec = await _one_request(spec, model, f"idle {model}")
+            out[key].append(rec.ttft if rec.ok else None)
             await asyncio.sleep(0.2)
     for key in ("base", "cold", "warm"):
         got = [t for t in out[key] if t is not None]

@@ -1049,14 +1049,17 @@ static inline uint32_t raw_bits(const char *row, int64_t q, int size) {
  * activation), 32 columns per step: vptestmw gives the step's nonzero columns, which are its two mask words,
  * and vpcompressw packs its values and (16-bit) column indices, stored back to back. The same output as the
  * scalar loop below, bit for bit. */
+static inline __mmask32 low_lanes(int64_t n) { /* the first n of 32 lanes, 0 <= n <= 32 */
+    return n >= 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
+}
+
 static int64_t count_rows16(const uint16_t *A, int64_t r, int64_t in) {
     int64_t most = 0;
     for (int64_t j = 0; j < r; j++) {
         const uint16_t *row = A + j * in;
         int64_t c = 0;
         for (int64_t q = 0; q < in; q += 32) {
-            const __mmask32 lanes = in - q >= 32 ? 0xffffffffu : (__mmask32)((1u << (in - q)) - 1u);
-            const __m512i v = _mm512_maskz_loadu_epi16(lanes, row + q);
+            const __m512i v = _mm512_maskz_loadu_epi16(low_lanes(in - q), row + q);
             c += __builtin_popcount((uint32_t)_mm512_test_epi16_mask(v, v));
         }
         if (c > most) most = c;
@@ -1076,8 +1079,7 @@ static int64_t pack_rows16(const uint16_t *A, int64_t r, int64_t in, int64_t p, 
         const int64_t end = e + p;
         for (int64_t q = 0; q < in; q += 32) {
             const int64_t n = in - q >= 32 ? 32 : in - q;
-            const __mmask32 lanes = n == 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
-            const __m512i v = _mm512_maskz_loadu_epi16(lanes, row + q);
+            const __m512i v = _mm512_maskz_loadu_epi16(low_lanes(n), row + q);
             const uint32_t nz = (uint32_t)_mm512_test_epi16_mask(v, v);
             const int64_t c = __builtin_popcount(nz);
             if (e + c > end) return -3;
@@ -1085,7 +1087,7 @@ static int64_t pack_rows16(const uint16_t *A, int64_t r, int64_t in, int64_t p, 
             if (n > 16) mk[(q >> 4) + 1] = (uint16_t)(nz >> 16);
             /* compress in a register, then a masked store of the first c lanes: a compressing store to memory
              * is microcoded on AMD Zen 4 (measured 1.6x slower than the scalar loop) */
-            const __mmask32 first = c == 32 ? 0xffffffffu : (__mmask32)((1u << c) - 1u);
+            const __mmask32 first = low_lanes(c);
             _mm512_mask_storeu_epi16(val + e, first, _mm512_maskz_compress_epi16((__mmask32)nz, v));
             if (idx_bytes == 2) {
                 const __m512i cols = _mm512_add_epi16(iota, _mm512_set1_epi16((short)q));

@@ -231,9 +231,9 @@ def test_pack_rows_equals_the_torch_compaction(a_dtype, v_dtype, index_dtype, n_
     real_empty = torch.empty
     # The outputs poisoned (torch.empty may hand back an earlier call's correct bytes): every word, index and
     # value must be written.
-    monkeypatch.setattr(torch, "empty", lambda *shape, dtype: real_empty(*shape, dtype=dtype).fill_(7))
-    got = native.pack_rows(A, index_dtype, v_dtype)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "empty", lambda *shape, dtype: real_empty(*shape, dtype=dtype).fill_(7))
+        got = native.pack_rows(A, index_dtype, v_dtype)
     assert got is not None
     idx, val, mask, p = got
     want_idx, want_val, _ = compact_rows(A)
