@@ -88,6 +88,8 @@ async def _upload(gw: Gateway, tenant: Tenant, request: Request, ticket: UploadT
         # Bounded: at most 64 targets, 4096 layers and 256-character names, well under MAX_CONFIG_BYTES.
         canonical = json.dumps(manifest.config.canonical_dict(), indent=2).encode() + b"\n"
         await uploads.run(store.write_config, staging, canonical)
+        if gw.settings.engine_form:
+            await uploads.run(store.write_engine_form, staging)
         internal_id = new_internal_id()
         async with uploads.tenant_lock(tenant.id):
             await uploads.check_final(tenant, manifest.weights_bytes)

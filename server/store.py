@@ -4,6 +4,8 @@ Layout (the engine's resolver reads the same)::
 
     <store>/fl-<32 hex>/adapter_config.json      (written by the gateway: the validated config, canonical)
     <store>/fl-<32 hex>/adapter_model.safetensors
+    <store>/fl-<32 hex>/flylora_engine.bf16.safetensors  (the engine form, written from the validated weights:
+                                                 flylora_runtime.format.engine_form; optional, bf16 engines use it)
     <store>/fl-<32 hex>/DELETED                  (tombstone: being deleted, the engine's resolver refuses it)
     <store>/.tmp-<hex>/          uploads being received (never read by the engine)
     <store>/.trash-<hex>/        folders being removed
@@ -25,6 +27,7 @@ import uuid
 from pathlib import Path
 
 from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME
+from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
 
 from server.security import INTERNAL_ID_RE
 
@@ -72,6 +75,8 @@ class AdapterStore:
         final = self.path(internal_id)
         for f in self.staged_files(staging):
             _fsync_path(f)
+        if (staging / PREPARED_NAME).exists():
+            _fsync_path(staging / PREPARED_NAME)
         _fsync_path(staging, directory=True)
         if final.exists():
             raise FileExistsError(final)
@@ -83,6 +88,16 @@ class AdapterStore:
         """Replace the staged config (with the canonical one the validator produced)."""
         staging_config, _ = self.staged_files(staging)
         staging_config.write_bytes(data)
+
+    def write_engine_form(self, staging: Path) -> int:
+        """Write the staged (validated) weights' bf16 engine form beside them; its size, or 0 when it could not
+        be written (logged: the adapter is stored and served without it, from its checkpoint). Blocking."""
+        _, weights = self.staged_files(staging)
+        try:
+            return write_prepared(weights, staging / PREPARED_NAME)
+        except (OSError, ValueError) as exc:
+            log.warning("engine form of %s not written (%s); engines will convert the checkpoint", staging.name, exc)
+            return 0
 
     def tombstone(self, internal_id: str) -> None:
         """Mark an adapter's folder as being deleted (the engine's resolver refuses it from now on)."""

@@ -253,12 +253,14 @@ def validate_files(
     weights_name: str = WEIGHTS_NAME,
     max_rank: int | None = None,
     hash_file: bool = True,
+    check_values: bool = True,
 ) -> AdapterManifest:
     """Validate an adapter given as two files; return its manifest or raise an :class:`AdapterError`.
 
     ``config_name`` / ``weights_name`` are the names shown in messages (e.g. the uploaded file names);
     the paths are never derived from them. ``max_rank``: the serving engine's largest rank
-    (:class:`EngineLimitExceeded` above it). ``hash_file=False`` skips the SHA-256 (``sha256`` is then "").
+    (:class:`EngineLimitExceeded` above it). ``hash_file=False`` skips the SHA-256 (``sha256`` is then "");
+    ``check_values=False`` (with it) reads no tensor data at all: the structure only.
     Cheap checks come first: sizes, the config, the header's length and structure; the file's bytes are
     read only for an adapter that passed them.
     """
@@ -282,13 +284,14 @@ def validate_files(
     expected_modules(config, base, file=config_name)
     tensors = read_header(weights_path, weights_name, max_tensors=base.max_adapter_tensors() + EXTRA_TENSORS_READ)
     modules = validate_tensors(config, tensors, base, file=weights_name)
-    digest = check_values_and_hash(weights_path, tensors, file=weights_name, hash_file=hash_file)
+    digest = (check_values_and_hash(weights_path, tensors, file=weights_name, hash_file=hash_file)
+              if check_values or hash_file else None)
     return AdapterManifest(config=config, modules=modules, tensors=tensors, weights_bytes=wsize,
                            sha256=digest or "")
 
 
 def validate_dir(adapter_dir: str | os.PathLike, base: BaseModelSpec, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_rank: int | None = None, hash_file: bool = True) -> AdapterManifest:
+                 max_rank: int | None = None, hash_file: bool = True, check_values: bool = True) -> AdapterManifest:
     """Validate a PEFT-layout directory. Pickle weights (``adapter_model.bin``) are refused unopened."""
     adapter_dir = os.fspath(adapter_dir)
     for suffix in PICKLE_SUFFIXES:
@@ -296,4 +299,4 @@ def validate_dir(adapter_dir: str | os.PathLike, base: BaseModelSpec, *, max_byt
         if os.path.exists(pickled) and not os.path.exists(os.path.join(adapter_dir, WEIGHTS_NAME)):
             refuse_pickle(pickled)
     return validate_files(os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME), base,
-                          max_bytes=max_bytes, max_rank=max_rank, hash_file=hash_file)
+                          max_bytes=max_bytes, max_rank=max_rank, hash_file=hash_file, check_values=check_values)

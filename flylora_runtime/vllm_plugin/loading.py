@@ -5,6 +5,9 @@ vLLM's ``LoRAModel.from_local_checkpoint`` rejects the ``...lora_topk_bias`` ten
 replacement here) is a class method that:
 
 - refuses pickle files (``adapter_model.bin`` / ``.pt``) and reads only safetensors;
+- in a bf16 engine, reads the adapter's engine form when the gateway wrote one at upload
+  (:mod:`flylora_runtime.format.engine_form`: the tensors already in bf16, ``B`` transposed; bit for bit the
+  values of the checkpoint's path, without its read, conversion and transposing copy);
 - also accepts our compact form (``flylora_compact.safetensors``, :mod:`flylora_runtime.weights.compact`);
 - splits the routing biases out, checks the remaining module names as vLLM does, and builds the vLLM
   ``LoRAModel`` from the A/B tensors (vLLM folds ``lora_alpha / r`` into B);
@@ -32,7 +35,8 @@ from safetensors.torch import load_file
 
 from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
 from flylora_runtime.format.config import FlyLoRAConfig
-from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, LOADS, count
+from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, ENGINE_FORM_LOADS, LOADS, count
+from flylora_runtime.weights.engine_form import read_prepared
 
 COMPACT_NAME = "flylora_compact.safetensors"
 BIAS_SUFFIX = ".lora_topk_bias"
@@ -51,14 +55,22 @@ class FlyLoRAInfo:
     images: dict = field(default_factory=dict)
 
 
-def read_checkpoint(lora_dir: str) -> tuple[FlyLoRAConfig, dict[str, torch.Tensor]]:
-    """The config and the authors'-layout tensors of an adapter directory (authors' or compact form)."""
+def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None) -> tuple[FlyLoRAConfig, dict[str, torch.Tensor]]:
+    """The config and the authors'-layout tensors of an adapter directory (authors' or compact form). For a
+    bf16 engine (``dtype``), from the adapter's engine form when it has a usable one (then the tensors are
+    already bf16, ``B`` a transposed view)."""
     compact = os.path.join(lora_dir, COMPACT_NAME)
     if os.path.isfile(compact):
         from flylora_runtime.weights.compact import CompactAdapter
 
         adapter = CompactAdapter.load(compact).to_adapter()
         return adapter.config, adapter.state_dict()
+    tensors = read_prepared(lora_dir) if dtype == torch.bfloat16 else None
+    if tensors is not None:
+        with open(os.path.join(lora_dir, CONFIG_NAME), "rb") as fh:
+            config = FlyLoRAConfig.from_json_bytes(fh.read())
+        count(ENGINE_FORM_LOADS)
+        return config, tensors
     weights = os.path.join(lora_dir, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         for suffix in (".bin", ".pt"):
@@ -86,7 +98,7 @@ def load_flylora_checkpoint(original):
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
                               device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
                               skip_prefixes=None, moe_ep_spec=None):
-        config, tensors = read_checkpoint(lora_dir)
+        config, tensors = read_checkpoint(lora_dir, dtype)
         d: dict[str, torch.Tensor] = {}
         for key in [k for k in tensors if k.endswith(BIAS_SUFFIX)]:
             a_key = key[: -len(BIAS_SUFFIX)] + ".lora_A.weight"

@@ -3,6 +3,9 @@
 - ``flylora_adapter_loads_total``: adapters read from the adapter store into the engine's CPU cache: the
   first use of an adapter on this engine, and every reload after the LRU cache (``--max-cpu-loras``)
   evicted it. Each is a cache miss; every other request for an adapter finds it in memory.
+- ``flylora_adapter_loads_engine_form_total``: of those, the loads that read the adapter's engine form (its
+  tensors already in a bf16 engine's layout, written by the gateway at upload:
+  :mod:`flylora_runtime.format.engine_form`) instead of converting its checkpoint.
 - ``flylora_adapter_activations_total``: adapters copied from the CPU cache into a device slot
   (``--max-loras``): slot misses.
 - ``flylora_adapter_requests_total{cache="hit"|"miss"}``: requests for an adapter, by whether the engine
@@ -11,7 +14,7 @@
 
 Beside them, :mod:`.residency` exports which adapters are resident, per tier (``vllm:lora_adapter_loaded``).
 
-All three are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
+All four are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
 CPU, or inside the engine-core process), while ``/metrics`` is served by the API-server process from
 prometheus_client's default registry (vLLM switches to prometheus' multiprocess mode only with several API
 servers, which ``flylora-engine`` does not start). So the worker keeps its counts in a small JSON file,
@@ -39,12 +42,15 @@ logger = logging.getLogger("flylora.metrics")
 METRICS_DIR_ENV = "FLYLORA_ENGINE_METRICS_DIR"
 LOADS = "flylora_adapter_loads"
 ACTIVATIONS = "flylora_adapter_activations"
+ENGINE_FORM_LOADS = "flylora_adapter_loads_engine_form"
 CACHE_HITS = "flylora_adapter_requests:hit"
 CACHE_MISSES = "flylora_adapter_requests:miss"
 #: counter key (name without ``_total``, then ``:`` and the ``cache`` label if any) -> help text
 COUNTERS = {
     LOADS: "Adapters read from the adapter store into the engine's CPU cache (cache misses: first use on this "
            "engine, or a reload after LRU eviction).",
+    ENGINE_FORM_LOADS: "Of the loads, those read from the adapter's engine form (bf16, written by the gateway at "
+                       "upload) instead of its checkpoint.",
     ACTIVATIONS: "Adapters copied from the engine's CPU cache into a device slot (slot misses).",
     CACHE_HITS: "Requests for an adapter, by whether the engine held it in its CPU cache when it first scheduled "
                 "the request (miss: read from the store for it).",

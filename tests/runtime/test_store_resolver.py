@@ -46,6 +46,31 @@ def test_invalid_adapter_is_validated_once_until_its_files_change(store, tiny_ba
     assert StoreResolver(str(store), tiny_base, max_rank=32)._validate(ID, str(store / ID)) is True
 
 
+def test_a_folder_with_an_engine_form_is_checked_for_structure_only(store, tiny_base, monkeypatch):
+    """Its values were checked when the gateway stored it (and the engine checks the form's as it reads them):
+    the resolver no longer reads the checkpoint's data, but still refuses a structure that does not fit."""
+    from safetensors.torch import load_file, save_file
+
+    from flylora_runtime.format import checkpoint
+    from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
+
+    folder = store / ID
+    write_prepared(folder / "adapter_model.safetensors", folder / PREPARED_NAME)
+    scans = []
+    real_scan = checkpoint.check_values_and_hash
+    monkeypatch.setattr(checkpoint, "check_values_and_hash", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is True and scans == []
+    os.utime(folder / PREPARED_NAME, ns=(0, 0))  # older than the checkpoint: not the gateway's, scanned again
+    assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is True and scans == [1]
+    write_prepared(folder / "adapter_model.safetensors", folder / PREPARED_NAME)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key][:, :3].contiguous()
+    save_file(tensors, folder / "adapter_model.safetensors")
+    os.utime(folder / PREPARED_NAME)
+    assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is False and scans == [1]
+
+
 # --- unload bookkeeping, on test doubles of vLLM's output processor ----------------------------------------
 
 @dataclass

@@ -51,8 +51,14 @@ def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
     internal = new.pop()
     assert re.fullmatch(r"fl-[0-9a-f]{32}", internal)
     folder = gateway.settings.store_dir / internal
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "flylora_engine.bf16.safetensors"]
     assert (folder / "adapter_model.safetensors").read_bytes() == weights_bytes
+    # ... and its engine form, written from the validated weights, which a bf16 engine accepts
+    from flylora_runtime.format.header import read_header
+    from flylora_runtime.weights.engine_form import read_prepared
+
+    assert sorted(read_prepared(str(folder))) == sorted(read_header(folder / "adapter_model.safetensors"))
     # The stored config is the validated one in canonical form (what the engine reads is what was checked).
     from flylora_runtime.format.config import FlyLoRAConfig
 
@@ -64,6 +70,15 @@ def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
         assert c.get("/v1/adapters/support").json() == adapter
         assert c.get("/v1/adapters").json() == {"object": "list", "data": [adapter], "has_more": False,
                                                 "first_id": "support", "last_id": "support"}
+
+
+def test_without_engine_form_the_store_holds_the_two_files(engine, make_gateway, tmp_path):
+    gateway = make_gateway([engine.url], engine_form=False)
+    r = gateway.upload(gateway.new_tenant()[1], "plain-store", tmp_path / "a", r=4, top_k=2)
+    assert r.status_code == 201, r.text
+    (internal,) = gateway.store_entries()
+    assert sorted(p.name for p in (gateway.settings.store_dir / internal).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_plain_peft_lora_is_accepted_as_top_k_equal_r(gateway, tenant, tmp_path):

@@ -1,0 +1,65 @@
+"""A bf16 engine loads an adapter from its engine form (flylora_runtime.format.engine_form) and serves exactly
+what it serves from the checkpoint: the same adapter in three folders (with its engine form, without, with a
+damaged one), asked together in one batch, gives the same tokens and log-probabilities."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flylora_runtime.engine.launcher import EngineConfig
+from flylora_runtime.engine.process import EngineProcess, free_port
+from flylora_runtime.format.checkpoint import WEIGHTS_NAME
+from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
+
+from tests.engine.helpers import PROMPTS, Oracle, complete_many, make_adapter
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+FORMS = ("fl-form-prepared", "fl-form-checkpoint", "fl-form-damaged")
+
+
+def _samples(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _nan_in_the_last_tensor(path) -> None:
+    raw = bytearray(path.read_bytes())
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    raw[-2:] = struct.pack("<H", 0x7FC0)  # the last bf16 value: a NaN (the header stays valid)
+    assert json.loads(raw[8:8 + hlen])
+    path.write_bytes(bytes(raw))
+
+
+def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_dir, tmp_path):
+    oracle = Oracle(demo_model_dir)
+    store = tmp_path / "store"
+    first, *others = FORMS
+    # all seven projections, alpha/r = 2/3 (not a power of two: B's scaling rounds), k < r, nonzero d
+    make_adapter(oracle.base, store, first, r=24, top_k=6, lora_alpha=16, d_std=0.05, b_std=0.15, seed=11)
+    for name in others:
+        shutil.copytree(store / first, store / name)
+    write_prepared(store / first / WEIGHTS_NAME, store / first / PREPARED_NAME)
+    write_prepared(store / FORMS[2] / WEIGHTS_NAME, store / FORMS[2] / PREPARED_NAME)
+    _nan_in_the_last_tensor(store / FORMS[2] / PREPARED_NAME)
+
+    config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="bfloat16",
+                          max_loras=4, max_cpu_loras=4, max_lora_rank=32, max_num_seqs=32, max_model_len=1024)
+    with EngineProcess(config, tmp_path / "engine.log") as engine:
+        calls = [(name, oracle.chat_ids(p)) for p in PROMPTS[:6] for name in (*FORMS, config.served_model_name)]
+        out = complete_many(engine.url, calls, 16, logprobs=True)
+        counts = _samples(engine.url)
+    by_prompt = [out[i:i + 4] for i in range(0, len(out), 4)]
+    assert sum(p[0]["tokens"] != p[3]["tokens"] for p in by_prompt) >= 3, "the adapter must matter"
+    for prepared, checkpoint, damaged, _ in by_prompt:
+        assert prepared["tokens"] == checkpoint["tokens"] == damaged["tokens"]
+        assert prepared["logprobs"] == checkpoint["logprobs"] == damaged["logprobs"]
+    assert counts["flylora_adapter_loads_total"] == 3
+    assert counts["flylora_adapter_loads_engine_form_total"] == 1  # the damaged form fell back to its checkpoint
+    log = (tmp_path / "engine.log").read_text()
+    assert "engine form of" in log and "not used (ValueError: non-finite values)" in log

@@ -1,0 +1,159 @@
+"""The engine form (flylora_runtime.format.engine_form): bit for bit what a bf16 engine makes of the checkpoint,
+written without torch, and never used unless every check holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file
+
+from flylora_runtime.format.checkpoint import WEIGHTS_NAME
+from flylora_runtime.vllm_plugin.loading import read_checkpoint
+from flylora_runtime.format.engine_form import PREPARED_NAME, _bfloat16_bits, write_prepared
+from flylora_runtime.weights.engine_form import read_prepared
+
+
+def _prepared(folder) -> str:
+    path = os.path.join(folder, PREPARED_NAME)
+    write_prepared(os.path.join(folder, WEIGHTS_NAME), path)
+    return path
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.contiguous().numpy()
+
+
+def test_rounding_to_bfloat16_is_torchs_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(200_000) * np.exp(rng.uniform(-90, 87, 200_000))).astype(np.float32)
+    ties = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1e-45, -1e-45, 1e-39, 0.0, -0.0, 3.38e38], np.float32)
+    x = np.concatenate([x, ties])
+    expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(_bfloat16_bits(x), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
+def test_engine_form_holds_what_a_bf16_engine_makes_of_the_checkpoint(tiny_adapter_dir, dtype):
+    weights = tiny_adapter_dir / WEIGHTS_NAME
+    source = {k: v.to(getattr(torch, dtype)) for k, v in load_file(weights).items()}
+    from safetensors.torch import save_file
+
+    save_file(source, weights)
+    _prepared(tiny_adapter_dir)
+    config, got = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)
+    assert config.top_k == 2 and sorted(got) == sorted(source)
+    for key, t in source.items():
+        # what vLLM's loader does: A and B .to(bf16); our loader: the routing bias .to(fp32)
+        want = t.to(torch.float32) if key.endswith("_bias") else t.to(torch.bfloat16)
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        assert np.array_equal(_bits(got[key]), _bits(want)), key
+    # vLLM folds alpha/r into B in place: on the transposed view, elementwise, the same values as on its copy
+    b_key = next(k for k in source if k.endswith("lora_B.weight"))
+    b_ours, b_vllm = got[b_key], source[b_key].to(torch.bfloat16)
+    assert not b_ours.is_contiguous() and b_ours.T.is_contiguous()
+    b_ours *= 2.0 / 3.0
+    b_vllm *= 2.0 / 3.0
+    assert np.array_equal(_bits(b_ours), _bits(b_vllm))
+
+
+def test_fp32_engines_and_folders_without_the_form_read_the_checkpoint(tiny_adapter_dir):
+    _, plain = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)  # no engine form yet
+    assert all(t.dtype == torch.float32 for t in plain.values())
+    _prepared(tiny_adapter_dir)
+    _, fp32 = read_checkpoint(str(tiny_adapter_dir), torch.float32)
+    assert all(t.dtype == torch.float32 for t in fp32.values())
+    _, bf16 = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)
+    assert any(t.dtype == torch.bfloat16 for t in bf16.values())
+
+
+def _rewrite_header(path: str, edit) -> None:
+    raw = open(path, "rb").read()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + hlen])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (hlen - len(new))
+    assert len(new) == hlen
+    open(path, "wb").write(raw[:8] + new + raw[8 + hlen:])
+
+
+def _nan_in_a(path: str) -> None:
+    raw = bytearray(open(path, "rb").read())
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + hlen])
+    key = next(k for k in header if k.endswith("lora_A.weight"))
+    at = 8 + hlen + header[key]["data_offsets"][0]
+    raw[at:at + 2] = struct.pack("<H", 0x7FC0)
+    open(path, "wb").write(bytes(raw))
+
+
+def _damage(kind: str, folder) -> None:
+    path = os.path.join(folder, PREPARED_NAME)
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if kind == "older than the checkpoint":
+        os.utime(path, ns=(0, 0))
+    elif kind == "another checkpoint's size":
+        with open(weights, "ab") as fh:  # not a valid checkpoint any more, but the form must be refused first
+            fh.write(b"x")
+        os.utime(path, ns=(os.stat(weights).st_mtime_ns + 1,) * 2)
+    elif kind == "truncated":
+        os.truncate(path, os.path.getsize(path) - 2)
+    elif kind == "a NaN":
+        _nan_in_a(path)
+    elif kind == "another format":
+        _rewrite_header(path, lambda h: h["__metadata__"].update(format="flylora-engine-bf16/9"))
+    elif kind == "a missing tensor":
+        _rewrite_header(path, lambda h: h.pop(next(k for k in h if k.endswith("lora_topk_bias"))))
+    elif kind == "a wrong shape":
+        def swap(h):
+            key = next(k for k in h if k.endswith("lora_B_T.weight"))
+            h[key]["shape"] = h[key]["shape"][::-1]
+        _rewrite_header(path, swap)
+    elif kind == "overlapping tensors":
+        def overlap(h):
+            key = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+            h[key]["data_offsets"][0] -= 2
+        _rewrite_header(path, overlap)
+    elif kind == "garbage":
+        open(path, "wb").write(struct.pack("<Q", 1 << 40) + b"{}")
+
+
+@pytest.mark.parametrize("kind", ["older than the checkpoint", "another checkpoint's size", "truncated", "a NaN",
+                                  "another format", "a missing tensor", "a wrong shape", "overlapping tensors",
+                                  "garbage"])
+def test_a_form_that_fails_any_check_is_not_used(tiny_adapter_dir, kind, caplog):
+    _prepared(tiny_adapter_dir)
+    assert read_prepared(str(tiny_adapter_dir)) is not None
+    _damage(kind, tiny_adapter_dir)
+    with caplog.at_level("WARNING", logger="flylora.engine_form"):
+        assert read_prepared(str(tiny_adapter_dir)) is None
+    assert "engine form" in caplog.text and "not used" in caplog.text
+    if kind != "another checkpoint's size":
+        _, tensors = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)  # the checkpoint instead
+        assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_values_beyond_bfloat16s_range_leave_no_form(tmp_path):
+    save_numpy({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.full((2, 4), 3.4e38, np.float32),
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((4, 2), np.float32)},
+               str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="not finite in bfloat16"):
+        write_prepared(tmp_path / WEIGHTS_NAME, tmp_path / PREPARED_NAME)
+    assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME]
+
+
+def test_writing_the_form_imports_no_torch(tiny_adapter_dir, tmp_path):
+    """The gateway writes it, and the gateway never imports torch."""
+    code = ("import sys; from flylora_runtime.format.engine_form import write_prepared; "
+            f"write_prepared({str(tiny_adapter_dir / WEIGHTS_NAME)!r}, {str(tmp_path / 'form')!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert os.path.getsize(tmp_path / "form") > 0
