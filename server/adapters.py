@@ -89,7 +89,7 @@ async def _upload(gw: Gateway, tenant: Tenant, request: Request, ticket: UploadT
         canonical = json.dumps(manifest.config.canonical_dict(), indent=2).encode() + b"\n"
         await uploads.run(store.write_config, staging, canonical)
         if gw.settings.engine_form:
-            await uploads.run(store.write_engine_form, staging)
+            await uploads.run(store.write_engine_form, staging, manifest.config.scaling)
         internal_id = new_internal_id()
         async with uploads.tenant_lock(tenant.id):
             await uploads.check_final(tenant, manifest.weights_bytes)
@@ -101,6 +101,8 @@ async def _upload(gw: Gateway, tenant: Tenant, request: Request, ticket: UploadT
                 bytes=manifest.weights_bytes, sha256=manifest.sha256, created=int(time.time()), state=READY)
             await run(registry.add_adapter, adapter)
             registered = True
+        if gw.integrity is not None:
+            await gw.integrity.vouch(adapter)
     except AdapterError as exc:
         gw.metrics.validation_failures.labels(tenant.name, type(exc).__name__).inc()
         raise

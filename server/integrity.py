@@ -142,6 +142,14 @@ class IntegrityChecker:
     def cached(self, internal_id: str) -> Verdict | None:
         return self.verdicts.get(internal_id)
 
+    async def vouch(self, adapter: Adapter) -> None:
+        """The gateway has just validated, hashed and stored the adapter's files: record them as intact under
+        their present identity, so that its first request does not hash them again (a cold adapter's first
+        token waited ~20 ms for that with a 37 MB checkpoint)."""
+        fp = await anyio.to_thread.run_sync(fingerprint, self.root / adapter.internal_id)
+        if fp is not None:
+            self.verdicts[adapter.internal_id] = Verdict(fingerprint=fp, reason=None, checked=self.clock())
+
     def forget(self, internal_id: str) -> None:
         """The adapter was deleted."""
         self.verdicts.pop(internal_id, None)

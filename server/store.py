@@ -89,12 +89,13 @@ class AdapterStore:
         staging_config, _ = self.staged_files(staging)
         staging_config.write_bytes(data)
 
-    def write_engine_form(self, staging: Path) -> int:
-        """Write the staged (validated) weights' bf16 engine form beside them; its size, or 0 when it could not
-        be written (logged: the adapter is stored and served without it, from its checkpoint). Blocking."""
+    def write_engine_form(self, staging: Path, scaling: float) -> int:
+        """Write the staged (validated) weights' bf16 engine form beside them (``scaling``: the config's
+        ``lora_alpha / r``); its size, or 0 when it could not be written (logged: the adapter is stored and
+        served without it, from its checkpoint). Blocking."""
         _, weights = self.staged_files(staging)
         try:
-            return write_prepared(weights, staging / PREPARED_NAME)
+            return write_prepared(weights, staging / PREPARED_NAME, scaling)
         except (OSError, ValueError) as exc:
             log.warning("engine form of %s not written (%s); engines will convert the checkpoint", staging.name, exc)
             return 0

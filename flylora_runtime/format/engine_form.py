@@ -2,25 +2,29 @@
 :mod:`flylora_runtime.weights.engine_form`): its tensors already in a bf16 engine's layout, written once at upload.
 
 A bf16 engine that loads an adapter from its validated fp32 checkpoint reads the whole file, converts every
-tensor to bf16 and copies each ``B`` transposed into its slots, inside the engine loop: most of a cold
-adapter's ~0.1 s on the 2-vCPU machine of docs/BENCHMARKS.md. The gateway does that work once, when the
-adapter is uploaded, and stores the result beside the checkpoint (:data:`PREPARED_NAME`)::
+tensor to bf16, folds ``lora_alpha / r`` into ``B`` and copies each ``B`` transposed into its slots, inside
+the engine loop: most of a cold adapter's ~0.1 s on the 2-vCPU machine of docs/BENCHMARKS.md. The gateway
+does that work once, when the adapter is uploaded, and stores the result beside the checkpoint
+(:data:`PREPARED_NAME`)::
 
     base_model.model.M.lora_A.weight      [r, in]   bf16   A.to(bfloat16), as vLLM converts it
-    base_model.model.M.lora_B_T.weight    [r, out]  bf16   B.to(bfloat16).T, contiguous (unscaled)
+    base_model.model.M.lora_B_T.weight    [r, out]  bf16   (B.to(bfloat16) * scaling).T, contiguous: vLLM's
+                                                           in-place scaling (fp32 arithmetic, rounded to bf16)
     base_model.model.M.lora_topk_bias     [r]       fp32   unchanged (FlyLoRA only)
 
-The engine (:func:`flylora_runtime.weights.engine_form.read_prepared`, from
-:func:`flylora_runtime.vllm_plugin.loading.read_checkpoint`) then reads that one file into one
-buffer, checks it, and hands vLLM views of it: ``A`` as it is and ``B`` as the transposed view of ``B^T``
-(vLLM folds ``lora_alpha / r`` into that view in place, elementwise, as it would into its own copy). The
-values the engine serves are bit for bit those of the fp32 path, and the slot write copies ``B^T``
+with ``scaling`` (``lora_alpha / r``) in the file's metadata. The engine
+(:func:`flylora_runtime.weights.engine_form.read_prepared`, from
+:func:`flylora_runtime.vllm_plugin.loading.read_checkpoint`) maps the file (privately; nothing writes to it),
+checks it, and hands vLLM views of it: ``A`` as it is, ``B`` as the transposed view of ``B^T``, with vLLM's
+scaling marked as already applied. The values the engine serves are bit for bit those of the checkpoint's
+path; the load reads nothing it does not use and writes nothing, and the slot write copies ``B^T``
 contiguously instead of transposing it.
 
 The file is an optimisation, never a second source of truth: the engine uses it only when its LoRA dtype is
-bf16 and :func:`read_prepared` accepts it (the format tag, the checkpoint's size recorded in it, a
-modification time no older than the checkpoint's, exactly the checkpoint's tensors with the expected
-dtypes and shapes, every value finite). Anything else, it loads the checkpoint as before. A tenant never
+bf16, vLLM's scaling for the adapter is the one in the file, and :func:`read_prepared` accepts it (the
+format tag, the checkpoint's size recorded in it, a modification time no older than the checkpoint's, exactly
+the checkpoint's tensors with the expected dtypes and shapes, every value finite). Anything else, it loads the
+checkpoint as before. A tenant never
 supplies this file: the gateway writes it from the checkpoint it has validated. Memory while writing: one
 tensor at a time (:func:`write_prepared` streams the file).
 """
@@ -63,23 +67,26 @@ def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def _engine_bytes(key: str, info: TensorInfo, fh) -> np.ndarray:
+def _engine_bytes(key: str, info: TensorInfo, fh, scaling: float) -> np.ndarray:
     fh.seek(info.start)
     count = int(np.prod(info.shape)) if info.shape else 1
     raw = np.fromfile(fh, dtype=_SOURCE[info.dtype], count=count).reshape(info.shape)
     if key.endswith("_bias"):
         return _as_float32(raw, info.dtype)  # the routing bias, read as fp32 by the engine
     bits = raw if info.dtype == "BF16" else _bfloat16_bits(_as_float32(raw, info.dtype))
-    if bool(((bits & np.uint16(0x7F80)) == np.uint16(0x7F80)).any()):  # fp32 beyond bf16's range: inf
+    if key.endswith(B_KEY) and scaling != 1.0:  # vLLM: lora_b *= scaling on the bf16 B (skipped when 1)
+        bits = _bfloat16_bits(_as_float32(bits, "BF16") * np.float32(scaling))
+    if bool(((bits & np.uint16(0x7F80)) == np.uint16(0x7F80)).any()):  # beyond bf16's range: inf
         raise ValueError(f"{key} is not finite in bfloat16")
     return np.ascontiguousarray(bits.T) if key.endswith(B_KEY) else bits
 
 
-def write_prepared(weights_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
-    """Write the engine form of the (validated) checkpoint ``weights_path`` to ``out_path`` (atomically, one
-    tensor in memory at a time; numpy only, so the gateway runs it without torch); return its size in bytes.
-    ``ValueError`` (and no file) when a value is not finite in bf16 (an fp32 value beyond bf16's range)."""
-    weights_path, out_path = os.fspath(weights_path), os.fspath(out_path)
+def write_prepared(weights_path: str | os.PathLike, out_path: str | os.PathLike, scaling: float) -> int:
+    """Write the engine form of the (validated) checkpoint ``weights_path``, whose config scales by
+    ``scaling`` (``lora_alpha / r``), to ``out_path`` (atomically, one tensor in memory at a time; numpy only,
+    so the gateway runs it without torch); return its size in bytes. ``ValueError`` (and no file) when a
+    value is not finite in bf16 (beyond bf16's range)."""
+    weights_path, out_path, scaling = os.fspath(weights_path), os.fspath(out_path), float(scaling)
     source = read_header(weights_path)
     if any(info.dtype not in _SOURCE for info in source.values()):
         raise ValueError("the checkpoint holds a dtype other than F16, BF16, F32 and F64")
@@ -93,7 +100,8 @@ def write_prepared(weights_path: str | os.PathLike, out_path: str | os.PathLike)
         nbytes = _ITEMSIZE[dtype] * int(np.prod(shape))
         entries[_engine_key(key)] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    header = dict(entries, __metadata__={"format": FORMAT_TAG, "source_bytes": str(os.path.getsize(weights_path))})
+    header = dict(entries, __metadata__={"format": FORMAT_TAG, "source_bytes": str(os.path.getsize(weights_path)),
+                                         "scaling": repr(scaling)})
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
 
@@ -101,7 +109,7 @@ def write_prepared(weights_path: str | os.PathLike, out_path: str | os.PathLike)
         with open(tmp, "wb") as out, open(weights_path, "rb") as src:
             out.write(struct.pack("<Q", len(raw)) + raw)
             for key in order:
-                out.write(memoryview(_engine_bytes(key, source[key], src)))
+                out.write(memoryview(_engine_bytes(key, source[key], src, scaling)))
 
     atomic_write(out_path, write)
     return 8 + len(raw) + offset

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from flylora_runtime.format.config import FlyLoRAConfig
 from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, ENGINE_FORM_LOADS, LOADS, count
 from flylora_runtime.weights.engine_form import read_prepared
 
+logger = logging.getLogger("vllm.flylora.loading")
 COMPACT_NAME = "flylora_compact.safetensors"
 BIAS_SUFFIX = ".lora_topk_bias"
 
@@ -55,22 +57,28 @@ class FlyLoRAInfo:
     images: dict = field(default_factory=dict)
 
 
-def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None) -> tuple[FlyLoRAConfig, dict[str, torch.Tensor]]:
-    """The config and the authors'-layout tensors of an adapter directory (authors' or compact form). For a
-    bf16 engine (``dtype``), from the adapter's engine form when it has a usable one (then the tensors are
-    already bf16, ``B`` a transposed view)."""
+def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None,
+                    scaling: float | None = None) -> tuple[FlyLoRAConfig, dict[str, torch.Tensor], bool]:
+    """The config and the authors'-layout tensors of an adapter directory (authors' or compact form), and
+    whether ``B`` already holds the scaling. For a bf16 engine (``dtype``) that scales by ``scaling``, from
+    the adapter's engine form when it has a usable one made for that scaling (the tensors are then bf16,
+    ``B`` a transposed view with the scaling folded in: the third value is True)."""
     compact = os.path.join(lora_dir, COMPACT_NAME)
     if os.path.isfile(compact):
         from flylora_runtime.weights.compact import CompactAdapter
 
         adapter = CompactAdapter.load(compact).to_adapter()
-        return adapter.config, adapter.state_dict()
-    tensors = read_prepared(lora_dir) if dtype == torch.bfloat16 else None
-    if tensors is not None:
+        return adapter.config, adapter.state_dict(), False
+    found = read_prepared(lora_dir) if dtype == torch.bfloat16 and scaling is not None else None
+    if found is not None and found[1] != scaling:
+        logger.warning("engine form of %s not used: made for scaling %r, the engine scales by %r; loading its "
+                       "checkpoint", lora_dir, found[1], scaling)
+        found = None
+    if found is not None:
         with open(os.path.join(lora_dir, CONFIG_NAME), "rb") as fh:
             config = FlyLoRAConfig.from_json_bytes(fh.read())
         count(ENGINE_FORM_LOADS)
-        return config, tensors
+        return config, found[0], True
     weights = os.path.join(lora_dir, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         for suffix in (".bin", ".pt"):
@@ -81,7 +89,7 @@ def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None) -> tuple[Fl
     refuse_pickle(weights)
     with open(os.path.join(lora_dir, CONFIG_NAME), "rb") as fh:
         config = FlyLoRAConfig.from_json_bytes(fh.read())
-    return config, load_file(weights)
+    return config, load_file(weights), False
 
 
 def _module_name(key: str, weights_mapper) -> str:
@@ -98,7 +106,8 @@ def load_flylora_checkpoint(original):
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
                               device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
                               skip_prefixes=None, moe_ep_spec=None):
-        config, tensors = read_checkpoint(lora_dir, dtype)
+        scaling = None if peft_helper.rank_pattern or peft_helper.alpha_pattern else peft_helper.vllm_lora_scaling_factor
+        config, tensors, folded = read_checkpoint(lora_dir, dtype, scaling)
         d: dict[str, torch.Tensor] = {}
         for key in [k for k in tensors if k.endswith(BIAS_SUFFIX)]:
             a_key = key[: -len(BIAS_SUFFIX)] + ".lora_A.weight"
@@ -116,6 +125,9 @@ def load_flylora_checkpoint(original):
             lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id, tensors=tensors,
             peft_helper=peft_helper, device=device, dtype=dtype, model_vocab_size=model_vocab_size,
             weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
+        if folded:  # B holds the scaling already (the engine form): vLLM's in-place scaling must not run again
+            for lora in model.loras.values():
+                lora.scaling = 1
         model.flylora = FlyLoRAInfo(top_k=config.top_k if config.is_flylora else None, routing=config.routing, d=d)
         count(LOADS)
         return model

@@ -14,14 +14,16 @@ from flylora_runtime.format.engine_form import (_ALIGN, _ITEMSIZE, B_KEY, FORMAT
 logger = logging.getLogger("flylora.engine_form")
 
 
-def read_prepared(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> dict | None:
+def read_prepared(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[dict, float] | None:
     """The checkpoint's tensors from its engine form, in the checkpoint's names and shapes (``A`` bf16,
-    ``B`` a transposed bf16 view, the bias fp32), or None when the folder has no usable engine form (the
-    reason is logged when there is a file). Checks are in the module docstring.
+    ``B`` a transposed bf16 view with the scaling folded in, the bias fp32), and that scaling; or None when
+    the folder has no usable engine form (the reason is logged when there is a file). Checks: the docstring
+    of :mod:`flylora_runtime.format.engine_form`.
 
-    The tensors are views of one private, copy-on-write mapping of the file (the page cache's pages are
-    used as they are; only what is written, vLLM's in-place scaling of ``B``, is copied). The store's files
-    are never rewritten in place: the gateway renames whole folders in and out.
+    The tensors are views of one private mapping of the file: the page cache's pages are used as they are,
+    nothing is copied until the slot write. Nothing writes to them (a write would copy the page, not change
+    the file), and the store's files are never rewritten in place: the gateway renames whole folders in and
+    out.
     """
     path, weights = os.path.join(lora_dir, PREPARED_NAME), os.path.join(lora_dir, WEIGHTS_NAME)
     try:
@@ -48,6 +50,7 @@ def _read(path: str, weights: str, st: os.stat_result, ws: os.stat_result, max_t
     meta = header.pop("__metadata__", None) or {}
     if start % _ALIGN or meta.get("format") != FORMAT_TAG or meta.get("source_bytes") != str(ws.st_size):
         raise ValueError(f"format {meta.get('format')!r}, {meta.get('source_bytes')} source bytes")
+    scaling = float(meta["scaling"])
     source = _source_shapes(weights, ws.st_size, max_tensors)
     if sorted(header) != sorted(_engine_key(k) for k in source):
         raise ValueError("not the checkpoint's tensors")
@@ -80,4 +83,4 @@ def _read(path: str, weights: str, st: os.stat_result, ws: os.stat_result, max_t
         for (key, shape, _), t in zip(tensors, torch.split(span, [c for _, _, c in tensors])):
             t = t.view(shape)
             out[key] = t.T if key.endswith(B_KEY) else t
-    return out
+    return out, scaling

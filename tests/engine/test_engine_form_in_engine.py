@@ -44,8 +44,8 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     make_adapter(oracle.base, store, first, r=24, top_k=6, lora_alpha=16, d_std=0.05, b_std=0.15, seed=11)
     for name in others:
         shutil.copytree(store / first, store / name)
-    write_prepared(store / first / WEIGHTS_NAME, store / first / PREPARED_NAME)
-    write_prepared(store / FORMS[2] / WEIGHTS_NAME, store / FORMS[2] / PREPARED_NAME)
+    for name in (first, FORMS[2]):
+        write_prepared(store / name / WEIGHTS_NAME, store / name / PREPARED_NAME, 16 / 24)
     _nan_in_the_last_tensor(store / FORMS[2] / PREPARED_NAME)
 
     config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="bfloat16",

@@ -21,9 +21,12 @@ from flylora_runtime.format.engine_form import PREPARED_NAME, _bfloat16_bits, wr
 from flylora_runtime.weights.engine_form import read_prepared
 
 
-def _prepared(folder) -> str:
+SCALING = 2.0 / 3.0  # not a power of two: folding it into B rounds
+
+
+def _prepared(folder, scaling: float = SCALING) -> str:
     path = os.path.join(folder, PREPARED_NAME)
-    write_prepared(os.path.join(folder, WEIGHTS_NAME), path)
+    write_prepared(os.path.join(folder, WEIGHTS_NAME), path, scaling)
     return path
 
 
@@ -41,37 +44,43 @@ def test_rounding_to_bfloat16_is_torchs_bit_for_bit():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
-def test_engine_form_holds_what_a_bf16_engine_makes_of_the_checkpoint(tiny_adapter_dir, dtype):
+@pytest.mark.parametrize("scaling", [SCALING, 1.0, 2.0, 1 / 7])
+def test_engine_form_holds_what_a_bf16_engine_makes_of_the_checkpoint(tiny_adapter_dir, dtype, scaling):
     weights = tiny_adapter_dir / WEIGHTS_NAME
     source = {k: v.to(getattr(torch, dtype)) for k, v in load_file(weights).items()}
     from safetensors.torch import save_file
 
     save_file(source, weights)
-    _prepared(tiny_adapter_dir)
-    config, got = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)
-    assert config.top_k == 2 and sorted(got) == sorted(source)
+    _prepared(tiny_adapter_dir, scaling)
+    config, got, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, scaling)
+    assert folded and config.top_k == 2 and sorted(got) == sorted(source)
     for key, t in source.items():
-        # what vLLM's loader does: A and B .to(bf16); our loader: the routing bias .to(fp32)
+        # what vLLM's loader does: A and B .to(bf16), then B *= scaling in place; ours: the bias .to(fp32)
         want = t.to(torch.float32) if key.endswith("_bias") else t.to(torch.bfloat16)
+        if key.endswith("lora_B.weight") and scaling != 1:
+            want *= scaling
         assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
         assert np.array_equal(_bits(got[key]), _bits(want)), key
-    # vLLM folds alpha/r into B in place: on the transposed view, elementwise, the same values as on its copy
-    b_key = next(k for k in source if k.endswith("lora_B.weight"))
-    b_ours, b_vllm = got[b_key], source[b_key].to(torch.bfloat16)
-    assert not b_ours.is_contiguous() and b_ours.T.is_contiguous()
-    b_ours *= 2.0 / 3.0
-    b_vllm *= 2.0 / 3.0
-    assert np.array_equal(_bits(b_ours), _bits(b_vllm))
+        if key.endswith("lora_B.weight"):  # a view of the contiguous B^T the slot write copies as it is
+            assert got[key].T.is_contiguous()
 
 
 def test_fp32_engines_and_folders_without_the_form_read_the_checkpoint(tiny_adapter_dir):
-    _, plain = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)  # no engine form yet
-    assert all(t.dtype == torch.float32 for t in plain.values())
+    _, plain, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)  # no engine form yet
+    assert not folded and all(t.dtype == torch.float32 for t in plain.values())
     _prepared(tiny_adapter_dir)
-    _, fp32 = read_checkpoint(str(tiny_adapter_dir), torch.float32)
-    assert all(t.dtype == torch.float32 for t in fp32.values())
-    _, bf16 = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)
-    assert any(t.dtype == torch.bfloat16 for t in bf16.values())
+    _, fp32, folded = read_checkpoint(str(tiny_adapter_dir), torch.float32, SCALING)
+    assert not folded and all(t.dtype == torch.float32 for t in fp32.values())
+    _, bf16, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)
+    assert folded and any(t.dtype == torch.bfloat16 for t in bf16.values())
+
+
+def test_a_form_made_for_another_scaling_is_not_used(tiny_adapter_dir, caplog):
+    _prepared(tiny_adapter_dir, 2.0)
+    with caplog.at_level("WARNING"):
+        _, tensors, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)
+    assert not folded and all(t.dtype == torch.float32 for t in tensors.values())
+    assert "made for scaling 2.0" in caplog.text
 
 
 def _rewrite_header(path: str, edit) -> None:
@@ -137,8 +146,8 @@ def test_a_form_that_fails_any_check_is_not_used(tiny_adapter_dir, kind, caplog)
         assert read_prepared(str(tiny_adapter_dir)) is None
     assert "engine form" in caplog.text and "not used" in caplog.text
     if kind != "another checkpoint's size":
-        _, tensors = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16)  # the checkpoint instead
-        assert all(t.dtype == torch.float32 for t in tensors.values())
+        _, tensors, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)  # the checkpoint
+        assert not folded and all(t.dtype == torch.float32 for t in tensors.values())
 
 
 def test_values_beyond_bfloat16s_range_leave_no_form(tmp_path):
@@ -146,14 +155,14 @@ def test_values_beyond_bfloat16s_range_leave_no_form(tmp_path):
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((4, 2), np.float32)},
                str(tmp_path / WEIGHTS_NAME))
     with pytest.raises(ValueError, match="not finite in bfloat16"):
-        write_prepared(tmp_path / WEIGHTS_NAME, tmp_path / PREPARED_NAME)
+        write_prepared(tmp_path / WEIGHTS_NAME, tmp_path / PREPARED_NAME, 1.0)
     assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME]
 
 
 def test_writing_the_form_imports_no_torch(tiny_adapter_dir, tmp_path):
     """The gateway writes it, and the gateway never imports torch."""
     code = ("import sys; from flylora_runtime.format.engine_form import write_prepared; "
-            f"write_prepared({str(tiny_adapter_dir / WEIGHTS_NAME)!r}, {str(tmp_path / 'form')!r}); "
+            f"write_prepared({str(tiny_adapter_dir / WEIGHTS_NAME)!r}, {str(tmp_path / 'form')!r}, 2.0); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert os.path.getsize(tmp_path / "form") > 0

@@ -58,7 +58,8 @@ def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
     from flylora_runtime.format.header import read_header
     from flylora_runtime.weights.engine_form import read_prepared
 
-    assert sorted(read_prepared(str(folder))) == sorted(read_header(folder / "adapter_model.safetensors"))
+    tensors, scaling = read_prepared(str(folder))
+    assert sorted(tensors) == sorted(read_header(folder / "adapter_model.safetensors")) and scaling == 8 / 4
     # The stored config is the validated one in canonical form (what the engine reads is what was checked).
     from flylora_runtime.format.config import FlyLoRAConfig
 

@@ -79,6 +79,21 @@ def test_unchanged_files_are_not_hashed_again_and_verdicts_are_cached(setup, mon
     assert len(calls) == 2
 
 
+def test_an_adapter_the_gateway_just_stored_is_not_hashed_at_its_first_request(setup, monkeypatch):
+    """The upload hashed it (vouch): its first request only stats it, and a change after that is still found."""
+    checker, adapter, _, weights, now = setup
+    calls = []
+    real = integrity.verify
+    monkeypatch.setattr(integrity, "verify", lambda *a: calls.append(1) or real(*a))
+    asyncio.run(checker.vouch(adapter))
+    assert check(checker, adapter, force=False).ok and calls == []
+    now[0] += 5
+    assert check(checker, adapter, force=False).ok and calls == []  # stat: the same files
+    weights.write_bytes(weights.read_bytes()[:50])
+    now[0] += 5
+    assert check(checker, adapter, force=False).reason == SIZE and calls == [1]
+
+
 def test_failures_are_counted_once_when_confirmed(setup):
     checker, adapter, _, weights, _ = setup
     def value(name, **labels):
