@@ -48,6 +48,7 @@
  *   flylora_cpu_pack_rows    one slice's A into the packed compact layout with its bitmasks (section 12)
  *   flylora_cpu_abi          the constants the caller must agree with: ABI version, MAX_R, sizeof(SlotArgs),
  *                            the dtype codes (section 13)
+ *   flylora_cpu_copy_pieces  a slot image into a slot: its copies, described by a table, in one call (section 14)
  * Bump FLYLORA_CPU_ABI_VERSION whenever an exported signature, SlotArgs, a dtype code or a return code
  * changes.
  *
@@ -65,6 +66,7 @@
  *   11. The layer call: grouping by slot, work items, the parallel loop; SlotArgs and its entry point
  *   12. Packing one slice's A (flylora_cpu_pack_rows)
  *   13. ABI report (flylora_cpu_abi)
+ *   14. Writing a slot image (flylora_cpu_copy_pieces)
  */
 #include <math.h>
 #include <omp.h>
@@ -95,7 +97,7 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 
 enum { F32 = 0, BF16 = 1, F16 = 2 }; /* dtype codes of every *_dt argument (reported by flylora_cpu_abi) */
 
-#define FLYLORA_CPU_ABI_VERSION 1 /* the first build that reports its ABI; bump on any change listed at the top */
+#define FLYLORA_CPU_ABI_VERSION 2 /* 2: flylora_cpu_copy_pieces. Bump on any change listed at the top */
 
 /* ======== 2. Scalar conversions and whole-row helpers ======== */
 
@@ -1194,5 +1196,19 @@ int64_t flylora_cpu_abi(int key) {
     case 4: return BF16;
     case 5: return F16;
     default: return -1;
+    }
+}
+
+/* ======== 14. Writing a slot image ======== */
+
+/* Copy n pieces of a slot image into slot `slot`: row i of `table` (5 int64 each) is (destination buffer
+ * address, bytes per slot, byte offset within the slot, source address, bytes), and piece i goes to
+ * buffer + slot * per_slot + offset. One call writes a whole layer's image (a dozen or more copies), which
+ * torch did one dispatched copy at a time. lifecycle.py builds the table from the tensors' own sizes and
+ * checks every destination range against its buffer before the first call. */
+void flylora_cpu_copy_pieces(const int64_t *table, int64_t n, int64_t slot) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *t = table + 5 * i;
+        memcpy((char *)(intptr_t)(t[0] + slot * t[1] + t[2]), (const char *)(intptr_t)t[3], (size_t)t[4]);
     }
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from flylora_runtime.kernels import native
@@ -131,6 +132,18 @@ def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, image.extent)):
         clear_slot(slots, slot)  # else every nonzero the slot may hold is overwritten below
     slots.host_extent[slot] = None  # until the copy is complete
+    plan = _copy_plan(slots, image)
+    if plan is not None:
+        native.copy_pieces(plan[1], slot)
+        for dst, src in plan[2]:  # pieces that are not one contiguous run (a transposed B), if any
+            dst(slot).copy_(src)
+    else:
+        _write_with_torch(slots, slot, image)
+    slots.host_meta[slot] = image.host_meta
+    slots.host_extent[slot] = image.extent
+
+
+def _write_with_torch(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     R = slots.max_rank
     for i in range(slots.num_slices):
         r = image.b[i].shape[0]
@@ -154,8 +167,81 @@ def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     if slots.a_nnz is not None:
         slots.a_nnz[slot] = image.nnz
     slots.magnitude[slot] = image.host_meta[2]
-    slots.host_meta[slot] = image.host_meta
-    slots.host_extent[slot] = image.extent
+
+
+def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
+    """How :func:`write_slot` copies ``image`` into any slot of ``slots`` with the compiled library: ``(slots
+    id, table, leftovers, sources)``, made at the image's first write and kept on it (both are fixed: slots'
+    buffers never move, an image never changes). ``table`` rows are ``flylora_cpu_copy_pieces``'s (buffer,
+    bytes per slot, offset, source, bytes), each destination range checked to lie inside its buffer for every
+    slot; ``leftovers`` are ``(destination view of a slot, source)`` pairs for sources that are not one
+    contiguous run of the buffer's dtype (torch copies those); ``sources`` keeps alive what the table points
+    into. None (then torch copies everything) off the CPU, without the library, or for unpacked compact A
+    (rows of ``p`` of ``P`` entries: not one run)."""
+    cached = getattr(image, "_plan", None)
+    if cached is not None and cached[0] == id(slots):
+        return cached
+    if slots.device.type != "cpu" or native.library() is None or (slots.a_idx is not None and not slots.a_packed):
+        return None
+    buffers = _plan_buffers(slots)
+    S, R, n = slots.num_slots, slots.max_rank, slots.num_slices
+    rows, leftovers, sources = [], [], []
+    out_off = 0
+    for i in range(n):
+        out_i, r = slots.output_slices[i], image.b[i].shape[0]
+        if slots.a_idx is None:  # dense A: the slice's first r rows
+            pieces = [("a_val", i * R * slots.a_val.shape[-1], image.a_val[i])]
+        else:  # packed: r * p entries back to back from the slice's block, and r rows of column words
+            P, W = slots.a_idx.shape[-1], slots.a_mask.shape[-1]
+            pieces = [("a_idx", i * R * P, image.a_idx[i]), ("a_val", i * R * P, image.a_val[i]),
+                      ("a_mask", i * R * W, image.a_mask[i])]
+        pieces += [(i, S * R * out_off, image.b[i]), ("d", i * R, image.d[i])]
+        out_off += out_i
+        for name, offset, src in pieces:
+            buf, ptr, per_slot, size, dtype, numel = buffers[name]
+            if src.dtype is not dtype or not src.is_contiguous():
+                leftovers.append((_destination(slots, name, offset, src), src))
+                continue
+            count = src.numel()
+            if offset + (S - 1) * per_slot + count > numel:
+                raise AssertionError("a slot image piece falls outside its slot buffer")
+            sources.append(src)
+            rows.append((ptr, per_slot * size, offset * size, src.data_ptr(), count * size))
+    magnitude = torch.tensor([image.host_meta[2]], dtype=torch.bool)
+    for name, src in (("k", image.k), ("r", image.r), ("magnitude", magnitude), ("a_nnz", image.nnz)):
+        if name in buffers:
+            buf, ptr, per_slot, size, dtype, numel = buffers[name]
+            assert src.dtype is dtype and src.is_contiguous() and src.numel() == per_slot
+            sources.append(src)
+            rows.append((ptr, per_slot * size, 0, src.data_ptr(), per_slot * size))
+    plan = (id(slots), np.array(rows, dtype=np.int64).reshape(-1, 5), leftovers, sources)
+    object.__setattr__(image, "_plan", plan)
+    return plan
+
+
+def _plan_buffers(slots: FlyLoRASlots) -> dict:
+    """Per destination of a slot image (a buffer name, or a slice's index for its block of ``b``): (buffer,
+    address, elements per slot, element size, dtype, elements in all), made once per slots."""
+    found = getattr(slots, "_plan_buffers", None)
+    if found is None:
+        R = slots.max_rank
+        found = {}
+        for name in ("a_val", "a_idx", "a_mask", "d", "k", "r", "magnitude", "a_nnz"):
+            t = getattr(slots, name)
+            if t is not None:
+                found[name] = (t, t.data_ptr(), t[0].numel(), t.element_size(), t.dtype, t.numel())
+        for i, out_i in enumerate(slots.output_slices):
+            found[i] = (slots.b, slots.b.data_ptr(), R * out_i, slots.b.element_size(), slots.b.dtype, slots.b.numel())
+        slots._plan_buffers = found
+    return found
+
+
+def _destination(slots: FlyLoRASlots, name, offset: int, src: torch.Tensor):
+    """``slot -> the view of slot``'s part of buffer ``name`` that a source shaped like ``src`` fills from
+    element ``offset`` of the slot (for the pieces torch copies)."""
+    if isinstance(name, int):  # slice ``name``'s B^T rows
+        return lambda s: slots.b_view(name)[s, :src.shape[0]]
+    return lambda s: getattr(slots, name)[s].view(-1)[offset:offset + src.numel()].view(src.shape)
 
 
 def load_slot(slots: FlyLoRASlots, slot: int, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> None:

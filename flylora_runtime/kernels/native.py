@@ -13,7 +13,8 @@ compiler and the CPU's flags, written atomically (concurrent first uses are safe
 build: :func:`library` returns ``None`` once with a warning and the torch backend serves every call.
 ``FLYLORA_CPU_NATIVE=0`` turns the compiled kernel off.
 
-ABI: the library exports ``flylora_cpu_apply_slots``, ``flylora_cpu_pack_rows`` and ``flylora_cpu_abi``. The
+ABI: the library exports ``flylora_cpu_apply_slots``, ``flylora_cpu_pack_rows``, ``flylora_cpu_copy_pieces``
+and ``flylora_cpu_abi``. The
 last reports the constants this module must agree with (:func:`expected_abi`: the ABI version, ``MAX_R``,
 the size of the ``SlotArgs`` struct, the dtype codes); a library that disagrees, or does not report them, is
 refused when it is loaded (:class:`AbiMismatch`, the same warning and torch fallback as a failed build).
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("flylora_cpu.c")
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 #: What this module expects the library to report (``flylora_cpu_abi``; see :func:`expected_abi`).
-ABI_VERSION = 1  # FLYLORA_CPU_ABI_VERSION in the C source
+ABI_VERSION = 2  # FLYLORA_CPU_ABI_VERSION in the C source
 MAX_RANK = 64  # MAX_R in the C source
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # F32, BF16, F16 in the C source
 
@@ -107,6 +108,8 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = _SLOT_ARGTYPES, ctypes.c_int
             fn = lib.flylora_cpu_pack_rows
             fn.argtypes, fn.restype = _PACK_ARGTYPES, _i64
+            fn = lib.flylora_cpu_copy_pieces
+            fn.argtypes, fn.restype = [_ptr, _i64, _i64], None
         except Exception as exc:  # noqa: BLE001 - any build/load failure or ABI mismatch degrades to torch
             log.warning("FlyLoRA: the compiled CPU kernel is unavailable (%s); using grouped torch.", exc)
             return None
@@ -215,6 +218,13 @@ def apply_native(lib: ctypes.CDLL, out: torch.Tensor, x: torch.Tensor, token_slo
         raise {-1: MemoryError, -3: ValueError}.get(rc, RuntimeError)(
             f"flylora_cpu_apply_slots returned {rc}" + (
                 f": token_slot values must be in [-1, {slots.num_slots})" if rc == -3 else ""))
+
+
+def copy_pieces(table, slot: int) -> None:
+    """Run ``flylora_cpu_copy_pieces``: the rows of ``table`` (an int64 numpy array ``[m, 5]``, built and
+    bounds-checked by :func:`flylora_runtime.kernels.lifecycle.write_slot`, which also keeps alive every
+    tensor it points into) into slot ``slot``."""
+    library().flylora_cpu_copy_pieces(table.ctypes.data, table.shape[0], slot)
 
 
 def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -245,3 +247,41 @@ def test_exact_ties_select_k_real_ranks(backend: str, routing: str) -> None:
     for t in range(3):
         assert len(tie_pairs(out[t], 3.0)) == 1, f"row {t}: {out[t].tolist()} is not a sum of 2 real ranks"
         assert torch.equal(out[t], out[t, :1].expand(4))
+
+
+@pytest.mark.parametrize("layout", [{}, {"max_nnz": 64, "packed": True, "index_dtype": torch.int16,
+                                         "a_dtype": torch.bfloat16},
+                                    {"max_nnz": 64, "packed": True, "index_dtype": torch.int32}])
+@pytest.mark.parametrize("b_form", ["B^T contiguous", "B as given", "scaled fp32"])
+def test_compiled_slot_write_equals_torchs_copies(layout: dict, b_form: str) -> None:
+    """write_slot's one-call copy (flylora_cpu_copy_pieces, from the image's table) writes exactly what
+    torch's copies write, into the right slot and nowhere else, whether B is one contiguous run of the
+    slot's dtype or has to be converted or transposed (those pieces are copied by torch)."""
+    from flylora_runtime.kernels import lifecycle, native
+
+    if native.library() is None:
+        pytest.skip("the compiled CPU kernel is unavailable")
+    gen = torch.Generator().manual_seed(5)
+    adapters = [make_adapter(gen, 64, 32, 12, 3, "magnitude"), make_adapter(gen, 64, 16, 12, 5, "magnitude")]
+    for w in adapters:
+        w.A[:, 1::3] = 0.0
+    if b_form == "B^T contiguous":  # as the engine form hands it: a transposed view of B^T, already bf16
+        adapters = [replace(w, B=w.B.to(torch.bfloat16).T.contiguous().T, scaling=1.0) for w in adapters]
+    elif b_form == "scaled fp32":
+        adapters = [replace(w, scaling=0.75) for w in adapters]
+    slots = [allocate_slots(4, 16, 64, (32, 16), b_dtype=torch.bfloat16, **layout) for _ in range(2)]
+    fill = [[make_adapter(gen, 64, 32, 16, 4), make_adapter(gen, 64, 16, 16, 4)] for _ in range(4)]
+    for s in slots:  # something in every slot first, so that a write to the wrong place shows
+        for i in range(4):
+            load_slot(s, i, fill[i])
+    image = prepare_slot(slots[0], adapters)
+    write_slot(slots[0], 2, image)
+    plan = lifecycle._copy_plan(slots[0], image)
+    assert plan is not None and len(plan[1]) >= 7
+    assert (len(plan[2]) == 0) == (b_form == "B^T contiguous")  # leftovers: the pieces torch copies
+    old = slots[1].host_extent[2]
+    if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, image.extent)):
+        clear_slot(slots[1], 2)
+    lifecycle._write_with_torch(slots[1], 2, image)
+    for s in range(4):
+        assert all(torch.equal(a, b) for a, b in zip(_slot_buffers(slots[0], s), _slot_buffers(slots[1], s))), s
