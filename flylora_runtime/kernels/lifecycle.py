@@ -87,14 +87,27 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"slice {i}: {name} holds non-finite values (inf or NaN)")
     dev = slots.device
+    on_cpu = dev.type == "cpu"
+    idx_dtype = None if slots.a_idx is None else slots.a_idx.dtype
+    val_dtype = slots.a_val.dtype
+
+    def placed(t: torch.Tensor, dtype: torch.dtype | None = None, shape=None) -> torch.Tensor:
+        """``t`` in ``dtype``, ``shape`` and on the slots' device (no call at all when it already is: this
+        runs for every slice of every layer at an adapter's first activation)."""
+        if dtype is not None and t.dtype is not dtype:
+            t = t.to(dtype)
+        if shape is not None and tuple(t.shape) != shape:
+            t = t.reshape(shape)
+        return t if on_cpu and t.device.type == "cpu" else t.to(dev)
+
     a_idx, a_val, a_mask, bs, ds, nnz, extent = [], [], [], [], [], [], []
     for i, w in enumerate(adapters):
-        if slots.a_idx is None:
+        if idx_dtype is None:
             a_idx.append(None), a_mask.append(None), nnz.append(0), extent.append((w.A.shape[0], 0))
-            a_val.append(w.A.to(device=dev, dtype=slots.a_val.dtype).contiguous())
+            a_val.append(placed(w.A, val_dtype).contiguous())
         else:
             # packed (the compiled kernel's layout, so the library is there): one C pass over A
-            done = native.pack_rows(w.A, slots.a_idx.dtype, slots.a_val.dtype) if slots.a_packed else None
+            done = native.pack_rows(w.A, idx_dtype, val_dtype) if slots.a_packed else None
             if done is not None:
                 idx, vals, mask, p = done
             else:
@@ -104,21 +117,21 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
             P = slots.a_idx.shape[-1]
             if p > P:
                 raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
-            shape = (-1,) if slots.a_packed else tuple(idx.shape)  # packed: rows of p entries back to back
-            a_idx.append(idx.to(slots.a_idx.dtype).reshape(shape).to(dev))
-            a_val.append(vals.to(slots.a_val.dtype).reshape(shape).to(dev))
-            a_mask.append(None if mask is None else mask.to(dev))
+            shape = (idx.numel(),) if slots.a_packed else tuple(idx.shape)  # packed: rows of p entries back to back
+            a_idx.append(placed(idx, idx_dtype, shape))
+            a_val.append(placed(vals, val_dtype, shape))
+            a_mask.append(None if mask is None else placed(mask))
             nnz.append(p if slots.a_packed else 0)
             extent.append((w.A.shape[0], p))
         # Unscaled (the engine's B: vLLM folds alpha/r in), B^T stays a view of the caller's B, converted by
         # write_slot's copy: an image then costs no memory for B, only for the compacted A.
-        bs.append((w.B.T if w.scaling == 1.0 else w.scaling * w.B.to(torch.float32).T).to(dev))
-        ds.append(w.d.to(device=dev, dtype=torch.float32))
+        bs.append(placed(w.B.T if w.scaling == 1.0 else w.scaling * w.B.to(torch.float32).T))
+        ds.append(placed(w.d, torch.float32))
     ks, rs = tuple(w.top_k for w in adapters), tuple(w.A.shape[0] for w in adapters)
     magnitude = adapters[0].routing == "magnitude"
-    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+    k, r, nnz = torch.tensor((ks, rs, tuple(nnz)), dtype=torch.int32, device=dev).unbind(0)  # one tensor, three rows
     return SlotImage(layout=layout_key(slots), a_idx=tuple(a_idx), a_val=tuple(a_val), a_mask=tuple(a_mask),
-                     b=tuple(bs), d=tuple(ds), k=as_int(ks), r=as_int(rs), nnz=as_int(nnz),
+                     b=tuple(bs), d=tuple(ds), k=k, r=r, nnz=nnz,
                      host_meta=(ks, rs, magnitude), extent=tuple(extent))
 
 
