@@ -4,13 +4,16 @@ off), in two engine sessions with the default settings.
 
 Per session: base-model load from 8 closed-loop clients (64-token completions) for ``--duration`` seconds
 alone (steady), then again while one client requests 12 adapters that are in the store but were never
-requested, one after another (``max_tokens`` 1). Reported: the cold adapters' time to first token, and the
-base requests' time per output token steady and during the cold loads, two ways: each token's own time (the
+requested, one after another (``max_tokens`` 1), then (the control) the same arrivals for those adapters
+once more, now loaded. Reported: the cold adapters' time to first token, and the base requests' time per
+output token steady, during the cold loads and during the control, two ways: each token's own time (the
 gap since the token before it, "ITL"; p50, p99: a stall of the engine loop is one long gap) and each
-request's mean (TPOT). The issue's bound: the p99 during cold loads within 1.2x of steady. Before that, on
+request's mean (TPOT). The issue's bound: the p99 during cold loads within 1.2x of steady. A new request's
+prefill joins the decoders' step whatever its adapter, so the control tells that gap apart from a load's. Before that, on
 the idle engine: 6 other never-requested adapters, each asked cold, then warm, with a base request before
 them (``max_tokens`` 1, one at a time), so a cold first token can be read against the same engine's warm
-and base ones (idle_ttft_s). Writes ``cold_benchmark.json`` into ``--out``.
+and base ones (idle_ttft_s). Every single request has a prompt of its own, so none is answered from the
+prefix cache. Writes ``cold_benchmark.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -44,38 +47,45 @@ async def _session(b, base_model: str, prefetch: bool) -> dict:
         idle = await _idle_ttfts(spec, base_model, idle_names)
         load_steady = os.getloadavg()[0]
         steady = summarize(await run_load(spec))
-        ttfts, failures = [], []
+        ttfts, failures, warm_ttfts = [], [], []
 
-        async def cold() -> None:
+        async def arrivals(kind: str, seed: int, into: list) -> None:
             await asyncio.sleep(2.0)  # let the base clients reach decode
-            for name in names:
-                rec = await _one_request(spec, name, f"cold {name}")
-                (ttfts.append(rec.ttft) if rec.ok and rec.ttft is not None else failures.append(rec.error))
+            for i, name in enumerate(names):
+                rec = await _one_request(spec, name, f"{kind} {name}", seed=seed + i)
+                (into.append(rec.ttft) if rec.ok and rec.ttft is not None else failures.append(rec.error))
                 await asyncio.sleep(0.5)
 
         load_during = os.getloadavg()[0]
-        during, _ = await asyncio.gather(run_load(spec), cold())
+        during, _ = await asyncio.gather(run_load(spec), arrivals("cold", 2000, ttfts))
         during = summarize(during)
+        # The control: the same arrivals again, now for adapters the engine holds (new prompts): what a new
+        # request's prefill alone does to the other streams' token gaps, without any load.
+        during_warm, _ = await asyncio.gather(run_load(spec), arrivals("warm", 3000, warm_ttfts))
+        during_warm = summarize(during_warm)
     return {"prefetch": prefetch, "idle_ttft_s": idle, "cold_ttft_s": ttfts, "cold_ttft_p50_s": percentile(ttfts, 50),
             "cold_ttft_p99_s": percentile(ttfts, 99), "cold_failures": failures,
             "steady": steady, "during_cold": during, "loadavg_steady": load_steady, "loadavg_during": load_during,
+            "during_warm": during_warm, "warm_ttft_p50_s": percentile(warm_ttfts, 50) if warm_ttfts else None,
             "tpot_p99_during_over_steady": (during["tpot_s"]["p99"] or 0) / (steady["tpot_s"]["p99"] or 1),
-            "itl_p99_during_over_steady": (during["itl_s"]["p99"] or 0) / (steady["itl_s"]["p99"] or 1)}
+            "itl_p99_during_over_steady": (during["itl_s"]["p99"] or 0) / (steady["itl_s"]["p99"] or 1),
+            "itl_p99_during_warm_over_steady": (during_warm["itl_s"]["p99"] or 0) / (steady["itl_s"]["p99"] or 1),
+            "tpot_p99_during_warm_over_steady": (during_warm["tpot_s"]["p99"] or 0) / (steady["tpot_s"]["p99"] or 1)}
 
 
-async def _one_request(spec, model: str, label: str):
-    """One request for ``model`` alone (``max_tokens`` 1); its record."""
+async def _one_request(spec, model: str, label: str, seed: int):
+    """One request for ``model`` alone (``max_tokens`` 1, its prompt drawn from ``seed``); its record."""
     res = await run_load(replace(spec, models=[model], label=label, max_requests=1, concurrency=1, duration_s=600,
-                                 output_tokens=Lengths(1, 1), progress=False))
+                                 output_tokens=Lengths(1, 1), progress=False, seed=seed))
     return res.records[0]
 
 
 async def _idle_ttfts(spec, base_model: str, names: list[str]) -> dict:
     """On the idle engine, per adapter: a base request, the adapter cold, the adapter warm (one at a time)."""
     out: dict[str, list] = {"base": [], "cold": [], "warm": []}
-    for name in names:
-        for key, model in (("base", base_model), ("cold", name), ("warm", name)):
-            rec = await _one_request(spec, model, f"idle {model}")
+    for j, name in enumerate(names):
+        for k, (key, model) in enumerate((("base", base_model), ("cold", name), ("warm", name))):
+            rec = await _one_request(spec, model, f"idle {model}", seed=1000 + 3 * j + k)
             out[key].append(rec.ttft if rec.ok else None)
             await asyncio.sleep(0.2)
     for key in ("base", "cold", "warm"):
@@ -113,4 +123,9 @@ async def run_cold(b, base_model: str) -> dict:
               f"{s['during_cold']['itl_s']['p50'] * 1e3:.0f}/{s['during_cold']['itl_s']['p99'] * 1e3:.0f} ms "
               f"({s['itl_p99_during_over_steady']:.2f}x); load avg {s['loadavg_steady']:.1f}/{s['loadavg_during']:.1f}",
               flush=True)
+        w = s["during_warm"]
+        print(f"prefetch {key}: control, the same arrivals for adapters already loaded: TTFT p50 "
+              f"{_ms(s['warm_ttft_p50_s'])}; base TPOT p99 {w['tpot_s']['p99'] * 1e3:.0f} ms "
+              f"({s['tpot_p99_during_warm_over_steady']:.2f}x), ITL p99 {w['itl_s']['p99'] * 1e3:.0f} ms "
+              f"({s['itl_p99_during_warm_over_steady']:.2f}x)", flush=True)
     return out

@@ -158,32 +158,44 @@ class FlyLoRALayerMixin:
         slots = self.flylora_slots
         lora_a, lora_b = self._flylora_pending.pop(index, ([None] * slots.num_slices, [None] * slots.num_slices))
         if image is None:
-            if len(d) != slots.num_slices:
-                raise ValueError(f"expected {slots.num_slices} routing biases, got {len(d)}")
-            if all(a is None or b is None for a, b in zip(lora_a, lora_b)):
+            image = self.prepare_flylora_image(lora_a, lora_b, d, top_k, magnitude)
+            if image is None:
                 # The adapter has no weights in this layer (a q/v adapter's o, gate_up and down layers): an
                 # empty slot (k = 0 everywhere) contributes exactly nothing, and clearing it takes a tenth of
                 # the time of loading zero rank-1 entries into every slice (~0.05 against ~0.5 ms per layer).
                 self._flylora_clear(index)
                 return None
-            routing = "magnitude" if magnitude else "signed"
-            per_slice = []
-            for i, (a, b, d_i) in enumerate(zip(lora_a, lora_b, d)):
-                if a is None or b is None:
-                    out_i = slots.output_slices[i]
-                    per_slice.append(LayerAdapter(A=torch.zeros(1, slots.in_features), B=torch.zeros(out_i, 1),
-                                                  d=torch.zeros(1), top_k=1, scaling=1.0, routing=routing))
-                    continue
-                r = a.shape[0]
-                k = r if top_k is None else min(top_k, r)
-                per_slice.append(LayerAdapter(A=a, B=b, d=torch.zeros(r) if d_i is None else d_i, top_k=k,
-                                              scaling=1.0, routing=routing))
-            # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is
-            # stored.
-            image = prepare_slot(slots, per_slice, check_finite=False)
         write_slot(slots, index, image)
         self._flylora_weighted.add(index)  # at least one slice has weights (else cleared above)
         return image
+
+    def prepare_flylora_image(self, lora_a, lora_b, d: list[torch.Tensor | None], top_k: int | None,
+                              magnitude: bool) -> SlotImage | None:
+        """An adapter's :class:`~flylora_runtime.kernels.SlotImage` for this layer from the A and B vLLM hands
+        to :meth:`set_lora` (a tensor or a list per slice; ``lora_b`` already holds alpha/r), the per-slice
+        biases ``d``, ``top_k`` and the routing; None when none of the layer's slices has weights. Writes
+        nothing (it runs off the engine loop too: :func:`.loading.prepare_images_at_load`)."""
+        slots = self.flylora_slots
+        lora_a, lora_b = self._slices(lora_a, lora_b)
+        if len(d) != slots.num_slices:
+            raise ValueError(f"expected {slots.num_slices} routing biases, got {len(d)}")
+        if all(a is None or b is None for a, b in zip(lora_a, lora_b)):
+            return None
+        routing = "magnitude" if magnitude else "signed"
+        per_slice = []
+        for i, (a, b, d_i) in enumerate(zip(lora_a, lora_b, d)):
+            if a is None or b is None:
+                out_i = slots.output_slices[i]
+                per_slice.append(LayerAdapter(A=torch.zeros(1, slots.in_features), B=torch.zeros(out_i, 1),
+                                              d=torch.zeros(1), top_k=1, scaling=1.0, routing=routing))
+                continue
+            r = a.shape[0]
+            k = r if top_k is None else min(top_k, r)
+            per_slice.append(LayerAdapter(A=a, B=b, d=torch.zeros(r) if d_i is None else d_i, top_k=k,
+                                          scaling=1.0, routing=routing))
+        # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is
+        # stored.
+        return prepare_slot(slots, per_slice, check_finite=False)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         active = getattr(self.punica_wrapper, "flylora_active_slots", None)

@@ -55,6 +55,9 @@ class FlyLoRAInfo:
     # made on the first activation and kept while the adapter is in the engine's CPU cache (it goes with the
     # LoRAModel), so that later activations only copy.
     images: dict = field(default_factory=dict)
+    # B already holds lora_alpha / r (read from the engine form): the images can be made as soon as the
+    # adapter is loaded (prepare_images_at_load), before vLLM has merged and scaled anything.
+    folded: bool = False
 
 
 def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None,
@@ -128,7 +131,8 @@ def load_flylora_checkpoint(original):
         if folded:  # B holds the scaling already (the engine form): vLLM's in-place scaling must not run again
             for lora in model.loras.values():
                 lora.scaling = 1
-        model.flylora = FlyLoRAInfo(top_k=config.top_k if config.is_flylora else None, routing=config.routing, d=d)
+        model.flylora = FlyLoRAInfo(top_k=config.top_k if config.is_flylora else None, routing=config.routing, d=d,
+                                    folded=folded)
         count(LOADS)
         return model
 
@@ -198,6 +202,15 @@ def release_free_memory() -> None:
 _malloc_trim = None
 
 
+def _slice_names(manager, module_name: str, module) -> list[str]:
+    """The vLLM module names of a layer's slices (a packed layer's sub-modules), one per slice."""
+    names = manager.packed_modules.get(module_name, [module_name])
+    if len(names) != module.flylora_slots.num_slices:
+        # A packed group that vLLM expanded (e.g. one A for several slices): d is per group.
+        names = (names * module.flylora_slots.num_slices)[: module.flylora_slots.num_slices]
+    return names
+
+
 def set_slot_weights(manager, lora_id: int) -> None:
     """Copy adapter ``lora_id`` into its slot of every FlyLoRA layer: A and B (which vLLM has just handed to the
     layers), top-k, d and routing."""
@@ -209,14 +222,52 @@ def set_slot_weights(manager, lora_id: int) -> None:
     for module_name, module in manager.modules.items():
         if not isinstance(module, FlyLoRALayerMixin):
             continue
-        names = manager.packed_modules.get(module_name, [module_name])
-        if len(names) != module.flylora_slots.num_slices:
-            # A packed group that vLLM expanded (e.g. one A for several slices): d is per group.
-            names = (names * module.flylora_slots.num_slices)[: module.flylora_slots.num_slices]
+        names = _slice_names(manager, module_name, module)
         image = module.set_flylora_weights(index, [info.d.get(n) for n in names], info.top_k,
                                            info.routing == "magnitude", image=info.images.get(module_name))
         if image is not None and module.flylora_slots.device.type == "cpu":
             # Off the CPU an image is a device copy of the adapter (dense A, B): kept for every adapter in
             # the CPU cache it would fill the GPU past what the engine sized. Dense A needs no compaction, so
             # making it again at the next activation costs only the copy the image would have saved.
+            info.images[module_name] = image
+
+
+def prepare_images_at_load(original):
+    """``WorkerLoRAManager._load_adapter`` that, for an adapter read from its engine form (B already scaled:
+    :attr:`FlyLoRAInfo.folded`) on a CPU engine, also makes its slot images for every FlyLoRA layer, so that
+    its first activation (in the engine loop) only copies them, as every later one does. With the background
+    loads of :mod:`.prefetch` this runs in the load's thread, off the loop. The images are the ones
+    :meth:`~.layers.FlyLoRALayerMixin.set_flylora_weights` would make at the activation: from the same A and
+    B (vLLM's merge only lists a packed layer's sub-modules; the engine form's B needs no scaling)."""
+
+    def _load_adapter(self, lora_request):
+        model = original(self, lora_request)
+        info = getattr(model, "flylora", None)
+        if info is not None and info.folded:
+            _prepare_images(self._adapter_manager, model, info)
+        return model
+
+    return _load_adapter
+
+
+def _prepare_images(manager, model, info: FlyLoRAInfo) -> None:
+    from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
+
+    for module_name, module in manager.modules.items():
+        if not isinstance(module, FlyLoRALayerMixin) or module.flylora_slots.device.type != "cpu":
+            continue
+        names = manager.packed_modules.get(module_name)
+        loras = [model.loras.get(n) for n in names] if names else [model.loras.get(module_name)]
+        if all(lora is None for lora in loras):
+            continue
+        if any(lora is not None and lora.scaling != 1 for lora in loras):
+            return  # not folded after all: leave it to the activation
+        lora_a = [None if lora is None else lora.lora_a for lora in loras]
+        lora_b = [None if lora is None else lora.lora_b for lora in loras]
+        if not names:  # vLLM hands a single layer its tensors, not lists
+            lora_a, lora_b = lora_a[0], lora_b[0]
+        names = _slice_names(manager, module_name, module)
+        image = module.prepare_flylora_image(lora_a, lora_b, [info.d.get(n) for n in names], info.top_k,
+                                             info.routing == "magnitude")
+        if image is not None:
             info.images[module_name] = image

@@ -23,7 +23,8 @@ from flylora_runtime.vllm_plugin.energy import (energy_control_method, energy_ta
 from flylora_runtime.vllm_plugin.cache_counting import count_cache_on_schedule, track_preloaded_adapters
 from flylora_runtime.vllm_plugin.layers import flylora_classes, note_active_slots
 from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_with_flylora_weights,
-                                                 load_flylora_checkpoint, remove_and_release_memory)
+                                                 load_flylora_checkpoint, prepare_images_at_load,
+                                                 remove_and_release_memory)
 from flylora_runtime.vllm_plugin.prefetch import (discarding_remove_lora, prefetching_add_lora, status_method,
                                                   take_prefetched_load, waiting_async_add_lora)
 from flylora_runtime.vllm_plugin.residency import (naming_add_adapter, publishing_after, publishing_apply_adapters,
@@ -93,9 +94,12 @@ PATCHES: tuple[Patch, ...] = (
           "as a cache miss.", ("self", "lora_request")),
     Patch("vllm.v1.worker.lora_model_runner_mixin:LoRAModelRunnerMixin", "remove_lora", discarding_remove_lora,
           "A removed adapter's background load, if still pending, is dropped (prefetch).", ("self", "lora_id")),
-    Patch("vllm.lora.worker_manager:WorkerLoRAManager", "_load_adapter", take_prefetched_load,
-          "When the scheduler first needs an adapter, the loop takes its prefetched model (waiting only for what "
-          "is left of the load) instead of loading it in the loop.", ("self", "lora_request")),
+    Patch("vllm.lora.worker_manager:WorkerLoRAManager", "_load_adapter",
+          lambda original: take_prefetched_load(prepare_images_at_load(original)),
+          "An adapter read from its engine form gets its slot images made with the load (off the loop with "
+          "prefetch), so its first activation only copies; when the scheduler first needs an adapter, the loop "
+          "takes its prefetched model (waiting only for what is left of the load) instead of loading it in the "
+          "loop.", ("self", "lora_request")),
     Patch("vllm.v1.engine.async_llm:AsyncLLM", "add_lora", waiting_async_add_lora,
           "The API server waits (polling the worker between steps) for the background load's outcome, and raises "
           "its error, so a failing load fails its own requests (400) and never reaches the scheduler.",
