@@ -7,9 +7,14 @@ Upload order and what undoes each step on failure, so a failure anywhere leaves 
 1. stream the form into a staging folder inside the store      (undo: remove the staging folder)
 2. check the name, then validate with ``flylora_runtime`` in the upload threads (bounded memory, the
    engine's max rank), and replace the config by its canonical form (what the engine reads is what was
-   checked)
+   checked); write the weights' engine form beside them (``engine_form``; a bf16 engine loads it without
+   converting: :mod:`flylora_runtime.format.engine_form`; not written, the adapter is still stored)
 3. final quota check and rename the staging folder to ``<store>/<internal id>``  (undo: remove that folder)
 4. insert the registry row (409 on a duplicate name)             (nothing after it can fail)
+5. vouch for its files in the integrity checker (its first request does not hash them again)
+
+Adapters stored before engine forms were written get theirs at the next start
+(:func:`add_missing_engine_forms`, after their weights are checked against the registry's SHA-256).
 
 Deletion takes the adapter out of service first (state ``deleting``: it resolves as missing), lets its
 running requests finish for ``delete_grace_s`` and cuts the rest (:mod:`server.inflight`), writes its
@@ -32,6 +37,7 @@ import anyio
 from starlette.requests import Request
 
 from flylora_runtime.format.checkpoint import validate_files
+from flylora_runtime.format.engine_form import PREPARED_NAME
 from flylora_runtime.format.errors import AdapterError
 
 from server.admission import UploadTicket
@@ -39,6 +45,7 @@ from server.errors import AdapterExists, AdapterNotFound, InvalidRequest, Payloa
 from server.registry import READY, Adapter, Tenant
 from server.security import ADAPTER_NAME_RE, new_internal_id
 from server.gateway import Gateway
+from server.integrity import verify
 from server.uploads import declared_length, receive_adapter_upload, upload_ceiling
 
 log = logging.getLogger("flylora.gateway.adapters")
@@ -195,6 +202,30 @@ async def maintain(gw: Gateway) -> None:
         known = await run(gw.registry.all_internal_ids)
         await gw.uploads.run(partial(gw.store.sweep, known, min_age_s=gw.settings.staging_max_age_s,
                                      active=gw.uploads.active_staging()))
+
+
+async def add_missing_engine_forms(gw: Gateway) -> int:
+    """Write the engine form of every ready adapter stored without one (uploaded before the gateway wrote
+    them), one at a time in the upload threads, after checking its weights against the registry's SHA-256
+    (a form is never made from damaged files). A task of the app's start; returns how many it wrote."""
+    if not gw.settings.engine_form:
+        return 0
+    written = 0
+    try:
+        adapters = await run(partial(gw.registry.list_adapters, None))
+        missing = await gw.uploads.run(
+            lambda: [a for a in adapters if not (gw.store.root / a.internal_id / PREPARED_NAME).exists()])
+        if missing:
+            log.info("writing the engine form of %d adapters stored without one", len(missing))
+        for i, adapter in enumerate(missing, 1):
+            reason, _ = await gw.uploads.run(verify, gw.store.path(adapter.internal_id), adapter)
+            if reason is None and await gw.uploads.run(gw.store.add_engine_form, adapter.internal_id):
+                written += 1
+            if i % 100 == 0 or i == len(missing):
+                log.info("engine forms: %d of %d adapters done (%d written)", i, len(missing), written)
+    except Exception:  # the registry briefly unreachable: the next start tries again; serving goes on
+        log.exception("writing missing engine forms stopped after %d", written)
+    return written
 
 
 async def maintain_forever(gw: Gateway) -> None:

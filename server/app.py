@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from server.adapters import maintain, maintain_forever
+from server.adapters import add_missing_engine_forms, maintain, maintain_forever
 from server.errors import install_error_handlers
 from server.fastpath import GatewayApp
 from server.quality_recorder import QualityRecorder
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     tg.start_soon(gw.upstream.watch_health)
                 tg.start_soon(gw.keys.watch)
                 tg.start_soon(maintain_forever, gw)
+                tg.start_soon(add_missing_engine_forms, gw)
                 if gw.quality is not None:
                     tg.start_soon(gw.quality.run)
                 yield

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 
 from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME
+from flylora_runtime.format.config import FlyLoRAConfig
+from flylora_runtime.format.errors import AdapterError
 from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
 
 from server.security import INTERNAL_ID_RE
@@ -98,6 +100,22 @@ class AdapterStore:
             return write_prepared(weights, staging / PREPARED_NAME, scaling)
         except (OSError, ValueError) as exc:
             log.warning("engine form of %s not written (%s); engines will convert the checkpoint", staging.name, exc)
+            return 0
+
+    def add_engine_form(self, internal_id: str) -> int:
+        """Write the engine form of a stored adapter that has none (stored before forms were written); its size,
+        or 0 when there was nothing to do or it failed (logged). The folder must have been verified intact.
+        Blocking."""
+        folder = self.path(internal_id)
+        if (folder / PREPARED_NAME).exists() or (folder / TOMBSTONE_NAME).exists() or not folder.is_dir():
+            return 0
+        try:
+            scaling = FlyLoRAConfig.from_json_bytes((folder / CONFIG_NAME).read_bytes()).scaling
+            size = write_prepared(folder / WEIGHTS_NAME, folder / PREPARED_NAME, scaling)
+            _fsync_path(folder, directory=True)
+            return size
+        except (OSError, ValueError, AdapterError) as exc:  # being deleted, a full disk, a value beyond bf16
+            log.warning("engine form of %s not written (%s); engines will convert the checkpoint", internal_id, exc)
             return 0
 
     def tombstone(self, internal_id: str) -> None:

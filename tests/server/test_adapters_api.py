@@ -82,6 +82,30 @@ def test_without_engine_form_the_store_holds_the_two_files(engine, make_gateway,
         "adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_adapters_stored_without_engine_form_get_one_at_the_next_start(engine, make_gateway, tmp_path):
+    """Adapters uploaded while forms were off (or before they existed) get theirs when a gateway that writes
+    them starts, except one whose weights no longer match what was uploaded (never a form of damaged files)."""
+    from flylora_runtime.weights.engine_form import read_prepared
+
+    data = tmp_path / "data"
+    first = make_gateway([engine.url], data_dir=data, engine_form=False)
+    key = first.new_tenant()[1]
+    for name in ("old-a", "old-b"):
+        assert first.upload(key, name, tmp_path / name, r=4, top_k=2).status_code == 201
+    folders = {n: first.settings.store_dir / first.gw.registry.get_adapter(1, n).internal_id for n in ("old-a", "old-b")}
+    weights = folders["old-a"] / "adapter_model.safetensors"  # damaged: looked at first (by name)
+    damaged = bytearray(weights.read_bytes())
+    damaged[-2] ^= 1
+    weights.write_bytes(bytes(damaged))
+    assert not any((f / "flylora_engine.bf16.safetensors").exists() for f in folders.values())
+    make_gateway([engine.url], data_dir=data)  # engine_form on, the default
+    deadline = time.monotonic() + 20
+    while not (folders["old-b"] / "flylora_engine.bf16.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert read_prepared(str(folders["old-b"])) is not None
+    assert not (folders["old-a"] / "flylora_engine.bf16.safetensors").exists()
+
+
 def test_plain_peft_lora_is_accepted_as_top_k_equal_r(gateway, tenant, tmp_path):
     r = gateway.upload(tenant[1], "plain", tmp_path / "p", r=4, top_k=None)
     assert r.status_code == 201, r.text
