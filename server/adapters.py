@@ -37,7 +37,7 @@ import anyio
 from starlette.requests import Request
 
 from flylora_runtime.format.checkpoint import validate_files
-from flylora_runtime.format.engine_form import PREPARED_NAME
+from flylora_runtime.format.engine_form import ENGINE_FORM_NAME
 from flylora_runtime.format.errors import AdapterError
 
 from server.admission import UploadTicket
@@ -214,7 +214,7 @@ async def add_missing_engine_forms(gw: Gateway) -> int:
     try:
         adapters = await run(partial(gw.registry.list_adapters, None))
         missing = await gw.uploads.run(
-            lambda: [a for a in adapters if not (gw.store.root / a.internal_id / PREPARED_NAME).exists()])
+            lambda: [a for a in adapters if not (gw.store.root / a.internal_id / ENGINE_FORM_NAME).exists()])
         if missing:
             log.info("writing the engine form of %d adapters stored without one", len(missing))
         for i, adapter in enumerate(missing, 1):

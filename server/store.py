@@ -29,7 +29,8 @@ from pathlib import Path
 from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME
 from flylora_runtime.format.config import FlyLoRAConfig
 from flylora_runtime.format.errors import AdapterError
-from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
+from flylora_runtime.format import engine_form
+from flylora_runtime.format.engine_form import ENGINE_FORM_NAME
 
 from server.security import INTERNAL_ID_RE
 
@@ -77,8 +78,8 @@ class AdapterStore:
         final = self.path(internal_id)
         for f in self.staged_files(staging):
             _fsync_path(f)
-        if (staging / PREPARED_NAME).exists():
-            _fsync_path(staging / PREPARED_NAME)
+        if (staging / ENGINE_FORM_NAME).exists():
+            _fsync_path(staging / ENGINE_FORM_NAME)
         _fsync_path(staging, directory=True)
         if final.exists():
             raise FileExistsError(final)
@@ -97,7 +98,7 @@ class AdapterStore:
         served without it, from its checkpoint). Blocking."""
         _, weights = self.staged_files(staging)
         try:
-            return write_prepared(weights, staging / PREPARED_NAME, scaling)
+            return engine_form.write_engine_form(weights, staging / ENGINE_FORM_NAME, scaling)
         except (OSError, ValueError) as exc:
             log.warning("engine form of %s not written (%s); engines will convert the checkpoint", staging.name, exc)
             return 0
@@ -107,11 +108,11 @@ class AdapterStore:
         or 0 when there was nothing to do or it failed (logged). The folder must have been verified intact.
         Blocking."""
         folder = self.path(internal_id)
-        if (folder / PREPARED_NAME).exists() or (folder / TOMBSTONE_NAME).exists() or not folder.is_dir():
+        if (folder / ENGINE_FORM_NAME).exists() or (folder / TOMBSTONE_NAME).exists() or not folder.is_dir():
             return 0
         try:
             scaling = FlyLoRAConfig.from_json_bytes((folder / CONFIG_NAME).read_bytes()).scaling
-            size = write_prepared(folder / WEIGHTS_NAME, folder / PREPARED_NAME, scaling)
+            size = engine_form.write_engine_form(folder / WEIGHTS_NAME, folder / ENGINE_FORM_NAME, scaling)
             _fsync_path(folder, directory=True)
             return size
         except (OSError, ValueError, AdapterError) as exc:  # being deleted, a full disk, a value beyond bf16

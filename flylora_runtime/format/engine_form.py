@@ -5,7 +5,7 @@ A bf16 engine that loads an adapter from its validated fp32 checkpoint reads the
 tensor to bf16, folds ``lora_alpha / r`` into ``B`` and copies each ``B`` transposed into its slots, inside
 the engine loop: most of a cold adapter's ~0.1 s on the 2-vCPU machine of docs/BENCHMARKS.md. The gateway
 does that work once, when the adapter is uploaded, and stores the result beside the checkpoint
-(:data:`PREPARED_NAME`)::
+(:data:`ENGINE_FORM_NAME`)::
 
     base_model.model.M.lora_A.weight      [r, in]   bf16   A.to(bfloat16), as vLLM converts it
     base_model.model.M.lora_B_T.weight    [r, out]  bf16   (B.to(bfloat16) * scaling).T, contiguous: vLLM's
@@ -13,7 +13,7 @@ does that work once, when the adapter is uploaded, and stores the result beside 
     base_model.model.M.lora_topk_bias     [r]       fp32   unchanged (FlyLoRA only)
 
 with ``scaling`` (``lora_alpha / r``) in the file's metadata. The engine
-(:func:`flylora_runtime.weights.engine_form.read_prepared`, from
+(:func:`flylora_runtime.weights.engine_form.read_engine_form`, from
 :func:`flylora_runtime.vllm_plugin.loading.read_checkpoint`) maps the file (privately; nothing writes to it),
 checks it, and hands vLLM views of it: ``A`` as it is, ``B`` as the transposed view of ``B^T``, with vLLM's
 scaling marked as already applied. The values the engine serves are bit for bit those of the checkpoint's
@@ -21,12 +21,12 @@ path; the load reads nothing it does not use and writes nothing, and the slot wr
 contiguously instead of transposing it.
 
 The file is an optimisation, never a second source of truth: the engine uses it only when its LoRA dtype is
-bf16, vLLM's scaling for the adapter is the one in the file, and :func:`read_prepared` accepts it (the
+bf16, vLLM's scaling for the adapter is the one in the file, and :func:`read_engine_form` accepts it (the
 format tag, the checkpoint's size recorded in it, a modification time no older than the checkpoint's, exactly
 the checkpoint's tensors with the expected dtypes and shapes, every value finite). Anything else, it loads the
 checkpoint as before. A tenant never
 supplies this file: the gateway writes it from the checkpoint it has validated. Memory while writing: one
-tensor at a time (:func:`write_prepared` streams the file).
+tensor at a time (:func:`write_engine_form` streams the file).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from flylora_runtime.format.header import TensorInfo, header_limit, read_header
 from flylora_runtime.weights.files import atomic_write
 
 
-PREPARED_NAME = "flylora_engine.bf16.safetensors"
+ENGINE_FORM_NAME = "flylora_engine.bf16.safetensors"
 FORMAT_TAG = "flylora-engine-bf16/1"
 B_KEY, BT_KEY = ".lora_B.weight", ".lora_B_T.weight"
 _ITEMSIZE = {"BF16": 2, "F32": 4}
@@ -81,7 +81,7 @@ def _engine_bytes(key: str, info: TensorInfo, fh, scaling: float) -> np.ndarray:
     return np.ascontiguousarray(bits.T) if key.endswith(B_KEY) else bits
 
 
-def write_prepared(weights_path: str | os.PathLike, out_path: str | os.PathLike, scaling: float) -> int:
+def write_engine_form(weights_path: str | os.PathLike, out_path: str | os.PathLike, scaling: float) -> int:
     """Write the engine form of the (validated) checkpoint ``weights_path``, whose config scales by
     ``scaling`` (``lora_alpha / r``), to ``out_path`` (atomically, one tensor in memory at a time; numpy only,
     so the gateway runs it without torch); return its size in bytes. ``ValueError`` (and no file) when a

@@ -222,7 +222,7 @@ def apply_native(lib: ctypes.CDLL, out: torch.Tensor, x: torch.Tensor, token_slo
 
 def copy_pieces(table, slot: int) -> None:
     """Run ``flylora_cpu_copy_pieces``: the rows of ``table`` (an int64 numpy array ``[m, 5]``, built and
-    bounds-checked by :func:`flylora_runtime.kernels.lifecycle.write_slot`, which also keeps alive every
+    bounds-checked by ``flylora_runtime.kernels.lifecycle._copy_plan``, whose plan also keeps alive every
     tensor it points into) into slot ``slot``."""
     library().flylora_cpu_copy_pieces(table.ctypes.data, table.shape[0], slot)
 

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from flylora_runtime.format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, refuse_pickle
 from flylora_runtime.format.config import FlyLoRAConfig
 from flylora_runtime.vllm_plugin.metrics import ACTIVATIONS, ENGINE_FORM_LOADS, LOADS, count
-from flylora_runtime.weights.engine_form import read_prepared
+from flylora_runtime.weights.engine_form import read_engine_form
 
 logger = logging.getLogger("vllm.flylora.loading")
 COMPACT_NAME = "flylora_compact.safetensors"
@@ -72,7 +72,7 @@ def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None,
 
         adapter = CompactAdapter.load(compact).to_adapter()
         return adapter.config, adapter.state_dict(), False
-    found = read_prepared(lora_dir) if dtype == torch.bfloat16 and scaling is not None else None
+    found = read_engine_form(lora_dir) if dtype == torch.bfloat16 and scaling is not None else None
     if found is not None and found[1] != scaling:
         logger.warning("engine form of %s not used: made for scaling %r, the engine scales by %r; loading its "
                        "checkpoint", lora_dir, found[1], scaling)
@@ -253,6 +253,8 @@ def prepare_images_at_load(original):
 def _prepare_images(manager, model, info: FlyLoRAInfo) -> None:
     from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
 
+    if any(lora.scaling != 1 for lora in model.loras.values()):
+        return  # not folded after all: the activation makes them from vLLM's scaled B
     for module_name, module in manager.modules.items():
         if not isinstance(module, FlyLoRALayerMixin) or module.flylora_slots.device.type != "cpu":
             continue
@@ -260,8 +262,6 @@ def _prepare_images(manager, model, info: FlyLoRAInfo) -> None:
         loras = [model.loras.get(n) for n in names] if names else [model.loras.get(module_name)]
         if all(lora is None for lora in loras):
             continue
-        if any(lora is not None and lora.scaling != 1 for lora in loras):
-            return  # not folded after all: leave it to the activation
         lora_a = [None if lora is None else lora.lora_a for lora in loras]
         lora_b = [None if lora is None else lora.lora_b for lora in loras]
         if not names:  # vLLM hands a single layer its tensors, not lists

@@ -7,8 +7,8 @@
   into its CPU cache and a device slot on first use. A folder with an engine form (written by the gateway
   from the checkpoint it validated at upload: :mod:`flylora_runtime.format.engine_form`) has its structure
   checked only: its values were checked at upload, and the engine checks the engine form's values as it
-  reads them. Scanning the fp32 checkpoint was a fifth of a cold adapter's load. Ids must match :data:`ADAPTER_ID_RE`, so a name can
-  never address a path outside the store. A folder holding a tombstone (``DELETED``, written by the gateway
+  reads them (scanning the fp32 checkpoint was a fifth of a cold adapter's load). Ids must match
+  :data:`ADAPTER_ID_RE`, so a name can never address a path outside the store. A folder holding a tombstone (``DELETED``, written by the gateway
   before it deletes an adapter) is refused; an invalid adapter is remembered (by its files' mtimes), so
   requests for it do not validate it again and again.
 - vLLM's ``/v1/unload_lora_adapter`` only forgets the name (upstream issue #54839): the engine keeps the
@@ -31,7 +31,7 @@ from collections import OrderedDict
 from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME, validate_dir
 from flylora_runtime.format.errors import AdapterError
 from flylora_runtime.format.modelspec import BaseModelSpec
-from flylora_runtime.format.engine_form import PREPARED_NAME
+from flylora_runtime.format.engine_form import ENGINE_FORM_NAME
 
 logger = logging.getLogger("flylora.resolver")
 
@@ -84,7 +84,7 @@ class StoreResolver:
                 self._invalid.popitem(last=False)
             return False
         self._invalid.pop(lora_name, None)
-        _read_ahead(os.path.join(path, PREPARED_NAME))
+        _read_ahead(os.path.join(path, ENGINE_FORM_NAME))
         return True
 
     async def resolve_lora(self, base_model_name: str, lora_name: str):
@@ -102,7 +102,7 @@ class StoreResolver:
 def _has_engine_form(path: str) -> bool:
     """Whether the folder holds an engine form no older than its checkpoint (the gateway wrote both)."""
     try:
-        return (os.stat(os.path.join(path, PREPARED_NAME)).st_mtime_ns
+        return (os.stat(os.path.join(path, ENGINE_FORM_NAME)).st_mtime_ns
                 >= os.stat(os.path.join(path, WEIGHTS_NAME)).st_mtime_ns)
     except OSError:
         return False

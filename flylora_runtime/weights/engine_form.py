@@ -8,13 +8,13 @@ import os
 import torch
 
 from flylora_runtime.format.checkpoint import WEIGHTS_NAME
-from flylora_runtime.format.engine_form import (_ALIGN, _ITEMSIZE, B_KEY, FORMAT_TAG, PREPARED_NAME, _engine_key,
+from flylora_runtime.format.engine_form import (_ALIGN, _ITEMSIZE, B_KEY, FORMAT_TAG, ENGINE_FORM_NAME, _engine_key,
                                                 _header, _source_shapes)
 
 logger = logging.getLogger("flylora.engine_form")
 
 
-def read_prepared(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[dict, float] | None:
+def read_engine_form(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[dict, float] | None:
     """The checkpoint's tensors from its engine form, in the checkpoint's names and shapes (``A`` bf16,
     ``B`` a transposed bf16 view with the scaling folded in, the bias fp32), and that scaling; or None when
     the folder has no usable engine form (the reason is logged when there is a file). Checks: the docstring
@@ -25,7 +25,7 @@ def read_prepared(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[dic
     the file), and the store's files are never rewritten in place: the gateway renames whole folders in and
     out.
     """
-    path, weights = os.path.join(lora_dir, PREPARED_NAME), os.path.join(lora_dir, WEIGHTS_NAME)
+    path, weights = os.path.join(lora_dir, ENGINE_FORM_NAME), os.path.join(lora_dir, WEIGHTS_NAME)
     try:
         st, ws = os.stat(path), os.stat(weights)
     except OSError:

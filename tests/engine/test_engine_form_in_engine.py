@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flylora_runtime.engine.launcher import EngineConfig
 from flylora_runtime.engine.process import EngineProcess, free_port
 from flylora_runtime.format.checkpoint import WEIGHTS_NAME
-from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
+from flylora_runtime.format.engine_form import ENGINE_FORM_NAME, write_engine_form
 
 from tests.engine.helpers import PROMPTS, Oracle, complete_many, make_adapter
 
@@ -45,8 +45,8 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     for name in others:
         shutil.copytree(store / first, store / name)
     for name in (first, FORMS[2]):
-        write_prepared(store / name / WEIGHTS_NAME, store / name / PREPARED_NAME, 16 / 24)
-    _nan_in_the_last_tensor(store / FORMS[2] / PREPARED_NAME)
+        write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
+    _nan_in_the_last_tensor(store / FORMS[2] / ENGINE_FORM_NAME)
 
     config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="bfloat16",
                           max_loras=4, max_cpu_loras=4, max_lora_rank=32, max_num_seqs=32, max_model_len=1024)

@@ -17,16 +17,16 @@ from safetensors.torch import load_file
 
 from flylora_runtime.format.checkpoint import WEIGHTS_NAME
 from flylora_runtime.vllm_plugin.loading import read_checkpoint
-from flylora_runtime.format.engine_form import PREPARED_NAME, _bfloat16_bits, write_prepared
-from flylora_runtime.weights.engine_form import read_prepared
+from flylora_runtime.format.engine_form import ENGINE_FORM_NAME, _bfloat16_bits, write_engine_form
+from flylora_runtime.weights.engine_form import read_engine_form
 
 
 SCALING = 2.0 / 3.0  # not a power of two: folding it into B rounds
 
 
-def _prepared(folder, scaling: float = SCALING) -> str:
-    path = os.path.join(folder, PREPARED_NAME)
-    write_prepared(os.path.join(folder, WEIGHTS_NAME), path, scaling)
+def _write_form(folder, scaling: float = SCALING) -> str:
+    path = os.path.join(folder, ENGINE_FORM_NAME)
+    write_engine_form(os.path.join(folder, WEIGHTS_NAME), path, scaling)
     return path
 
 
@@ -51,7 +51,7 @@ def test_engine_form_holds_what_a_bf16_engine_makes_of_the_checkpoint(tiny_adapt
     from safetensors.torch import save_file
 
     save_file(source, weights)
-    _prepared(tiny_adapter_dir, scaling)
+    _write_form(tiny_adapter_dir, scaling)
     config, got, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, scaling)
     assert folded and config.top_k == 2 and sorted(got) == sorted(source)
     for key, t in source.items():
@@ -68,7 +68,7 @@ def test_engine_form_holds_what_a_bf16_engine_makes_of_the_checkpoint(tiny_adapt
 def test_fp32_engines_and_folders_without_the_form_read_the_checkpoint(tiny_adapter_dir):
     _, plain, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)  # no engine form yet
     assert not folded and all(t.dtype == torch.float32 for t in plain.values())
-    _prepared(tiny_adapter_dir)
+    _write_form(tiny_adapter_dir)
     _, fp32, folded = read_checkpoint(str(tiny_adapter_dir), torch.float32, SCALING)
     assert not folded and all(t.dtype == torch.float32 for t in fp32.values())
     _, bf16, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)
@@ -76,7 +76,7 @@ def test_fp32_engines_and_folders_without_the_form_read_the_checkpoint(tiny_adap
 
 
 def test_a_form_made_for_another_scaling_is_not_used(tiny_adapter_dir, caplog):
-    _prepared(tiny_adapter_dir, 2.0)
+    _write_form(tiny_adapter_dir, 2.0)
     with caplog.at_level("WARNING"):
         _, tensors, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)
     assert not folded and all(t.dtype == torch.float32 for t in tensors.values())
@@ -105,7 +105,7 @@ def _nan_in_a(path: str) -> None:
 
 
 def _damage(kind: str, folder) -> None:
-    path = os.path.join(folder, PREPARED_NAME)
+    path = os.path.join(folder, ENGINE_FORM_NAME)
     weights = os.path.join(folder, WEIGHTS_NAME)
     if kind == "older than the checkpoint":
         os.utime(path, ns=(0, 0))
@@ -139,11 +139,11 @@ def _damage(kind: str, folder) -> None:
                                   "another format", "a missing tensor", "a wrong shape", "overlapping tensors",
                                   "garbage"])
 def test_a_form_that_fails_any_check_is_not_used(tiny_adapter_dir, kind, caplog):
-    _prepared(tiny_adapter_dir)
-    assert read_prepared(str(tiny_adapter_dir)) is not None
+    _write_form(tiny_adapter_dir)
+    assert read_engine_form(str(tiny_adapter_dir)) is not None
     _damage(kind, tiny_adapter_dir)
     with caplog.at_level("WARNING", logger="flylora.engine_form"):
-        assert read_prepared(str(tiny_adapter_dir)) is None
+        assert read_engine_form(str(tiny_adapter_dir)) is None
     assert "engine form" in caplog.text and "not used" in caplog.text
     if kind != "another checkpoint's size":
         _, tensors, folded = read_checkpoint(str(tiny_adapter_dir), torch.bfloat16, SCALING)  # the checkpoint
@@ -155,14 +155,14 @@ def test_values_beyond_bfloat16s_range_leave_no_form(tmp_path):
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((4, 2), np.float32)},
                str(tmp_path / WEIGHTS_NAME))
     with pytest.raises(ValueError, match="not finite in bfloat16"):
-        write_prepared(tmp_path / WEIGHTS_NAME, tmp_path / PREPARED_NAME, 1.0)
+        write_engine_form(tmp_path / WEIGHTS_NAME, tmp_path / ENGINE_FORM_NAME, 1.0)
     assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME]
 
 
 def test_writing_the_form_imports_no_torch(tiny_adapter_dir, tmp_path):
     """The gateway writes it, and the gateway never imports torch."""
-    code = ("import sys; from flylora_runtime.format.engine_form import write_prepared; "
-            f"write_prepared({str(tiny_adapter_dir / WEIGHTS_NAME)!r}, {str(tmp_path / 'form')!r}, 2.0); "
+    code = ("import sys; from flylora_runtime.format.engine_form import write_engine_form; "
+            f"write_engine_form({str(tiny_adapter_dir / WEIGHTS_NAME)!r}, {str(tmp_path / 'form')!r}, 2.0); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert os.path.getsize(tmp_path / "form") > 0

@@ -52,22 +52,22 @@ def test_a_folder_with_an_engine_form_is_checked_for_structure_only(store, tiny_
     from safetensors.torch import load_file, save_file
 
     from flylora_runtime.format import checkpoint
-    from flylora_runtime.format.engine_form import PREPARED_NAME, write_prepared
+    from flylora_runtime.format.engine_form import ENGINE_FORM_NAME, write_engine_form
 
     folder = store / ID
-    write_prepared(folder / "adapter_model.safetensors", folder / PREPARED_NAME, 1.0)
+    write_engine_form(folder / "adapter_model.safetensors", folder / ENGINE_FORM_NAME, 1.0)
     scans = []
     real_scan = checkpoint.check_values_and_hash
     monkeypatch.setattr(checkpoint, "check_values_and_hash", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
     assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is True and scans == []
-    os.utime(folder / PREPARED_NAME, ns=(0, 0))  # older than the checkpoint: not the gateway's, scanned again
+    os.utime(folder / ENGINE_FORM_NAME, ns=(0, 0))  # older than the checkpoint: not the gateway's, scanned again
     assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is True and scans == [1]
-    write_prepared(folder / "adapter_model.safetensors", folder / PREPARED_NAME, 1.0)
+    write_engine_form(folder / "adapter_model.safetensors", folder / ENGINE_FORM_NAME, 1.0)
     tensors = load_file(folder / "adapter_model.safetensors")
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = tensors[key][:, :3].contiguous()
     save_file(tensors, folder / "adapter_model.safetensors")
-    os.utime(folder / PREPARED_NAME)
+    os.utime(folder / ENGINE_FORM_NAME)
     assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is False and scans == [1]
 
 

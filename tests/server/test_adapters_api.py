@@ -56,9 +56,9 @@ def test_upload_registers_and_stores_atomically(gateway, tenant, tmp_path):
     assert (folder / "adapter_model.safetensors").read_bytes() == weights_bytes
     # ... and its engine form, written from the validated weights, which a bf16 engine accepts
     from flylora_runtime.format.header import read_header
-    from flylora_runtime.weights.engine_form import read_prepared
+    from flylora_runtime.weights.engine_form import read_engine_form
 
-    tensors, scaling = read_prepared(str(folder))
+    tensors, scaling = read_engine_form(str(folder))
     assert sorted(tensors) == sorted(read_header(folder / "adapter_model.safetensors")) and scaling == 8 / 4
     # The stored config is the validated one in canonical form (what the engine reads is what was checked).
     from flylora_runtime.format.config import FlyLoRAConfig
@@ -85,7 +85,7 @@ def test_without_engine_form_the_store_holds_the_two_files(engine, make_gateway,
 def test_adapters_stored_without_engine_form_get_one_at_the_next_start(engine, make_gateway, tmp_path):
     """Adapters uploaded while forms were off (or before they existed) get theirs when a gateway that writes
     them starts, except one whose weights no longer match what was uploaded (never a form of damaged files)."""
-    from flylora_runtime.weights.engine_form import read_prepared
+    from flylora_runtime.weights.engine_form import read_engine_form
 
     data = tmp_path / "data"
     first = make_gateway([engine.url], data_dir=data, engine_form=False)
@@ -102,7 +102,7 @@ def test_adapters_stored_without_engine_form_get_one_at_the_next_start(engine, m
     deadline = time.monotonic() + 20
     while not (folders["old-b"] / "flylora_engine.bf16.safetensors").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert read_prepared(str(folders["old-b"])) is not None
+    assert read_engine_form(str(folders["old-b"])) is not None
     assert not (folders["old-a"] / "flylora_engine.bf16.safetensors").exists()
 
 
