@@ -11,7 +11,7 @@ gap since the token before it, "ITL"; p50, p99: a stall of the engine loop is on
 request's mean (TPOT). The issue's bound: the p99 during cold loads within 1.2x of steady. A new request's
 prefill joins the decoders' step whatever its adapter, so the control tells that gap apart from a load's. Before that, on
 the idle engine: 16 other never-requested adapters, each asked cold, then warm, with a base request before
-them (``max_tokens`` 1, one at a time), so a cold first token can be read against the same engine's warm
+them (``max_tokens`` 1, one at a time, prompts of 64 words), so a cold first token can be read against the same engine's warm
 and base ones (idle_ttft_s). Every single request has a prompt of its own, so none is answered from the
 prefix cache. Writes ``cold_benchmark.json`` into ``--out``.
 """
@@ -80,8 +80,16 @@ async def _one_request(spec, model: str, label: str, seed: int):
     return res.records[0]
 
 
+#: Words per prompt on the idle engine: the middle of the load's 32-96, the same for base, cold and warm. A
+#: first token grows with the prompt (~1 ms per token here), so drawing each request's length from 32-96
+#: spread single TTFTs by +-25 ms and moved p50s of 16 by ~10 ms between the three kinds.
+IDLE_PROMPT_WORDS = 64
+
+
 async def _idle_ttfts(spec, base_model: str, names: list[str]) -> dict:
-    """On the idle engine, per adapter: a base request, the adapter cold, the adapter warm (one at a time)."""
+    """On the idle engine, per adapter: a base request, the adapter cold, the adapter warm (one at a time, each
+    with a prompt of its own of :data:`IDLE_PROMPT_WORDS` words)."""
+    spec = replace(spec, prompt_words=Lengths(IDLE_PROMPT_WORDS, IDLE_PROMPT_WORDS))
     out: dict[str, list] = {"base": [], "cold": [], "warm": []}
     for j, name in enumerate(names):
         for k, (key, model) in enumerate((("base", base_model), ("cold", name), ("warm", name))):

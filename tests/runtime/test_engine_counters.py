@@ -16,6 +16,7 @@ def _engine_core(loads: int, activations: int) -> None:
         metrics.count(metrics.LOADS)
     for _ in range(activations):
         metrics.count(metrics.ACTIVATIONS)
+    assert metrics.flush()  # the writer thread is a daemon: an engine core that exits at once would lose them
 
 
 def _run_child(*args: int) -> None:
@@ -72,6 +73,34 @@ def test_cache_hits_and_misses_are_one_labelled_counter(tmp_path, monkeypatch):
     registry = CollectorRegistry()
     registry.register(metrics.EngineCountersCollector(str(tmp_path)))
     metrics.count_many({metrics.CACHE_HITS: 5, metrics.CACHE_MISSES: 2})
+    assert metrics.flush()
     assert registry.get_sample_value("flylora_adapter_requests_total", {"cache": "hit"}) == 5
     assert registry.get_sample_value("flylora_adapter_requests_total", {"cache": "miss"}) == 2
     assert generate_latest(registry).decode().count("# TYPE flylora_adapter_requests_total counter") == 1
+
+
+def test_counting_never_waits_for_the_file_system(tmp_path, monkeypatch):
+    """A count returns while the file is still being written (a slow disk stalls no engine step), and the
+    file ends up with every count, however many were made while a write was in progress."""
+    import threading
+
+    monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(tmp_path))
+    assert metrics.flush()  # nothing pending from other tests
+    before = metrics._counts[metrics.LOADS]  # this process's, from earlier tests too
+    release, writing = threading.Event(), threading.Event()
+    real_write = metrics._write
+
+    def slow_write(folder, snapshot):
+        writing.set()
+        assert release.wait(10)
+        real_write(folder, snapshot)
+
+    monkeypatch.setattr(metrics, "_write", slow_write)
+    metrics.count(metrics.LOADS)
+    assert writing.wait(10)  # the writer holds the first count and is stuck in the file system
+    for _ in range(5):
+        metrics.count(metrics.LOADS)  # returns at once
+    assert not metrics.flush(timeout=0.05)
+    release.set()
+    assert metrics.flush()
+    assert metrics.read_counts(str(tmp_path))[metrics.LOADS] == before + 6
