@@ -183,16 +183,17 @@ def _write_with_torch(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
 
 
 def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
-    """How :func:`write_slot` copies ``image`` into any slot of ``slots`` with the compiled library: ``(slots
-    id, table, leftovers, sources)``, made at the image's first write and kept on it (both are fixed: slots'
-    buffers never move, an image never changes). ``table`` rows are ``flylora_cpu_copy_pieces``'s (buffer,
+    """How :func:`write_slot` copies ``image`` into any slot of ``slots`` with the compiled library: ``(slots,
+    table, leftovers, sources)``, made at the image's first write and kept on it (both are fixed: slots'
+    buffers never move, an image never changes; the plan holds ``slots`` itself, so the buffers its table
+    points into outlive it and another slot set can never match it by a reused ``id``). ``table`` rows are ``flylora_cpu_copy_pieces``'s (buffer,
     bytes per slot, offset, source, bytes), each destination range checked to lie inside its buffer for every
     slot; ``leftovers`` are ``(destination view of a slot, source)`` pairs for sources that are not one
     contiguous run of the buffer's dtype (torch copies those); ``sources`` keeps alive what the table points
     into. None (then torch copies everything) off the CPU, without the library, or for unpacked compact A
     (rows of ``p`` of ``P`` entries: not one run)."""
     cached = getattr(image, "_plan", None)
-    if cached is not None and cached[0] == id(slots):
+    if cached is not None and cached[0] is slots:
         return cached
     if slots.device.type != "cpu" or native.library() is None or (slots.a_idx is not None and not slots.a_packed):
         return None
@@ -227,7 +228,7 @@ def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
             assert src.dtype is dtype and src.is_contiguous() and src.numel() == per_slot
             sources.append(src)
             rows.append((ptr, per_slot * size, 0, src.data_ptr(), per_slot * size))
-    plan = (id(slots), np.array(rows, dtype=np.int64).reshape(-1, 5), leftovers, sources)
+    plan = (slots, np.array(rows, dtype=np.int64).reshape(-1, 5), leftovers, sources)
     object.__setattr__(image, "_plan", plan)
     return plan
 
