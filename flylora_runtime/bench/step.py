@@ -19,6 +19,10 @@ without them that these layers allow. The rest of a real step (attention, norms,
 to both sides, which would lift the engine's ratio above it; on the shared 2-vCPU machine of
 docs/BENCHMARKS.md the engine measured at or a little below it instead (its OpenMP threads share the cores).
 
+Then the bytes each step must read from the slots (bf16 A: values, column words, the selected rows of B^T)
+and the rate the kernel moves them at, against this machine's streaming read rate with the same threads
+(a reduction over 512 MB, measured in the same run): how far the kernel is from a memory-bound one.
+
 ``--baseline-rev REV`` also builds ``flylora_cpu.c`` as of git revision ``REV`` (same flags) and times it on
 the same fp32-A slots (kernels from before the bitmasks ignore them), and on the bf16-A slots too when that
 kernel reads the bitmasks (what a bf16 engine ran then). Every round runs every variant once,
@@ -72,6 +76,37 @@ def build_layers(a_dtypes: tuple[torch.dtype, ...], seed: int = 0) -> dict[torch
             for dt in a_dtypes:
                 out[dt].append(slots[dt])
     return out
+
+
+def step_bytes(layers: list, slot_list: list[int]) -> int:
+    """The bytes a step must read at least from the adapters' slots: per distinct slot and slice, A's values
+    and column words (``r * nnz`` values, ``r * ceil(in/16)`` 16-bit words), and the selected rows of B^T
+    (``min(tokens * k, r)`` rows of ``out_i``); ``x``, ``out`` and the routing biases left out."""
+    tokens: dict[int, int] = {}
+    for s in slot_list:
+        tokens[s] = tokens.get(s, 0) + 1
+    total = 0
+    for slots in layers:
+        words = (slots.in_features + 15) // 16
+        for s, n_t in tokens.items():
+            ks, rs, _ = slots.host_meta[s]
+            for i, (k, r) in enumerate(zip(ks, rs)):
+                m = int(slots.a_nnz[s, i])
+                total += r * m * slots.a_val.element_size() + 2 * r * words
+                total += min(n_t * k, r) * slots.output_slices[i] * slots.b.element_size()
+    return total
+
+
+def stream_read_gbps(threads: int, nbytes: int = 512 << 20, rounds: int = 5) -> float:
+    """This machine's streaming read rate with ``threads`` threads: the median of ``rounds`` reductions over
+    ``nbytes`` (far more than any cache), in GB/s. What a kernel that only streamed its bytes could reach."""
+    buf = torch.ones(nbytes // 2, dtype=torch.int16)
+    times = []
+    for _ in range(rounds + 1):
+        t0 = time.perf_counter()
+        buf.max()
+        times.append(time.perf_counter() - t0)
+    return nbytes / sorted(times[1:])[rounds // 2] / 1e9
 
 
 #: ``flylora_cpu_apply`` of kernels built before ``flylora_cpu_apply_slots`` existed (9cef01d): the same call
@@ -182,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     for step, r in results.items():
         print(f"{step:12s} {r['base linear'] / (r['base linear'] + r['bf16 A']):.2f}x   (FlyLoRA {r['bf16 A']:.2f} ms "
               f"on base {r['base linear']:.2f} ms)")
+    stream = stream_read_gbps(args.threads)
+    moved = {step: step_bytes(layers[torch.bfloat16], slot_list) for step, slot_list in STEPS.items()}
+    print(f"\nbytes read from the slots (bf16 A) per step, and the rate the kernel moves them at, against this "
+          f"machine's streaming read rate with {args.threads} thread(s), {stream:.1f} GB/s:")
+    for step, r in results.items():
+        rate = moved[step] / (r["bf16 A"] / 1e3) / 1e9
+        print(f"{step:12s} {moved[step] / 1e6:6.1f} MB  {rate:5.1f} GB/s  ({rate / stream:.2f} of streaming)")
     if args.baseline_rev:
         base = f"{args.baseline_rev} (fp32 A)"
         print("\nratios against the baseline kernel (same fp32-A slots; bf16 A is what a bf16 engine runs):")
@@ -192,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "unit": "ms per step",
                                                "steps": list(STEPS),
-                                               "medians_ms": results}, indent=1))
+                                               "medians_ms": results, "stream_read_gbps": stream,
+                                               "bf16_a_step_bytes": moved}, indent=1))
     return 0
 
 

@@ -285,3 +285,25 @@ def test_compiled_slot_write_equals_torchs_copies(layout: dict, b_form: str) -> 
     lifecycle._write_with_torch(slots[1], 2, image)
     for s in range(4):
         assert all(torch.equal(a, b) for a, b in zip(_slot_buffers(slots[0], s), _slot_buffers(slots[1], s))), s
+
+
+def test_step_bytes_counts_a_values_column_words_and_selected_b_rows():
+    """bench.step's bytes per step (its GB/s against the streaming rate): per distinct slot and slice, r*nnz A
+    values, r*ceil(in/16) column words, and min(tokens*k, r) rows of B^T; a slot's second token adds B rows
+    only."""
+    from flylora_runtime.bench.step import step_bytes
+    from flylora_runtime.training.random_adapters import sparse_A
+
+    gen = torch.Generator().manual_seed(0)
+    r, k, n_in, outs = 8, 2, 40, (24, 8)
+    slots = allocate_slots(2, r, n_in, outs, max_nnz=n_in, packed=True, index_dtype=torch.int16,
+                           a_dtype=torch.bfloat16, b_dtype=torch.bfloat16)
+    adapter = [LayerAdapter(A=sparse_A(r, k, n_in, gen), B=torch.randn(o, r, generator=gen), d=torch.zeros(r),
+                            top_k=k, scaling=1.0) for o in outs]
+    load_slot(slots, 1, adapter)
+    nnz = [int(slots.a_nnz[1, i]) for i in range(2)]
+    assert nnz == [n_in // (r // k)] * 2  # the authors' init: in / (r / k) entries per row
+    a_bytes = sum(r * m * 2 + 2 * r * 3 for m in nnz)  # bf16 values, ceil(40/16) = 3 words per row
+    assert step_bytes([slots], [1]) == a_bytes + k * sum(outs) * 2
+    assert step_bytes([slots], [1, 1]) == a_bytes + 2 * k * sum(outs) * 2
+    assert step_bytes([slots], [1] * 10) == a_bytes + r * sum(outs) * 2  # at most all r rows of B^T
