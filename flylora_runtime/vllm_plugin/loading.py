@@ -95,27 +95,68 @@ def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None,
     return config, load_file(weights), False
 
 
-#: vLLM module name by (tensor name, id of the weights mapper): every adapter of a model has the same tensor
-#: names, and parsing them (a few string operations and the mapper's rules for each of a full adapter's 840
-#: names) was ~3 ms of a cold load in the engine loop. Bounded; cleared when full.
-_MODULE_NAMES: dict[tuple[str, int], str] = {}
-_MAPPERS: dict[int, object] = {}  # keeps each mapper alive while its names are cached (ids are not reused)
+#: ``(vLLM module name, is lora_A)`` by (tensor name, the weights mapper's fingerprint): every adapter of a model
+#: has the same tensor names, and parsing them (a few string operations and the mapper's rules for each of a full
+#: adapter's 840 names) was ~3 ms of a cold load in the engine loop. The fingerprint is the mapper's ``repr``
+#: (a dataclass of its rules), not its ``id``: vLLM makes a new mapper object for every load
+#: (``get_rename_mapper``), so a cache keyed by ``id`` missed every time. Bounded; cleared when full.
+_MODULE_NAMES: dict[tuple[str, str], tuple[str, bool]] = {}
 _MAX_MODULE_NAMES = 1 << 16
 
 
-def _module_name(key: str, weights_mapper) -> str:
-    found = _MODULE_NAMES.get((key, id(weights_mapper)))
+def mapper_fingerprint(weights_mapper) -> str:
+    """What :func:`_module_name` keys a mapper's names by: its rules (``repr`` of the dataclass), or ``"None"``."""
+    return repr(weights_mapper)
+
+
+def _parsed_name(key: str, weights_mapper, fingerprint: str | None = None) -> tuple[str, bool]:
+    """vLLM's ``parse_fine_tuned_lora_name(key, weights_mapper)``, cached; ``fingerprint`` is
+    :func:`mapper_fingerprint` of the mapper (computed here when not given)."""
+    cache_key = (key, mapper_fingerprint(weights_mapper) if fingerprint is None else fingerprint)
+    found = _MODULE_NAMES.get(cache_key)
     if found is not None:
         return found
     from vllm.lora.utils import parse_fine_tuned_lora_name
 
-    name = parse_fine_tuned_lora_name(key, weights_mapper)[0]  # raises for a name the mapper drops: not cached
-    if len(_MODULE_NAMES) >= _MAX_MODULE_NAMES or len(_MAPPERS) >= 16:
+    name, is_a = parse_fine_tuned_lora_name(key, weights_mapper)  # raises for a name the mapper drops: not cached
+    if len(_MODULE_NAMES) >= _MAX_MODULE_NAMES:
         _MODULE_NAMES.clear()
-        _MAPPERS.clear()
-    _MAPPERS[id(weights_mapper)] = weights_mapper
-    _MODULE_NAMES[(key, id(weights_mapper))] = name
-    return name
+    _MODULE_NAMES[cache_key] = found = (name, bool(is_a))
+    return found
+
+
+def _module_name(key: str, weights_mapper, fingerprint: str | None = None) -> str:
+    return _parsed_name(key, weights_mapper, fingerprint)[0]
+
+
+def _lora_model(cls, lora_model_id: int, tensors: dict[str, torch.Tensor], peft_helper, device, dtype,
+                weights_mapper, fingerprint: str):
+    """vLLM's ``LoRAModel.from_lora_tensors`` for what a FlyLoRA or plain LoRA checkpoint holds here (lora_A and
+    lora_B of linear modules, no rank or alpha patterns, no modules to save, no embedding or skipped names),
+    with each tensor name parsed once per model (:func:`_parsed_name`) instead of twice per load: the same
+    ``LoRAModel``. Anything else goes to vLLM's own."""
+    from vllm.lora.lora_model import is_base_embedding_weights
+    from vllm.lora.lora_weights import LoRALayerWeights
+    from vllm.utils.torch_utils import PIN_MEMORY
+
+    if (peft_helper.rank_pattern or peft_helper.alpha_pattern or peft_helper.modules_to_save
+            or any("lora_embedding" in k or is_base_embedding_weights(k) for k in tensors)):
+        return None
+    pin = str(device) == "cpu" and PIN_MEMORY
+    loras: dict[str, LoRALayerWeights] = {}
+    for key, tensor in tensors.items():
+        name, is_a = _parsed_name(key, weights_mapper, fingerprint)
+        lora = loras.get(name)
+        if lora is None:
+            loras[name] = lora = LoRALayerWeights.from_config(name, peft_helper)
+        t = tensor.to(device=device, dtype=dtype)
+        if pin:
+            t = t.pin_memory()
+        if is_a:
+            lora.lora_a = t
+        else:
+            lora.lora_b = t
+    return cls(lora_model_id, peft_helper.r, loras, modules_to_save={})
 
 
 def load_flylora_checkpoint(original):
@@ -128,12 +169,13 @@ def load_flylora_checkpoint(original):
                               skip_prefixes=None, moe_ep_spec=None):
         scaling = None if peft_helper.rank_pattern or peft_helper.alpha_pattern else peft_helper.vllm_lora_scaling_factor
         config, tensors, folded = read_checkpoint(lora_dir, dtype, scaling)
+        fingerprint = mapper_fingerprint(weights_mapper)
         d: dict[str, torch.Tensor] = {}
         for key in [k for k in tensors if k.endswith(BIAS_SUFFIX)]:
             a_key = key[: -len(BIAS_SUFFIX)] + ".lora_A.weight"
-            d[_module_name(a_key, weights_mapper)] = tensors.pop(key).to(torch.float32)
+            d[_module_name(a_key, weights_mapper, fingerprint)] = tensors.pop(key).to(torch.float32)
         unexpected = sorted({
-            m for m in (_module_name(k, weights_mapper) for k in tensors)
+            m for m in (_module_name(k, weights_mapper, fingerprint) for k in tensors)
             if m.rsplit(".", 1)[-1] not in expected_lora_modules
         })
         if unexpected:
@@ -141,10 +183,13 @@ def load_flylora_checkpoint(original):
                              f"{sorted(expected_lora_modules)} but received {unexpected}.")
         if peft_helper.r != config.r:
             raise ValueError(f"While loading {lora_dir}: config r={config.r} but vLLM read r={peft_helper.r}")
-        model = cls.from_lora_tensors(
-            lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id, tensors=tensors,
-            peft_helper=peft_helper, device=device, dtype=dtype, model_vocab_size=model_vocab_size,
-            weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
+        lora_model_id = get_lora_id() if lora_model_id is None else lora_model_id
+        model = None if skip_prefixes else _lora_model(cls, lora_model_id, tensors, peft_helper, device, dtype,
+                                                       weights_mapper, fingerprint)
+        if model is None:
+            model = cls.from_lora_tensors(
+                lora_model_id=lora_model_id, tensors=tensors, peft_helper=peft_helper, device=device, dtype=dtype,
+                model_vocab_size=model_vocab_size, weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
         if folded:  # B holds the scaling already (the engine form): vLLM's in-place scaling must not run again
             for lora in model.loras.values():
                 lora.scaling = 1

@@ -166,3 +166,47 @@ def test_writing_the_form_imports_no_torch(tiny_adapter_dir, tmp_path):
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert os.path.getsize(tmp_path / "form") > 0
+
+
+@pytest.mark.parametrize("mapper", ["none", "rename"])
+def test_our_lora_model_is_vllms_and_names_are_parsed_once_per_mapper(tiny_adapter_dir, monkeypatch, mapper):
+    """The plugin builds vLLM's LoRAModel itself (each tensor name parsed once per model, not twice per load):
+    the same modules, A and B tensors, rank, alpha and scaling as vLLM's ``from_lora_tensors``. Names are
+    cached by the mapper's rules, so the new mapper object vLLM makes for every load
+    (``get_rename_mapper``) still hits the cache; a mapper with other rules does not."""
+    pytest.importorskip("vllm")
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    import vllm.lora.utils as vllm_lora_utils
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from flylora_runtime.vllm_plugin import loading
+
+    make = (lambda: None) if mapper == "none" else (
+        lambda: WeightsMapper(orig_to_new_prefix={"base_model.model.model.": "base_model.model.model."}))
+    tensors = {k: v for k, v in load_file(os.path.join(tiny_adapter_dir, WEIGHTS_NAME)).items()
+               if not k.endswith(".lora_topk_bias")}
+    with open(os.path.join(tiny_adapter_dir, "adapter_config.json")) as fh:
+        peft = PEFTHelper.from_dict(json.load(fh))
+    want = LoRAModel.from_lora_tensors(7, dict(tensors), peft, device="cpu", dtype=torch.bfloat16,
+                                       weights_mapper=make())
+    calls = []
+    real_parse = vllm_lora_utils.parse_fine_tuned_lora_name
+    monkeypatch.setattr(vllm_lora_utils, "parse_fine_tuned_lora_name",
+                        lambda *a, **k: calls.append(a[0]) or real_parse(*a, **k))
+    monkeypatch.setattr(loading, "_MODULE_NAMES", {})
+    got = None
+    for _ in range(2):  # a new, equal mapper object each time, as vLLM hands one to every load
+        m = make()
+        got = loading._lora_model(LoRAModel, 7, dict(tensors), peft, "cpu", torch.bfloat16, m,
+                                  loading.mapper_fingerprint(m))
+    assert len(calls) == len(tensors)  # parsed at the first load only
+    assert got is not None and sorted(got.loras) == sorted(want.loras) and got.rank == want.rank
+    for name, w in want.loras.items():
+        g = got.loras[name]
+        assert (g.rank, g.lora_alpha, g.scaling) == (w.rank, w.lora_alpha, w.scaling)
+        assert torch.equal(g.lora_a, w.lora_a) and torch.equal(g.lora_b, w.lora_b)
+        assert g.lora_a.dtype == w.lora_a.dtype == torch.bfloat16
+    other = WeightsMapper(orig_to_new_prefix={"base_model.model.": "base_model.model."})
+    loading._parsed_name(next(iter(tensors)), other, loading.mapper_fingerprint(other))
+    assert len(calls) == len(tensors) + 1  # other rules: parsed again
