@@ -51,7 +51,15 @@ class SlotImage:
     cache, so a hot swap of a cached adapter only copies (a 1,000-adapter workload activates adapters
     several times a second). It holds the compacted A; B^T (when unscaled) and d are views of the
     adapter's own tensors, so the image must not outlive changes to them. ``layout`` names the slot layout
-    it was made for."""
+    it was made for.
+
+    An image made with ``pack_at_write=True`` (:func:`prepare_slot`; packed CPU slots with the compiled
+    library) holds no packed A: ``a_src`` keeps each slice's A as it is (the adapter's own tensor, a view of
+    its engine form in the engine), its rows' entry counts are known (``extent``, ``nnz``), and every
+    :func:`write_slot` packs A straight into the slot in one C pass per slice (the same bytes the packed
+    image would have copied). A cold adapter's first activation then makes no packed copy of A (fresh
+    pages: most of a full adapter's image time in the engine), and a cached adapter costs no memory for it.
+    ``a_idx``, ``a_val`` and ``a_mask`` are then all ``None``."""
 
     layout: tuple
     a_idx: tuple[torch.Tensor | None, ...]  # per slice: packed [r*p], compact [r, p], or None (dense A)
@@ -64,11 +72,17 @@ class SlotImage:
     nnz: torch.Tensor  # [n] int32 (packed: entries per row; else zeros)
     host_meta: tuple[tuple[int, ...], tuple[int, ...], bool]  # (k, r, magnitude) for FlyLoRASlots.host_meta
     extent: tuple[tuple[int, int], ...]  # per slice (r, p): what it writes (FlyLoRASlots.host_extent)
+    a_src: tuple[torch.Tensor, ...] | None = None  # per slice: A [r, in], contiguous, packed by write_slot
 
 
-def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check_finite: bool = True) -> SlotImage:
+def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check_finite: bool = True,
+                 pack_at_write: bool = False) -> SlotImage:
     """One adapter's weights for every slice (``adapters[i]`` for slice ``i``), converted to ``slots``'
-    layout (nothing is written to ``slots``). Raises ``ValueError`` as :func:`load_slot` does."""
+    layout (nothing is written to ``slots``). Raises ``ValueError`` as :func:`load_slot` does.
+
+    ``pack_at_write=True``: A is only counted here (its rows' entries, checked against the slots' room) and
+    packed by each :func:`write_slot` (see :class:`SlotImage`); where that is not possible (not packed CPU
+    slots, no compiled library, an A dtype it does not read) the image is made as without it."""
     if len(adapters) != slots.num_slices:
         raise ValueError(f"expected {slots.num_slices} slice adapters, got {len(adapters)}")
     routings = {w.routing for w in adapters}
@@ -101,8 +115,12 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
         return t if on_cpu and t.device.type == "cpu" else t.to(dev)
 
     a_idx, a_val, a_mask, bs, ds, nnz, extent = [], [], [], [], [], [], []
+    a_src = _deferred_a(slots, adapters) if pack_at_write else None
     for i, w in enumerate(adapters):
-        if idx_dtype is None:
+        if a_src is not None:  # counted by _deferred_a; packed by write_slot
+            p = a_src[1][i]
+            a_idx.append(None), a_val.append(None), a_mask.append(None), nnz.append(p), extent.append((w.A.shape[0], p))
+        elif idx_dtype is None:
             a_idx.append(None), a_mask.append(None), nnz.append(0), extent.append((w.A.shape[0], 0))
             a_val.append(placed(w.A, val_dtype).contiguous())
         else:
@@ -132,7 +150,49 @@ def prepare_slot(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], *, check
     k, r, nnz = torch.tensor((ks, rs, tuple(nnz)), dtype=torch.int32, device=dev).unbind(0)  # one tensor, three rows
     return SlotImage(layout=layout_key(slots), a_idx=tuple(a_idx), a_val=tuple(a_val), a_mask=tuple(a_mask),
                      b=tuple(bs), d=tuple(ds), k=k, r=r, nnz=nnz,
-                     host_meta=(ks, rs, magnitude), extent=tuple(extent))
+                     host_meta=(ks, rs, magnitude), extent=tuple(extent),
+                     a_src=None if a_src is None else a_src[0])
+
+
+def _deferred_a(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter]):
+    """For ``prepare_slot(pack_at_write=True)``: ``(A per slice, contiguous; entries per row per slice)``, the
+    counts made by the compiled library's count pass and checked against the slots' room; None when A cannot
+    be packed at write (the image is then made as usual)."""
+    lib = native.library()
+    if (lib is None or not slots.a_packed or slots.device.type != "cpu"
+            or slots.a_val.dtype not in native.DTYPE_CODES
+            or any(w.A.dtype not in native.DTYPE_CODES or w.A.device.type != "cpu" for w in adapters)):
+        return None
+    srcs, counts = [], []
+    i_bytes = slots.a_idx.element_size()
+    v_dt, P = native.DTYPE_CODES[slots.a_val.dtype], slots.a_idx.shape[-1]
+    for i, w in enumerate(adapters):
+        A = w.A if w.A.is_contiguous() else w.A.contiguous()
+        p = int(lib.flylora_cpu_pack_rows(A.data_ptr(), native.DTYPE_CODES[A.dtype], A.shape[0], A.shape[1], -1,
+                                          None, i_bytes, None, v_dt, None))
+        if p > P:
+            raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
+        srcs.append(A)
+        counts.append(p)
+    return tuple(srcs), tuple(counts)
+
+
+def _pack_into_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
+    """Pack ``image``'s A (``a_src``) straight into ``slot``: slice ``i``'s rows of ``p`` entries from the start
+    of its block, and its rows' column words, as :func:`_copy_plan` would copy a packed image's."""
+    lib = native.library()
+    R, P, W = slots.max_rank, slots.a_idx.shape[-1], slots.a_mask.shape[-1]
+    i_bytes, v_bytes = slots.a_idx.element_size(), slots.a_val.element_size()
+    v_dt = native.DTYPE_CODES[slots.a_val.dtype]
+    idx0 = slots.a_idx.data_ptr() + slot * slots.a_idx[0].numel() * i_bytes
+    val0 = slots.a_val.data_ptr() + slot * slots.a_val[0].numel() * v_bytes
+    mask0 = slots.a_mask.data_ptr() + slot * slots.a_mask[0].numel() * 2
+    for i, (A, (r, p)) in enumerate(zip(image.a_src, image.extent)):
+        rc = lib.flylora_cpu_pack_rows(A.data_ptr(), native.DTYPE_CODES[A.dtype], r, A.shape[1], p,
+                                       idx0 + i * R * P * i_bytes, i_bytes, val0 + i * R * P * v_bytes, v_dt,
+                                       mask0 + i * R * W * 2)
+        if rc != p:
+            raise RuntimeError(f"flylora_cpu_pack_rows returned {rc} for slice {i} (expected {p} entries per row)")
 
 
 def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
@@ -150,6 +210,8 @@ def write_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
         native.copy_pieces(plan[1], slot)
         for dst, src in plan[2]:  # pieces that are not one contiguous run (a transposed B), if any
             dst(slot).copy_(src)
+        if image.a_src is not None:
+            _pack_into_slot(slots, slot, image)
     else:
         _write_with_torch(slots, slot, image)
     slots.host_meta[slot] = image.host_meta
@@ -161,7 +223,9 @@ def _write_with_torch(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     for i in range(slots.num_slices):
         r = image.b[i].shape[0]
         rows = slice(i * R, i * R + r)
-        if slots.a_idx is None:
+        if image.a_src is not None:
+            pass  # packed below
+        elif slots.a_idx is None:
             slots.a_val[slot, rows] = image.a_val[i]
         elif slots.a_packed:  # the slice's block starts at i*R*P; its rows are back to back from there
             start = i * R * slots.a_idx.shape[-1]
@@ -180,6 +244,8 @@ def _write_with_torch(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     if slots.a_nnz is not None:
         slots.a_nnz[slot] = image.nnz
     slots.magnitude[slot] = image.host_meta[2]
+    if image.a_src is not None:
+        _pack_into_slot(slots, slot, image)
 
 
 def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
@@ -205,6 +271,8 @@ def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
         out_i, r = slots.output_slices[i], image.b[i].shape[0]
         if slots.a_idx is None:  # dense A: the slice's first r rows
             pieces = [("a_val", i * R * slots.a_val.shape[-1], image.a_val[i])]
+        elif image.a_src is not None:  # A is packed straight into the slot (_pack_into_slot)
+            pieces = []
         else:  # packed: r * p entries back to back from the slice's block, and r rows of column words
             P, W = slots.a_idx.shape[-1], slots.a_mask.shape[-1]
             pieces = [("a_idx", i * R * P, image.a_idx[i]), ("a_val", i * R * P, image.a_val[i]),

@@ -43,6 +43,11 @@ def _zero_view(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
+#: Images (SlotImage) keep A as the adapter holds it and pack it into the slot at every activation, instead
+#: of a packed copy made once (``FLYLORA_PACK_AT_WRITE=0``: the packed copy, as before).
+PACK_AT_WRITE = os.environ.get("FLYLORA_PACK_AT_WRITE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _a_layout(device, in_features: int, lora_dtype: torch.dtype) -> dict:
     """How the slots store A. On CPU with the compiled kernel: packed compact (16-bit column indices when
     they fit, and per-row column bitmasks), room for dense rows (``max_nnz = in``) so plain LoRA loads too;
@@ -194,8 +199,9 @@ class FlyLoRALayerMixin:
             per_slice.append(LayerAdapter(A=a, B=b, d=torch.zeros(r) if d_i is None else d_i, top_k=k,
                                           scaling=1.0, routing=routing))
         # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is
-        # stored.
-        return prepare_slot(slots, per_slice, check_finite=False)
+        # stored. A is packed straight into the slot at each write (SlotImage, pack_at_write): no packed copy
+        # of it is made or kept.
+        return prepare_slot(slots, per_slice, check_finite=False, pack_at_write=PACK_AT_WRITE)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         active = getattr(self.punica_wrapper, "flylora_active_slots", None)

@@ -287,6 +287,51 @@ def test_compiled_slot_write_equals_torchs_copies(layout: dict, b_form: str) -> 
         assert all(torch.equal(a, b) for a, b in zip(_slot_buffers(slots[0], s), _slot_buffers(slots[1], s))), s
 
 
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32])
+def test_image_packed_at_write_leaves_the_slot_as_a_packed_image_does(a_dtype) -> None:
+    """prepare_slot(pack_at_write=True) keeps A unpacked (a_src, no packed copy) and write_slot packs it straight
+    into the slot: bit for bit the slot a packed image leaves, over a larger adapter (cleared first) and a
+    smaller one, in two slots, by the compiled copy and by torch's; an A too dense for the slots is refused
+    when the image is made, not when it is written."""
+    from flylora_runtime.kernels import lifecycle, native
+
+    if native.library() is None:
+        pytest.skip("needs the compiled CPU kernel")
+    gen = torch.Generator().manual_seed(5)
+    layout = {"max_nnz": 64, "packed": True, "index_dtype": torch.int16, "a_dtype": a_dtype}
+    big = [make_adapter(gen, 64, 32, 16, 8, "magnitude"), make_adapter(gen, 64, 16, 16, 4, "magnitude")]
+    small = [make_adapter(gen, 64, 32, 4, 2), make_adapter(gen, 64, 16, 8, 8)]
+    for w in small:
+        w.A[:, 1::2] = 0.0
+    slots = {name: allocate_slots(3, 16, 64, (32, 16), b_dtype=torch.bfloat16, **layout)
+             for name in ("packed image", "at write", "at write, torch")}
+    for sl in slots.values():
+        load_slot(sl, 1, big)
+    want = prepare_slot(slots["packed image"], small)
+    image = prepare_slot(slots["at write"], small, pack_at_write=True)
+    assert want.a_src is None and image.a_src is not None
+    assert all(t is None for t in (*image.a_idx, *image.a_val, *image.a_mask))
+    assert image.extent == want.extent and torch.equal(image.nnz, want.nnz)
+    plan = lifecycle._copy_plan(slots["at write"], image)
+    assert len(plan[1]) == len(lifecycle._copy_plan(slots["packed image"], want)[1]) - 3 * 2  # no A pieces
+    for s in (1, 2):
+        write_slot(slots["packed image"], s, want)
+        write_slot(slots["at write"], s, image)
+    torch_slots = slots["at write, torch"]
+    for s in (1, 2):
+        old = torch_slots.host_extent[s]
+        if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, image.extent)):
+            clear_slot(torch_slots, s)
+        lifecycle._write_with_torch(torch_slots, s, image)
+    for name in ("at write", "at write, torch"):
+        for s in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(_slot_buffers(slots[name], s),
+                                                         _slot_buffers(slots["packed image"], s))), (name, s)
+    narrow = allocate_slots(2, 16, 64, (32, 16), b_dtype=torch.bfloat16, **{**layout, "max_nnz": 8})
+    with pytest.raises(ValueError, match="slots allow 8"):
+        prepare_slot(narrow, small, pack_at_write=True)
+
+
 def test_step_bytes_counts_a_values_column_words_and_selected_b_rows():
     """bench.step's bytes per step (its GB/s against the streaming rate): per distinct slot and slice, r*nnz A
     values, r*ceil(in/16) column words, and min(tokens*k, r) rows of B^T; a slot's second token adds B rows
