@@ -2,7 +2,8 @@
 tests and benchmarks (build).
 
 A hot swap is :func:`prepare_slot` (compaction, bitmasks: the slow part, done once per adapter and layer,
-by the compiled kernel's one C pass when it is there) and :func:`write_slot` (a few copies). The host
+by the compiled kernel's one C pass when it is there) and :func:`write_slot` (a few copies; with
+``pack_at_write`` the C pass that packs A runs at each write instead, straight into the slot). The host
 mirrors :attr:`FlyLoRASlots.host_meta` and :attr:`FlyLoRASlots.host_extent` are kept here, so change slots
 only through these functions.
 """

@@ -157,8 +157,9 @@ class FlyLoRALayerMixin:
 
         Returns the adapter's :class:`~flylora_runtime.kernels.SlotImage` for this layer (None when the layer
         was cleared). The caller keeps it while the adapter stays loaded and passes it back as ``image`` on
-        the adapter's next activation, which then only copies (about a seventh of the time: no compaction,
-        bitmasks or transposes). ``image`` must come from this layer and the same adapter.
+        the adapter's next activation, which then copies B and the routing and packs A straight into the slot
+        (:data:`PACK_AT_WRITE`, the default), or only copies (a packed image: about a seventh of the time of
+        making one). ``image`` must come from this layer and the same adapter.
         """
         slots = self.flylora_slots
         lora_a, lora_b = self._flylora_pending.pop(index, ([None] * slots.num_slices, [None] * slots.num_slices))
