@@ -124,13 +124,3 @@ def _header(raw: bytes | memoryview, size: int, max_tensors: int) -> tuple[dict,
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
     return header, 8 + hlen
-
-
-def _source_shapes(weights: str, size: int, max_tensors: int) -> dict[str, tuple[int, ...]]:
-    """The checkpoint's tensor shapes from its header alone (it was validated when it was stored)."""
-    with open(weights, "rb") as fh:
-        head = fh.read(8)
-        (hlen,) = struct.unpack("<Q", head)
-        header, _ = _header(head + fh.read(min(hlen, header_limit(max_tensors))), size, max_tensors)
-    header.pop("__metadata__", None)
-    return {k: tuple(v["shape"]) for k, v in header.items()}

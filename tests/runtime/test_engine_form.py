@@ -210,3 +210,37 @@ def test_our_lora_model_is_vllms_and_names_are_parsed_once_per_mapper(tiny_adapt
     other = WeightsMapper(orig_to_new_prefix={"base_model.model.": "base_model.model."})
     loading._parsed_name(next(iter(tensors)), other, loading.mapper_fingerprint(other))
     assert len(calls) == len(tensors) + 1  # other rules: parsed again
+
+
+def test_a_second_form_with_the_same_headers_skips_the_header_checks_but_not_the_values(tiny_adapter_dir, tmp_path,
+                                                                                         monkeypatch):
+    """Adapters of one shape have byte-identical headers: the second one's read reuses the first one's checked
+    layout (no JSON parse, no walk over the entries), gets its own tensors, and still has its values checked."""
+    import shutil
+
+    from flylora_runtime.weights import engine_form as reader
+
+    monkeypatch.setattr(reader, "_LAYOUTS", type(reader._LAYOUTS)())
+    walks = []
+    real_layout = reader._layout
+    monkeypatch.setattr(reader, "_layout", lambda *a: walks.append(1) or real_layout(*a))
+    _write_form(tiny_adapter_dir)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_adapter_dir, other)
+    path = os.path.join(other, ENGINE_FORM_NAME)
+    first, _ = read_engine_form(str(tiny_adapter_dir))
+    with open(path, "r+b") as fh:  # other values, the same headers
+        (hlen,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + hlen)
+        fh.write(np.full(2, 1.5, np.float32).tobytes())  # finite whether the first tensor is fp32 or bf16
+    os.utime(path)
+    second, _ = read_engine_form(str(other))
+    assert len(walks) == 1 and len(reader._LAYOUTS) == 1
+    assert sorted(first) == sorted(second)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    with open(path, "r+b") as fh:
+        fh.seek(8 + hlen)
+        fh.write(np.full(1, np.nan, np.float32).tobytes())  # a NaN in fp32, and in bf16 (its high half)
+    os.utime(path)
+    assert read_engine_form(str(other)) is None
+    assert len(walks) == 1
