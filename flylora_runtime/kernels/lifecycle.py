@@ -249,6 +249,11 @@ def _write_with_torch(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
         _pack_into_slot(slots, slot, image)
 
 
+#: The two values of a slot's ``magnitude`` flag, as the one-element tensors a copy plan's table points into
+#: (shared by every plan, never written).
+_ROUTING_FLAGS = {False: torch.zeros(1, dtype=torch.bool), True: torch.ones(1, dtype=torch.bool)}
+
+
 def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
     """How :func:`write_slot` copies ``image`` into any slot of ``slots`` with the compiled library: ``(slots,
     table, leftovers, sources)``, made at the image's first write and kept on it (both are fixed: slots'
@@ -290,7 +295,7 @@ def _copy_plan(slots: FlyLoRASlots, image: SlotImage):
                 raise AssertionError("a slot image piece falls outside its slot buffer")
             sources.append(src)
             rows.append((ptr, per_slot * size, offset * size, src.data_ptr(), count * size))
-    magnitude = torch.tensor([image.host_meta[2]], dtype=torch.bool)
+    magnitude = _ROUTING_FLAGS[bool(image.host_meta[2])]
     for name, src in (("k", image.k), ("r", image.r), ("magnitude", magnitude), ("a_nnz", image.nnz)):
         if name in buffers:
             buf, ptr, per_slot, size, dtype, numel = buffers[name]
