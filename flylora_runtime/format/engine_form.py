@@ -115,12 +115,19 @@ def write_engine_form(weights_path: str | os.PathLike, out_path: str | os.PathLi
     return 8 + len(raw) + offset
 
 
-def _header(raw: bytes | memoryview, size: int, max_tensors: int) -> tuple[dict, int]:
-    """A safetensors header (the tensor entries and ``__metadata__``) and where the data starts."""
+def _header_bytes(raw: bytes | memoryview, size: int, max_tensors: int) -> bytes:
+    """A safetensors file's length prefix and header, as bytes, from the start of a file of ``size`` bytes;
+    ``ValueError`` when the length is past the file or the cap for ``max_tensors`` tensors."""
     (hlen,) = struct.unpack("<Q", bytes(raw[:8]))
     if hlen > header_limit(max_tensors) or 8 + hlen > size:
         raise ValueError(f"header length {hlen}")
-    header = json.loads(bytes(raw[8:8 + hlen]))
+    return bytes(raw[:8 + hlen])
+
+
+def _header(raw: bytes | memoryview, size: int, max_tensors: int) -> tuple[dict, int]:
+    """A safetensors header (the tensor entries and ``__metadata__``) and where the data starts."""
+    head = _header_bytes(raw, size, max_tensors)
+    header = json.loads(head[8:])
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
-    return header, 8 + hlen
+    return header, len(head)

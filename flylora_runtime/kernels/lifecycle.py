@@ -159,18 +159,15 @@ def _deferred_a(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter]):
     """For ``prepare_slot(pack_at_write=True)``: ``(A per slice, contiguous; entries per row per slice)``, the
     counts made by the compiled library's count pass and checked against the slots' room; None when A cannot
     be packed at write (the image is then made as usual)."""
-    lib = native.library()
-    if (lib is None or not slots.a_packed or slots.device.type != "cpu"
+    if (native.library() is None or not slots.a_packed or slots.device.type != "cpu"
             or slots.a_val.dtype not in native.DTYPE_CODES
             or any(w.A.dtype not in native.DTYPE_CODES or w.A.device.type != "cpu" for w in adapters)):
         return None
     srcs, counts = [], []
-    i_bytes = slots.a_idx.element_size()
-    v_dt, P = native.DTYPE_CODES[slots.a_val.dtype], slots.a_idx.shape[-1]
+    i_bytes, P = slots.a_idx.element_size(), slots.a_idx.shape[-1]
     for i, w in enumerate(adapters):
         A = w.A if w.A.is_contiguous() else w.A.contiguous()
-        p = int(lib.flylora_cpu_pack_rows(A.data_ptr(), native.DTYPE_CODES[A.dtype], A.shape[0], A.shape[1], -1,
-                                          None, i_bytes, None, v_dt, None))
+        p = native.count_rows(A, i_bytes, slots.a_val.dtype)
         if p > P:
             raise ValueError(f"slice {i}: A rows hold up to {p} nonzeros, slots allow {P}")
         srcs.append(A)
@@ -181,17 +178,14 @@ def _deferred_a(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter]):
 def _pack_into_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     """Pack ``image``'s A (``a_src``) straight into ``slot``: slice ``i``'s rows of ``p`` entries from the start
     of its block, and its rows' column words, as :func:`_copy_plan` would copy a packed image's."""
-    lib = native.library()
     R, P, W = slots.max_rank, slots.a_idx.shape[-1], slots.a_mask.shape[-1]
     i_bytes, v_bytes = slots.a_idx.element_size(), slots.a_val.element_size()
-    v_dt = native.DTYPE_CODES[slots.a_val.dtype]
     idx0 = slots.a_idx.data_ptr() + slot * slots.a_idx[0].numel() * i_bytes
     val0 = slots.a_val.data_ptr() + slot * slots.a_val[0].numel() * v_bytes
     mask0 = slots.a_mask.data_ptr() + slot * slots.a_mask[0].numel() * 2
-    for i, (A, (r, p)) in enumerate(zip(image.a_src, image.extent)):
-        rc = lib.flylora_cpu_pack_rows(A.data_ptr(), native.DTYPE_CODES[A.dtype], r, A.shape[1], p,
-                                       idx0 + i * R * P * i_bytes, i_bytes, val0 + i * R * P * v_bytes, v_dt,
-                                       mask0 + i * R * W * 2)
+    for i, (A, (_, p)) in enumerate(zip(image.a_src, image.extent)):
+        rc = native.pack_rows_at(A, p, idx0 + i * R * P * i_bytes, i_bytes, val0 + i * R * P * v_bytes,
+                                 slots.a_val.dtype, mask0 + i * R * W * 2)
         if rc != p:
             raise RuntimeError(f"flylora_cpu_pack_rows returned {rc} for slice {i} (expected {p} entries per row)")
 

@@ -227,6 +227,21 @@ def copy_pieces(table, slot: int) -> None:
     library().flylora_cpu_copy_pieces(table.ctypes.data, table.shape[0], slot)
 
 
+def count_rows(A: torch.Tensor, index_bytes: int, value_dtype: torch.dtype) -> int:
+    """``flylora_cpu_pack_rows``'s count pass: the most entries any row of ``A`` (contiguous ``[r, in]`` on the CPU,
+    a dtype of :data:`DTYPE_CODES`) holds. The library must be there."""
+    return int(library().flylora_cpu_pack_rows(A.data_ptr(), DTYPE_CODES[A.dtype], A.shape[0], A.shape[1], -1, None,
+                                               index_bytes, None, DTYPE_CODES[value_dtype], None))
+
+
+def pack_rows_at(A: torch.Tensor, p: int, idx: int, index_bytes: int, val: int, value_dtype: torch.dtype,
+                 mask: int) -> int:
+    """``flylora_cpu_pack_rows``'s fill pass: ``A``'s rows of ``p`` entries (``p`` from :func:`count_rows`) written
+    at the addresses ``idx``, ``val`` and ``mask`` (a slot's block, or fresh buffers). Returns ``p`` on success."""
+    return int(library().flylora_cpu_pack_rows(A.data_ptr(), DTYPE_CODES[A.dtype], A.shape[0], A.shape[1], p, idx,
+                                               index_bytes, val, DTYPE_CODES[value_dtype], mask))
+
+
 def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,
               value_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """One slice's ``A [r, in]`` in the packed compact layout (``flylora_cpu_pack_rows``): column indices and
@@ -240,11 +255,10 @@ def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,
         return None
     A = A.contiguous()
     r, n_in = A.shape
-    fn = lib.flylora_cpu_pack_rows
-    a_dt, v_dt, i_bytes = DTYPE_CODES[A.dtype], DTYPE_CODES[value_dtype], 2 if index_dtype == torch.int16 else 4
-    p = int(fn(A.data_ptr(), a_dt, r, n_in, -1, None, i_bytes, None, v_dt, None))
+    i_bytes = 2 if index_dtype == torch.int16 else 4
+    p = count_rows(A, i_bytes, value_dtype)
     idx = torch.empty(r * p, dtype=index_dtype)
     val = torch.empty(r * p, dtype=value_dtype)
     mask = torch.empty(r, (n_in + 15) // 16, dtype=torch.int16)
-    rc = fn(A.data_ptr(), a_dt, r, n_in, p, idx.data_ptr(), i_bytes, val.data_ptr(), v_dt, mask.data_ptr())
+    rc = pack_rows_at(A, p, idx.data_ptr(), i_bytes, val.data_ptr(), value_dtype, mask.data_ptr())
     return (idx, val, mask, p) if rc == p else None

@@ -11,7 +11,7 @@ import torch
 
 from flylora_runtime.format.checkpoint import WEIGHTS_NAME
 from flylora_runtime.format.engine_form import (_ALIGN, _ITEMSIZE, B_KEY, FORMAT_TAG, ENGINE_FORM_NAME, _engine_key,
-                                                _header)
+                                                _header, _header_bytes)
 from flylora_runtime.format.header import header_limit
 
 logger = logging.getLogger("flylora.engine_form")
@@ -47,14 +47,6 @@ def read_engine_form(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[
 #: The layout depends on nothing else; each file's values are still checked. Bounded (oldest dropped).
 _LAYOUTS: OrderedDict = OrderedDict()
 _MAX_LAYOUTS = 16
-
-
-def _header_bytes(raw, size: int, max_tensors: int) -> bytes:
-    """A safetensors file's length prefix and header, as bytes (bounded as :func:`_header` bounds them)."""
-    (hlen,) = struct.unpack("<Q", bytes(raw[:8]))
-    if hlen > header_limit(max_tensors) or 8 + hlen > size:
-        raise ValueError(f"header length {hlen}")
-    return bytes(raw[:8 + hlen])
 
 
 def _read(path: str, weights: str, st: os.stat_result, ws: os.stat_result, max_tensors: int) -> dict:
