@@ -22,7 +22,8 @@ distinct real ranks).
 This module is the public API only. Where each part lives:
 
 - :mod:`.layout`: :class:`FlyLoRASlots` (every buffer documented there) and :func:`allocate_slots`;
-- :mod:`.lifecycle`: :class:`SlotImage`, :func:`prepare_slot`, :func:`write_slot`, :func:`load_slot`,
+- :mod:`.lifecycle`: :class:`SlotImage`, :func:`prepare_slot`, :func:`write_slot`, :func:`load_slot`, and for a
+  whole adapter at once :func:`prepare_slots`, :func:`plan_writes` and :func:`write_slots`,
   :func:`clear_slot`, :func:`build_slots`;
 - :mod:`.checks`: :func:`check_inputs`;
 - :mod:`.registry`: :data:`BACKENDS` and :func:`get_backend`;
@@ -37,12 +38,14 @@ import torch
 
 from flylora_runtime.kernels.checks import check_inputs
 from flylora_runtime.kernels.layout import FlyLoRASlots, allocate_slots, dense_a
-from flylora_runtime.kernels.lifecycle import SlotImage, build_slots, clear_slot, load_slot, prepare_slot, write_slot
+from flylora_runtime.kernels.lifecycle import (SlotImage, WritePlan, build_slots, clear_slot, load_slot, plan_writes,
+                                               prepare_slot, prepare_slots, write_slot, write_slots)
 from flylora_runtime.kernels.reference_backend import apply_reference
 from flylora_runtime.kernels.registry import BACKENDS, get_backend
 
 __all__ = [
     "FlyLoRASlots", "SlotImage", "allocate_slots", "load_slot", "prepare_slot", "write_slot", "clear_slot",
+    "prepare_slots", "write_slots", "plan_writes", "WritePlan",
     "build_slots", "flylora_apply", "get_backend", "BACKENDS", "apply_reference", "check_inputs", "dense_a",
 ]
 

@@ -49,6 +49,8 @@
  *   flylora_cpu_abi          the constants the caller must agree with: ABI version, MAX_R, sizeof(SlotArgs),
  *                            the dtype codes (section 13)
  *   flylora_cpu_copy_pieces  a slot image into a slot: its copies, described by a table, in one call (section 14)
+ *   flylora_cpu_count_many   flylora_cpu_pack_rows' count pass for many slices, one call (section 15)
+ *   flylora_cpu_pack_many    its fill pass for many slices into one slot of their slot sets (section 15)
  * Bump FLYLORA_CPU_ABI_VERSION whenever an exported signature, SlotArgs, a dtype code or a return code
  * changes.
  *
@@ -67,6 +69,7 @@
  *   12. Packing one slice's A (flylora_cpu_pack_rows)
  *   13. ABI report (flylora_cpu_abi)
  *   14. Writing a slot image (flylora_cpu_copy_pieces)
+ *   15. One adapter's A, every layer and slice in one call (flylora_cpu_count_many, flylora_cpu_pack_many)
  */
 #include <math.h>
 #include <omp.h>
@@ -97,7 +100,8 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 
 enum { F32 = 0, BF16 = 1, F16 = 2 }; /* dtype codes of every *_dt argument (reported by flylora_cpu_abi) */
 
-#define FLYLORA_CPU_ABI_VERSION 2 /* 2: flylora_cpu_copy_pieces. Bump on any change listed at the top */
+#define FLYLORA_CPU_ABI_VERSION 3 /* 2: flylora_cpu_copy_pieces; 3: flylora_cpu_count_many, flylora_cpu_pack_many.
+                                     * Bump on any change listed at the top */
 
 /* ======== 2. Scalar conversions and whole-row helpers ======== */
 
@@ -1211,4 +1215,34 @@ void flylora_cpu_copy_pieces(const int64_t *table, int64_t n, int64_t slot) {
         const int64_t *t = table + 5 * i;
         memcpy((char *)(intptr_t)(t[0] + slot * t[1] + t[2]), (const char *)(intptr_t)t[3], (size_t)t[4]);
     }
+}
+
+/* ======== 15. One adapter's A, every layer and slice in one call ======== */
+
+/* The count pass of flylora_cpu_pack_rows for n slices: row i of `table` (6 int64 each) is (A address, A dtype,
+ * r, in, index bytes, value dtype), and out[i] gets what flylora_cpu_pack_rows(..., p = -1, ...) returns for
+ * it. A cold adapter's 210 slices (SmolLM2, seven projections) were 210 ctypes calls. */
+void flylora_cpu_count_many(const int64_t *table, int64_t n, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *t = table + 6 * i;
+        out[i] = flylora_cpu_pack_rows((const void *)(intptr_t)t[0], (int)t[1], t[2], t[3], -1, NULL, (int)t[4], NULL,
+                                       (int)t[5], NULL);
+    }
+}
+
+/* The fill pass of flylora_cpu_pack_rows for n slices into slot `slot` of their slot sets: row i of `table`
+ * (13 int64 each) is (A address, A dtype, r, in, p, index base, index bytes per slot, index bytes, value base,
+ * value bytes per slot, value dtype, column-word base, column-word bytes per slot); slice i's rows go to
+ * base + slot * per_slot for each of the three. lifecycle.py builds the table from the slots' own buffers and
+ * checks every range against them. Returns n, or the first failing row's index (its pack returned other than
+ * p: that slice and every later one are left unwritten). */
+int64_t flylora_cpu_pack_many(const int64_t *table, int64_t n, int64_t slot) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *t = table + 13 * i;
+        const int64_t got = flylora_cpu_pack_rows(
+            (const void *)(intptr_t)t[0], (int)t[1], t[2], t[3], t[4], (void *)(intptr_t)(t[5] + slot * t[6]),
+            (int)t[7], (void *)(intptr_t)(t[8] + slot * t[9]), (int)t[10], (uint16_t *)(intptr_t)(t[11] + slot * t[12]));
+        if (got != t[4]) return i;
+    }
+    return n;
 }

@@ -13,8 +13,8 @@ compiler and the CPU's flags, written atomically (concurrent first uses are safe
 build: :func:`library` returns ``None`` once with a warning and the torch backend serves every call.
 ``FLYLORA_CPU_NATIVE=0`` turns the compiled kernel off.
 
-ABI: the library exports ``flylora_cpu_apply_slots``, ``flylora_cpu_pack_rows``, ``flylora_cpu_copy_pieces``
-and ``flylora_cpu_abi``. The
+ABI: the library exports ``flylora_cpu_apply_slots``, ``flylora_cpu_pack_rows``, ``flylora_cpu_copy_pieces``,
+``flylora_cpu_count_many``, ``flylora_cpu_pack_many`` and ``flylora_cpu_abi``. The
 last reports the constants this module must agree with (:func:`expected_abi`: the ABI version, ``MAX_R``,
 the size of the ``SlotArgs`` struct, the dtype codes); a library that disagrees, or does not report them, is
 refused when it is loaded (:class:`AbiMismatch`, the same warning and torch fallback as a failed build).
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("flylora_cpu.c")
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 #: What this module expects the library to report (``flylora_cpu_abi``; see :func:`expected_abi`).
-ABI_VERSION = 2  # FLYLORA_CPU_ABI_VERSION in the C source
+ABI_VERSION = 3  # FLYLORA_CPU_ABI_VERSION in the C source
 MAX_RANK = 64  # MAX_R in the C source
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # F32, BF16, F16 in the C source
 
@@ -110,6 +110,10 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = _PACK_ARGTYPES, _i64
             fn = lib.flylora_cpu_copy_pieces
             fn.argtypes, fn.restype = [_ptr, _i64, _i64], None
+            fn = lib.flylora_cpu_count_many
+            fn.argtypes, fn.restype = [_ptr, _i64, _ptr], None
+            fn = lib.flylora_cpu_pack_many
+            fn.argtypes, fn.restype = [_ptr, _i64, _i64], _i64
         except Exception as exc:  # noqa: BLE001 - any build/load failure or ABI mismatch degrades to torch
             log.warning("FlyLoRA: the compiled CPU kernel is unavailable (%s); using grouped torch.", exc)
             return None
@@ -240,6 +244,32 @@ def pack_rows_at(A: torch.Tensor, p: int, idx: int, index_bytes: int, val: int, 
     at the addresses ``idx``, ``val`` and ``mask`` (a slot's block, or fresh buffers). Returns ``p`` on success."""
     return int(library().flylora_cpu_pack_rows(A.data_ptr(), DTYPE_CODES[A.dtype], A.shape[0], A.shape[1], p, idx,
                                                index_bytes, val, DTYPE_CODES[value_dtype], mask))
+
+
+#: Columns of :func:`count_many`'s and :func:`pack_many`'s tables (``flylora_cpu_count_many``, ``_pack_many``).
+COUNT_COLUMNS, PACK_COLUMNS = 6, 13
+
+
+def count_row(A: torch.Tensor, index_bytes: int, value_dtype: torch.dtype) -> tuple[int, ...]:
+    """One row of :func:`count_many`'s table: what :func:`count_rows` would be called with."""
+    return (A.data_ptr(), DTYPE_CODES[A.dtype], A.shape[0], A.shape[1], index_bytes, DTYPE_CODES[value_dtype])
+
+
+def count_many(table) -> list[int]:
+    """:func:`count_rows` of every row of ``table`` (an int64 numpy array ``[m, 6]`` of :func:`count_row`; every
+    ``A`` contiguous on the CPU and alive for the call), in one C call."""
+    import numpy as np
+
+    out = np.empty(table.shape[0], dtype=np.int64)
+    library().flylora_cpu_count_many(table.ctypes.data, table.shape[0], out.ctypes.data)
+    return out.tolist()
+
+
+def pack_many(table, slot: int) -> int:
+    """:func:`pack_rows_at` of every row of ``table`` (an int64 numpy array ``[m, 13]``, built and bounds-checked by
+    ``flylora_runtime.kernels.lifecycle``) into slot ``slot``, in one C call. Returns ``m``, or the index of the
+    first row that failed."""
+    return int(library().flylora_cpu_pack_many(table.ctypes.data, table.shape[0], slot))
 
 
 def pack_rows(A: torch.Tensor, index_dtype: torch.dtype,

@@ -181,6 +181,18 @@ class FlyLoRALayerMixin:
         to :meth:`set_lora` (a tensor or a list per slice; ``lora_b`` already holds alpha/r), the per-slice
         biases ``d``, ``top_k`` and the routing; None when none of the layer's slices has weights. Writes
         nothing (it runs off the engine loop too: :func:`.loading.prepare_images_at_load`)."""
+        per_slice = self.flylora_slice_adapters(lora_a, lora_b, d, top_k, magnitude)
+        if per_slice is None:
+            return None
+        # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is
+        # stored. A is packed straight into the slot at each write (SlotImage, pack_at_write): no packed copy
+        # of it is made or kept.
+        return prepare_slot(self.flylora_slots, per_slice, check_finite=False, pack_at_write=PACK_AT_WRITE)
+
+    def flylora_slice_adapters(self, lora_a, lora_b, d: list[torch.Tensor | None], top_k: int | None,
+                               magnitude: bool) -> list[LayerAdapter] | None:
+        """What :meth:`prepare_flylora_image` makes its image of: one LayerAdapter per slice (a zero rank-1 one
+        for a slice without weights), or None when none of the layer's slices has weights."""
         slots = self.flylora_slots
         lora_a, lora_b = self._slices(lora_a, lora_b)
         if len(d) != slots.num_slices:
@@ -199,10 +211,7 @@ class FlyLoRALayerMixin:
             k = r if top_k is None else min(top_k, r)
             per_slice.append(LayerAdapter(A=a, B=b, d=torch.zeros(r) if d_i is None else d_i, top_k=k,
                                           scaling=1.0, routing=routing))
-        # Finite by construction: the checkpoint validator refuses non-finite tensors before anything is
-        # stored. A is packed straight into the slot at each write (SlotImage, pack_at_write): no packed copy
-        # of it is made or kept.
-        return prepare_slot(slots, per_slice, check_finite=False, pack_at_write=PACK_AT_WRITE)
+        return per_slice
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         active = getattr(self.punica_wrapper, "flylora_active_slots", None)

@@ -15,7 +15,8 @@ replacement here) is a class method that:
 
 :func:`activate_with_flylora_weights` wraps ``LoRAModelManager.activate_adapter``: after vLLM has handed A and
 B to a slot, the FlyLoRA layers of that slot copy in the adapter's A, B, top-k, d and routing
-(:func:`set_slot_weights`; from a slot image kept with the adapter after its first activation). Both count
+(:func:`set_slot_weights`; from a slot image kept with the adapter after its first activation, or made at
+its load: once every layer has one, all layers are written together, in two C calls). Both count
 themselves (``flylora_adapter_loads_total``, ``flylora_adapter_activations_total``, :mod:`.metrics`). A plain
 PEFT LoRA adapter (no ``top_k``) is served with ``k = r``, ``d = 0``: exactly LoRA.
 :func:`remove_and_release_memory` wraps ``LoRAModelManager.remove_adapter`` (an unload, or an in-place reload)
@@ -58,6 +59,10 @@ class FlyLoRAInfo:
     # B already holds lora_alpha / r (read from the engine form): the images can be made as soon as the
     # adapter is loaded (prepare_images_at_load), before vLLM has merged and scaled anything.
     folded: bool = False
+    # ``images`` covers every FlyLoRA layer of the engine (a layer it lacks has no weights of this adapter), all
+    # on the CPU: an activation then writes them all at once (set_slot_weights, write_slots), with ``write_plan``.
+    complete: bool = False
+    write_plan: object = None
 
 
 def read_checkpoint(lora_dir: str, dtype: torch.dtype | None = None,
@@ -280,18 +285,53 @@ def set_slot_weights(manager, lora_id: int) -> None:
 
     index = manager.lora_index_to_id.index(lora_id)
     lora_model = manager._registered_adapters[lora_id]
-    info: FlyLoRAInfo = getattr(lora_model, "flylora", None) or FlyLoRAInfo(top_k=None)
+    info: FlyLoRAInfo | None = getattr(lora_model, "flylora", None)
+    if info is None:
+        info = FlyLoRAInfo(top_k=None)
+    elif info.complete:
+        _write_all(manager, index, info)
+        return
+    on_cpu = True
     for module_name, module in manager.modules.items():
         if not isinstance(module, FlyLoRALayerMixin):
             continue
         names = _slice_names(manager, module_name, module)
         image = module.set_flylora_weights(index, [info.d.get(n) for n in names], info.top_k,
                                            info.routing == "magnitude", image=info.images.get(module_name))
-        if image is not None and module.flylora_slots.device.type == "cpu":
+        if module.flylora_slots.device.type != "cpu":
+            on_cpu = False
+        elif image is not None:
             # Off the CPU an image is a device copy of the adapter (dense A, B): kept for every adapter in
             # the CPU cache it would fill the GPU past what the engine sized. Dense A needs no compaction, so
             # making it again at the next activation costs only the copy the image would have saved.
             info.images[module_name] = image
+    info.complete = on_cpu and getattr(lora_model, "flylora", None) is info
+
+
+def _write_all(manager, index: int, info: FlyLoRAInfo) -> None:
+    """:func:`set_slot_weights` for an adapter with an image for every layer it has weights in
+    (:attr:`FlyLoRAInfo.complete`): layers it lacks are cleared and the rest written into slot ``index`` in two
+    C calls for the whole model (:func:`~flylora_runtime.kernels.write_slots`; its plan kept on ``info`` for the
+    adapter's next activation), instead of one write per layer. The same slot contents."""
+    from flylora_runtime.kernels import write_slots
+    from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
+
+    pairs = []
+    for module_name, module in manager.modules.items():
+        if not isinstance(module, FlyLoRALayerMixin):
+            continue
+        module._flylora_pending.pop(index, None)  # vLLM's set_lora of this activation: the image has it all
+        image = info.images.get(module_name)
+        if image is None:
+            module._flylora_clear(index)  # the adapter has no weights in this layer
+        else:
+            pairs.append((module.flylora_slots, image))
+            module._flylora_weighted.add(index)
+    plan = info.write_plan
+    if plan is not None and (len(plan.pairs) != len(pairs) or any(
+            a is not c or b is not d for (a, b), (c, d) in zip(plan.pairs, pairs))):
+        plan = None
+    info.write_plan = write_slots(pairs, index, plan)
 
 
 def prepare_images_at_load(original):
@@ -313,12 +353,20 @@ def prepare_images_at_load(original):
 
 
 def _prepare_images(manager, model, info: FlyLoRAInfo) -> None:
-    from flylora_runtime.vllm_plugin.layers import FlyLoRALayerMixin
+    """The images of every CPU FlyLoRA layer the adapter has weights in, made together
+    (:func:`~flylora_runtime.kernels.prepare_slots`: one count pass for the whole adapter); ``info.complete``
+    when every FlyLoRA layer is on the CPU."""
+    from flylora_runtime.kernels import prepare_slots
+    from flylora_runtime.vllm_plugin.layers import PACK_AT_WRITE, FlyLoRALayerMixin
 
     if any(lora.scaling != 1 for lora in model.loras.values()):
         return  # not folded after all: the activation makes them from vLLM's scaled B
+    jobs, names_of, complete = [], [], True
     for module_name, module in manager.modules.items():
-        if not isinstance(module, FlyLoRALayerMixin) or module.flylora_slots.device.type != "cpu":
+        if not isinstance(module, FlyLoRALayerMixin):
+            continue
+        if module.flylora_slots.device.type != "cpu":
+            complete = False
             continue
         names = manager.packed_modules.get(module_name)
         loras = [model.loras.get(n) for n in names] if names else [model.loras.get(module_name)]
@@ -329,7 +377,12 @@ def _prepare_images(manager, model, info: FlyLoRAInfo) -> None:
         if not names:  # vLLM hands a single layer its tensors, not lists
             lora_a, lora_b = lora_a[0], lora_b[0]
         names = _slice_names(manager, module_name, module)
-        image = module.prepare_flylora_image(lora_a, lora_b, [info.d.get(n) for n in names], info.top_k,
-                                             info.routing == "magnitude")
-        if image is not None:
-            info.images[module_name] = image
+        per_slice = module.flylora_slice_adapters(lora_a, lora_b, [info.d.get(n) for n in names], info.top_k,
+                                                  info.routing == "magnitude")
+        if per_slice is not None:
+            jobs.append((module.flylora_slots, per_slice))
+            names_of.append(module_name)
+    # Finite by construction (validated at upload; the engine form's values are checked as it is read).
+    for module_name, image in zip(names_of, prepare_slots(jobs, check_finite=False, pack_at_write=PACK_AT_WRITE)):
+        info.images[module_name] = image
+    info.complete = complete

@@ -332,6 +332,68 @@ def test_image_packed_at_write_leaves_the_slot_as_a_packed_image_does(a_dtype) -
         prepare_slot(narrow, small, pack_at_write=True)
 
 
+def _engine_like(w: LayerAdapter) -> LayerAdapter:
+    """``w`` as the engine holds an adapter read from its engine form: bf16 A, B a transposed view of a contiguous
+    bf16 ``B^T`` with the scaling folded in, fp32 d."""
+    bt = (w.scaling * w.B.T).to(torch.bfloat16).contiguous()
+    return replace(w, A=w.A.to(torch.bfloat16), B=bt.T, d=w.d.float(), scaling=1.0)
+
+
+def test_whole_adapter_write_equals_one_write_per_layer() -> None:
+    """prepare_slots + write_slots (one count pass and two C calls for all layers: what an engine activation
+    runs) leave every slot of every layer bit for bit as prepare_slot + write_slot layer by layer do, with the
+    same host mirrors: engine-form layers (the fast image, its copy plan made with it), a layer whose B must be
+    converted (the generic image, torch copies), a layer with a slice without weights (zero rank-1), written
+    over larger adapters (cleared first) and smaller ones, first with a new plan, then reusing it in another
+    slot. A plan refuses other pairs, and a slot set may appear once."""
+    from flylora_runtime.kernels import native, plan_writes, prepare_slots, write_slots
+
+    if native.library() is None:
+        pytest.skip("needs the compiled CPU kernel")
+    gen = torch.Generator().manual_seed(11)
+    layout = {"packed": True, "index_dtype": torch.int16, "a_dtype": torch.bfloat16}
+    shapes = [(64, (32, 16)), (48, (24,)), (64, (32, 16, 8)), (64, (32,))]
+
+    def adapters():
+        out = [[_engine_like(make_adapter(gen, n_in, o, 8, 2, "magnitude")) for o in outs] for n_in, outs in shapes]
+        out[2] = [replace(w, B=w.B.float(), scaling=0.5) for w in out[2]]  # generic: B converted and scaled
+        out[3] = [LayerAdapter(A=torch.zeros(1, 64), B=torch.zeros(32, 1), d=torch.zeros(1), top_k=1, scaling=1.0,
+                               routing="magnitude")]  # a slice without weights, as flylora_slice_adapters makes
+        return out
+
+    big = [[make_adapter(gen, n_in, o, 16, 4) for o in outs] for n_in, outs in shapes]
+    small = [[make_adapter(gen, n_in, o, 4, 1) for o in outs] for n_in, outs in shapes]
+    sets = {name: [allocate_slots(4, 16, n_in, outs, b_dtype=torch.bfloat16, max_nnz=n_in, **layout)
+                   for n_in, outs in shapes]
+            for name in ("per layer", "whole")}
+    fill = [[make_adapter(gen, n, o, 8, 8) for o in outs] for n, outs in shapes]
+    for layers in sets.values():  # slot 1 held a larger adapter, slot 2 a smaller one, 0 and 3 others
+        for sl, b, s_, f in zip(layers, big, small, fill):
+            load_slot(sl, 0, f), load_slot(sl, 1, b), load_slot(sl, 2, s_), load_slot(sl, 3, f)
+    new = adapters()
+    per_layer = [prepare_slot(sl, ws, check_finite=False, pack_at_write=True) for sl, ws in zip(sets["per layer"], new)]
+    whole = prepare_slots(list(zip(sets["whole"], new)), check_finite=False, pack_at_write=True)
+    assert [hasattr(im, "_plan") for im in whole] == [True, True, False, False]  # the engine-form layers' fast path
+    for a, b in zip(per_layer, whole):
+        assert (a.extent, a.host_meta, a.k.tolist(), a.r.tolist(), a.nnz.tolist()) == (
+            b.extent, b.host_meta, b.k.tolist(), b.r.tolist(), b.nnz.tolist())
+    pairs = list(zip(sets["whole"], whole))
+    plan = None
+    for slot in (1, 2):
+        for sl, im in zip(sets["per layer"], per_layer):
+            write_slot(sl, slot, im)
+        plan = write_slots(pairs, slot, plan)
+        assert plan is not None and plan.pack_table.shape[0] == 2 + 1 + 3 + 1
+    for a, b in zip(sets["per layer"], sets["whole"]):
+        assert a.host_meta == b.host_meta and a.host_extent == b.host_extent
+        for s in range(4):
+            assert all(torch.equal(x, y) for x, y in zip(_slot_buffers(a, s), _slot_buffers(b, s))), s
+    with pytest.raises(ValueError, match="other slots or images"):
+        write_slots(pairs[:-1], 3, plan)
+    with pytest.raises(ValueError, match="once"):
+        plan_writes([pairs[0], pairs[0]])
+
+
 def test_step_bytes_counts_a_values_column_words_and_selected_b_rows():
     """bench.step's bytes per step (its GB/s against the streaming rate): per distinct slot and slice, r*nnz A
     values, r*ceil(in/16) column words, and min(tokens*k, r) rows of B^T; a slot's second token adds B rows
