@@ -10,7 +10,10 @@
   reads them (scanning the fp32 checkpoint was a fifth of a cold adapter's load). Ids must match
   :data:`ADAPTER_ID_RE`, so a name can never address a path outside the store. A folder holding a tombstone (``DELETED``, written by the gateway
   before it deletes an adapter) is refused; an invalid adapter is remembered (by its files' mtimes), so
-  requests for it do not validate it again and again.
+  requests for it do not validate it again and again. A valid folder with an engine form has its structure
+  remembered by the exact bytes that decide it (the config, the checkpoint's header, the checkpoint's size):
+  every adapter of one shape has the same ones, so the next cold adapter of that shape is not parsed again
+  (~2.3 ms of its first request here, on the way to the engine).
 - vLLM's ``/v1/unload_lora_adapter`` only forgets the name (upstream issue #54839): the engine keeps the
   weights in its CPU cache and slot. :func:`unload_frees_engine_copy` (installed by :mod:`.patches`) makes it
   also call ``engine.remove_lora``, so unloading really frees the engine's copy. Before that it fails every
@@ -23,12 +26,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
+import struct
 from collections import OrderedDict
 
-from flylora_runtime.format.checkpoint import CONFIG_NAME, TOMBSTONE_NAME, WEIGHTS_NAME, validate_dir
+from flylora_runtime.format.checkpoint import (CONFIG_NAME, EXTRA_TENSORS_READ, MAX_CONFIG_BYTES, TOMBSTONE_NAME,
+                                               WEIGHTS_NAME, validate_dir)
+from flylora_runtime.format.header import header_limit
 from flylora_runtime.format.errors import AdapterError
 from flylora_runtime.format.modelspec import BaseModelSpec
 from flylora_runtime.format.engine_form import ENGINE_FORM_NAME
@@ -43,6 +50,8 @@ MAX_RANK_ENV = "FLYLORA_MAX_LORA_RANK"
 MAX_REMEMBERED_INVALID = 4096
 #: Unloaded adapter int ids remembered to refuse late requests (ints; vLLM never reuses one).
 MAX_DEAD_IDS = 100_000
+#: Valid structures remembered by the resolver (each entry: a 32-byte digest).
+MAX_REMEMBERED_VALID = 4096
 
 
 class StoreResolver:
@@ -53,6 +62,8 @@ class StoreResolver:
         self.base = base
         self.max_rank = max_rank
         self._invalid: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._valid: OrderedDict[bytes, None] = OrderedDict()  # structure digests (_structure_key) found valid
+        self._max_header = header_limit(base.max_adapter_tensors() + EXTRA_TENSORS_READ) if base is not None else 0
 
     def path_for(self, lora_name: str) -> str | None:
         if not ADAPTER_ID_RE.match(lora_name) or ".." in lora_name:
@@ -74,15 +85,24 @@ class StoreResolver:
         stamp = self._stamp(path)
         if self._invalid.get(lora_name) == stamp:
             return False
-        try:
-            validate_dir(path, self.base, max_rank=self.max_rank, hash_file=False,  # type: ignore[arg-type]
-                         check_values=not _has_engine_form(path))
-        except AdapterError as exc:
-            logger.warning("adapter %s in the store is invalid: %s", lora_name, exc)
-            self._invalid[lora_name] = stamp
-            while len(self._invalid) > MAX_REMEMBERED_INVALID:
-                self._invalid.popitem(last=False)
-            return False
+        form = _has_engine_form(path)
+        key = _structure_key(path, self._max_header) if form else None
+        if key is not None and key in self._valid:
+            self._valid.move_to_end(key)  # the same bytes validated before: the same result
+        else:
+            try:
+                validate_dir(path, self.base, max_rank=self.max_rank, hash_file=False,  # type: ignore[arg-type]
+                             check_values=not form)
+            except AdapterError as exc:
+                logger.warning("adapter %s in the store is invalid: %s", lora_name, exc)
+                self._invalid[lora_name] = stamp
+                while len(self._invalid) > MAX_REMEMBERED_INVALID:
+                    self._invalid.popitem(last=False)
+                return False
+            if key is not None:
+                self._valid[key] = None
+                while len(self._valid) > MAX_REMEMBERED_VALID:
+                    self._valid.popitem(last=False)
         self._invalid.pop(lora_name, None)
         _read_ahead(os.path.join(path, ENGINE_FORM_NAME))
         return True
@@ -106,6 +126,32 @@ def _has_engine_form(path: str) -> bool:
                 >= os.stat(os.path.join(path, WEIGHTS_NAME)).st_mtime_ns)
     except OSError:
         return False
+
+
+def _structure_key(path: str, max_header: int) -> bytes | None:
+    """A digest of everything a structure-only ``validate_dir`` of ``path`` reads: the config's bytes, the
+    checkpoint's header (its length and JSON) and the checkpoint's size. Equal digests, equal verdicts (the
+    resolver's base model and max rank are fixed). None when a file is missing or out of bounds (then
+    ``validate_dir`` decides, and says why)."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME), "rb") as fh:
+            config = fh.read(MAX_CONFIG_BYTES + 1)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        size = os.path.getsize(weights)
+        with open(weights, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            (hlen,) = struct.unpack("<Q", head)
+            if len(config) > MAX_CONFIG_BYTES or 8 + hlen > size or hlen > max_header:
+                return None
+            head += fh.read(hlen)
+    except OSError:
+        return None
+    digest = hashlib.blake2b(digest_size=32)
+    for part in (len(config).to_bytes(8, "little"), config, size.to_bytes(8, "little"), head):
+        digest.update(part)
+    return digest.digest()
 
 
 def _read_ahead(path: str) -> None:

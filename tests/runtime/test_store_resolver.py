@@ -71,6 +71,34 @@ def test_a_folder_with_an_engine_form_is_checked_for_structure_only(store, tiny_
     assert StoreResolver(str(store), tiny_base)._validate(ID, str(folder)) is False and scans == [1]
 
 
+def test_a_structure_validated_once_is_not_parsed_again(store, tiny_base, monkeypatch):
+    """Folders with an engine form whose config, checkpoint header and size are byte for byte ones already found
+    valid are not validated again (another adapter of the same shape: different values, same structure); any
+    other structure is, and a bad one is still refused; without an engine form every folder is validated."""
+    from safetensors.torch import load_file, save_file
+
+    from flylora_runtime.format.engine_form import ENGINE_FORM_NAME, write_engine_form
+
+    calls = []
+    real = resolver_module.validate_dir
+    monkeypatch.setattr(resolver_module, "validate_dir", lambda *a, **k: calls.append(k["check_values"]) or real(*a, **k))
+    ids = [ID, "fl-" + "b" * 32, "fl-" + "c" * 32, "fl-" + "d" * 32]
+    for seed, name in enumerate(ids[1:], start=2):
+        generate_adapter(tiny_base, GenerateSpec(r=8, top_k=2, seed=seed)).save(store / name)
+    for name in ids[:3]:
+        write_engine_form(store / name / "adapter_model.safetensors", store / name / ENGINE_FORM_NAME, 1.0)
+    resolver = StoreResolver(str(store), tiny_base)
+    assert all(resolver._validate(name, str(store / name)) for name in ids[:2]) and calls == [False]
+    tensors = load_file(store / ids[2] / "adapter_model.safetensors")  # same shape, a wrong structure
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key][:, :3].contiguous()
+    save_file(tensors, store / ids[2] / "adapter_model.safetensors")
+    os.utime(store / ids[2] / ENGINE_FORM_NAME)
+    assert resolver._validate(ids[2], str(store / ids[2])) is False and calls == [False, False]
+    assert resolver._validate(ids[3], str(store / ids[3])) is True and calls == [False, False, True]  # no form
+    assert resolver._validate(ids[3], str(store / ids[3])) is True and calls == [False, False, True, True]
+
+
 # --- unload bookkeeping, on test doubles of vLLM's output processor ----------------------------------------
 
 @dataclass
