@@ -259,7 +259,8 @@ def _fast_image(slots: FlyLoRASlots, adapters: Sequence[LayerAdapter], counted) 
     """:func:`prepare_slot` (``pack_at_write``, no finiteness scan, counts made) and its copy plan, for the
     engine's case: each slice's ``B^T`` a contiguous view in the slots' dtype (the engine form's), ``d`` fp32,
     no scaling left to apply. The same image and plan, without the generic path's conversions and lookups (a
-    cold full adapter's images and first write, offline: 13.0 -> 10.2 ms, with :func:`write_slots`). None when
+    cold full adapter's images and first write, offline: 18.5 -> 13.2 ms with :func:`write_slots`,
+    ``python -m flylora_runtime.bench.load``). None when
     a slice is not of that case (the caller then uses :func:`prepare_slot`); raises as it does for what it
     refuses."""
     n = slots.num_slices
