@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# An earlier test module that imported vLLM imported triton too; without TRITON_INTERPRET=1 then, triton's own
+# jit'd helpers are compiled-mode functions that the interpreter cannot call.
+TRITON_IMPORTED_UNINTERPRETED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not HAS_CUDA:
     # Must be set before triton.jit decorates the kernels (at import of triton_kernels).
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,8 +34,9 @@ from tests.kernels.test_slots import _poison_padding, _tie_adapter, tie_pairs  #
 
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: triton cannot run here", allow_module_level=True)
-if not HAS_CUDA and type(triton_kernels._shrink_topk).__name__ != "InterpretedFunction":
-    pytest.skip("triton_kernels was imported before TRITON_INTERPRET=1 was set; run this module alone",
+if not HAS_CUDA and (TRITON_IMPORTED_UNINTERPRETED
+                     or type(triton_kernels._shrink_topk).__name__ != "InterpretedFunction"):
+    pytest.skip("triton or triton_kernels was imported before TRITON_INTERPRET=1 was set; run this module alone",
                 allow_module_level=True)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
