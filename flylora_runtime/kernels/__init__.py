@@ -22,9 +22,10 @@ distinct real ranks).
 This module is the public API only. Where each part lives:
 
 - :mod:`.layout`: :class:`FlyLoRASlots` (every buffer documented there) and :func:`allocate_slots`;
-- :mod:`.lifecycle`: :class:`SlotImage`, :func:`prepare_slot`, :func:`write_slot`, :func:`load_slot`, and for a
-  whole adapter at once :func:`prepare_slots`, :func:`plan_writes` and :func:`write_slots`,
+- :mod:`.lifecycle`: :class:`SlotImage`, :func:`prepare_slot`, :func:`write_slot`, :func:`load_slot`,
   :func:`clear_slot`, :func:`build_slots`;
+- :mod:`.adapter_write`: a whole adapter's layers at once, :func:`prepare_slots`, :func:`plan_writes`,
+  :func:`write_slots`;
 - :mod:`.checks`: :func:`check_inputs`;
 - :mod:`.registry`: :data:`BACKENDS` and :func:`get_backend`;
 - the backends: :mod:`.cpu` (with :mod:`.native` and its C source ``flylora_cpu.c``), :mod:`.triton_kernels`,
@@ -38,8 +39,8 @@ import torch
 
 from flylora_runtime.kernels.checks import check_inputs
 from flylora_runtime.kernels.layout import FlyLoRASlots, allocate_slots, dense_a
-from flylora_runtime.kernels.lifecycle import (SlotImage, WritePlan, build_slots, clear_slot, load_slot, plan_writes,
-                                               prepare_slot, prepare_slots, write_slot, write_slots)
+from flylora_runtime.kernels.adapter_write import WritePlan, plan_writes, prepare_slots, write_slots
+from flylora_runtime.kernels.lifecycle import SlotImage, build_slots, clear_slot, load_slot, prepare_slot, write_slot
 from flylora_runtime.kernels.reference_backend import apply_reference
 from flylora_runtime.kernels.registry import BACKENDS, get_backend
 

@@ -328,10 +328,7 @@ def _write_all(manager, index: int, info: FlyLoRAInfo) -> None:
             pairs.append((module.flylora_slots, image))
             module._flylora_weighted.add(index)
     plan = info.write_plan
-    if plan is not None and (len(plan.pairs) != len(pairs) or any(
-            a is not c or b is not d for (a, b), (c, d) in zip(plan.pairs, pairs))):
-        plan = None
-    info.write_plan = write_slots(pairs, index, plan)
+    info.write_plan = write_slots(pairs, index, plan if plan is not None and plan.matches(pairs) else None)
 
 
 def prepare_images_at_load(original):
