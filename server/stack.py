@@ -104,7 +104,11 @@ def serve(engine: ChildProcess, gateway: ChildProcess, backoff: Backoff = ENGINE
 
 
 def _sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # `kill`, systemd, a container stop: stop the engine and gateway as Ctrl-C does
+    """`kill`, systemd, a container stop: stop the engine and gateway as Ctrl-C does. Once: a second SIGTERM
+    while they stop (`make serve` passing the signal on to a group that got it already, a repeated stop) is
+    ignored, so that it cannot cut the shutdown short and leave a child running."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:

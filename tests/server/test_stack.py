@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from flylora_runtime.engine.process import Backoff, ChildProcess, free_port, probe
 from server import stack
 
@@ -59,3 +61,20 @@ def test_serve_restarts_a_dead_engine_and_ends_when_the_gateway_dies(tmp_path, c
     err = capsys.readouterr().err
     assert "[serve] engine exited with code -9" in err and "[serve] engine restarted (pid" in err
     assert "[serve] gateway exited with code -9" in err
+
+
+def test_sigterm_stops_once_and_ignores_a_second_during_the_shutdown():
+    """The first SIGTERM stops the stack as Ctrl-C does (KeyboardInterrupt); a second one arriving while the
+    children stop (make passing the signal on to a group that got it already) is ignored instead of cutting the
+    cleanup short."""
+    import os
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, stack._sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: no exception, the process lives on
+    finally:
+        signal.signal(signal.SIGTERM, previous)
