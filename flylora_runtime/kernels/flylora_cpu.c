@@ -33,8 +33,9 @@
  *           is one broadcast and one TB-wide FMA: A is read once per block, and each row's TB results
  *           are one vector store. With AMX (bf16 x, A, B and out; blocks of AMX_MIN_NT+ tokens): the
  *           slice's rows expanded to dense bf16 and multiplied with the block as 16 x 16 tiles (below).
- *   top-k   the place of each rank is the number of scores that beat it (vector compares on AVX-512;
- *           on the AMX path across the block's 16 tokens at once).
+ *   top-k   the place of each rank is the number of scores that beat it: per token, two vector compares
+ *           per 16 scores (AVX-512); in blocks of TOPK_BLOCK_MIN_NT+ tokens (and on the AMX path), across the
+ *           block's 16 tokens at once, r*r compares of 16 lanes (a fifth of a prefill block's time before).
  *   expand  per token, the k selected rows of B^T (contiguous rows of `b`) accumulated 16 columns at a
  *           time in registers, in selection order (k streams in flight), added to out and rounded once.
  *           bf16 B into bf16 out: each 32-column load is split into its even and odd columns by a shift
@@ -63,7 +64,7 @@
  *    6. Shrink, compact A: entry access and the scalar compact dot product
  *    7. Shrink, packed A with bitmasks on AVX-512 (fp32, and bf16 with vdpbf16ps)
  *    8. Shrink: one slice of one block of tokens, choosing among the above (shrink)
- *    9. Top-k of one token's scores (topk)
+ *    9. Top-k of one token's scores (topk), and of a block's tokens at once (block_places)
  *   10. AMX: the block shrink and block top-k of bf16 engines (built only with AMX-BF16)
  *   11. The layer call: grouping by slot, work items, the parallel loop; SlotArgs and its entry point
  *   12. Packing one slice's A (flylora_cpu_pack_rows)
@@ -91,6 +92,7 @@
 #define MAX_R 64   /* largest rank a slot may hold (reported by flylora_cpu_abi) */
 #define SMALL_NT 2  /* blocks of at most this many tokens use the per-token shrink */
 #define PREFETCH 256 /* elements ahead in the compact streams */
+#define TOPK_BLOCK_MIN_NT 8 /* blocks of at least this many tokens pick every token's top-k at once (block_places) */
 #define BCONV_MIN_NT 4 /* blocks of at least this many tokens widen bf16 B rows once for fp32 out (bf16 out: the
                         * even/odd expand reads bf16 B faster, measured 0.93x) */
 
@@ -712,6 +714,67 @@ static void topk(float *score, int64_t r, int64_t k, int *sel) {
 #endif
 }
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* The place of every rank j < r for each of a block's 16 tokens at once (yT[j][t] + ds[j], |...| when mag; the
+ * rules of topk: NaN counts as +inf, ties go to the lower rank): place[j][t] is the number of ranks that beat j
+ * for token t, so j is selected when place[j][t] < k. r*r vector compares for 16 tokens instead of topk's 2r
+ * compares and a popcount per rank and token. Lanes t >= the block's tokens hold whatever yT holds. */
+static void block_places(float yT[][TB], const float *ds, int mag, int64_t r, v16i *place) {
+    v16 sc[MAX_R];
+    const v16 inf = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY,
+                     INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
+    for (int64_t j = 0; j < r; j++) {
+        v16 v = load16(yT[j]) + ds[j];
+        if (mag) {
+            v16u u;
+            memcpy(&u, &v, sizeof u);
+            u &= 0x7fffffffu;
+            memcpy(&v, &u, sizeof v);
+        }
+        const v16i nan = (v16i)(v != v), vi = (v16i)v, ii = (v16i)inf; /* NaN counts as +inf */
+        sc[j] = (v16)((vi & ~nan) | (ii & nan));
+    }
+    for (int64_t j = 0; j < r; j++) { /* beats j: greater, or equal at a lower rank (compares are -1/0) */
+        v16i p = {0};
+        for (int64_t q = 0; q < j; q++) p -= (v16i)(sc[q] >= sc[j]);
+        for (int64_t q = j + 1; q < r; q++) p -= (v16i)(sc[q] > sc[j]);
+        place[j] = p;
+    }
+}
+
+/* topk for each token t < nt of a block: sel[t][0..k) exactly what topk gives for its scores (the same ranks in
+ * the same order, so the expand sums in the same order). */
+static void topk_block_order(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt,
+                             int sel[][MAX_R]) {
+    v16i place[MAX_R];
+    block_places(yT, ds, mag, r, place);
+    for (int64_t j = 0; j < r; j++)
+        for (int t = 0; t < nt; t++)
+            if (place[j][t] < k) sel[t][place[j][t]] = (int)j;
+}
+
+#ifdef HAVE_AMX
+/* sel[j]: bit t set when rank j is among token t's k largest scores (the rules of topk), t < nt; tok[t]: the
+ * same as bit j of token t's mask. */
+static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt, uint16_t *sel,
+                       uint64_t *tok) {
+    v16i place[MAX_R];
+    block_places(yT, ds, mag, r, place);
+    const uint16_t live = (uint16_t)((1u << nt) - 1u);
+    for (int64_t j = 0; j < r; j++) {
+        uint16_t bits = 0;
+        for (int t = 0; t < 16; t++) bits |= (uint16_t)((place[j][t] < k) << t);
+        sel[j] = bits & live;
+    }
+    for (int t = 0; t < nt; t++) {
+        uint64_t m = 0;
+        for (int64_t j = 0; j < r; j++) m |= (uint64_t)(sel[j] >> t & 1) << j;
+        tok[t] = m;
+    }
+}
+#endif
+
 /* ======== 10. AMX: block shrink and block top-k of bf16 engines ======== */
 
 #ifdef HAVE_AMX
@@ -819,41 +882,6 @@ static void amx_shrink(const Layer *L, int64_t s, int64_t i, int64_t r, const ui
     if (rg > 1) _tile_stored(1, yT[16], 64);
     if (rg > 2) _tile_stored(2, yT[32], 64);
     if (rg > 3) _tile_stored(3, yT[48], 64);
-}
-
-/* sel[j]: bit t set when rank j is among token t's k largest scores (the rules of topk), t < nt; tok[t]: the
- * same as bit j of token t's mask. */
-static void topk_block(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt, uint16_t *sel,
-                       uint64_t *tok) {
-    typedef int32_t v16i __attribute__((vector_size(64)));
-    v16 sc[MAX_R];
-    const v16 inf = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY,
-                     INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
-    for (int64_t j = 0; j < r; j++) {
-        v16 v = load16(yT[j]) + ds[j];
-        if (mag) {
-            v16u u;
-            memcpy(&u, &v, sizeof u);
-            u &= 0x7fffffffu;
-            memcpy(&v, &u, sizeof v);
-        }
-        const v16i nan = (v16i)(v != v), vi = (v16i)v, ii = (v16i)inf; /* NaN counts as +inf */
-        sc[j] = (v16)((vi & ~nan) | (ii & nan));
-    }
-    const uint16_t live = (uint16_t)((1u << nt) - 1u);
-    for (int64_t j = 0; j < r; j++) {
-        v16i place = {0};
-        for (int64_t q = 0; q < r; q++) /* beats j: greater, or equal at a lower index (masks are -1/0) */
-            place -= q < j ? (v16i)(sc[q] >= sc[j]) : (v16i)(sc[q] > sc[j]);
-        uint16_t bits = 0;
-        for (int t = 0; t < 16; t++) bits |= (uint16_t)((place[t] < k) << t);
-        sel[j] = bits & live;
-    }
-    for (int t = 0; t < nt; t++) {
-        uint64_t m = 0;
-        for (int64_t j = 0; j < r; j++) m |= (uint64_t)(sel[j] >> t & 1) << j;
-        tok[t] = m;
-    }
 }
 
 #endif
@@ -1011,12 +1039,18 @@ static int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_
                     load_row(bconv, b, bbase, ri * oi, BF16);
                     bs = bconv, bs_dt = F32, bs_base = 0;
                 }
+                int selb[TB][MAX_R]; /* blocks of TOPK_BLOCK_MIN_NT+ tokens: every token's selection at once */
+                const int block_topk = nt >= TOPK_BLOCK_MIN_NT;
+                if (block_topk) topk_block_order(yT, ds, magnitude[s], ri, ki, (int)nt, selb);
                 for (int t = 0; t < nt; t++) {
-                    float score[MAX_R], wsel[MAX_R];
-                    int sel[MAX_R];
-                    for (int64_t j = 0; j < ri; j++)
-                        score[j] = magnitude[s] ? fabsf(yT[j][t] + ds[j]) : yT[j][t] + ds[j];
-                    topk(score, ri, ki, sel);
+                    float wsel[MAX_R];
+                    int *sel = selb[t];
+                    if (!block_topk) {
+                        float score[MAX_R];
+                        for (int64_t j = 0; j < ri; j++)
+                            score[j] = magnitude[s] ? fabsf(yT[j][t] + ds[j]) : yT[j][t] + ds[j];
+                        topk(score, ri, ki, sel);
+                    }
                     for (int64_t q = 0; q < ki; q++) wsel[q] = yT[sel[q]][t];
                     expand_add(out, order[st + t] * out_stride + o0, out_dt, bs, bs_dt, bs_base, oi, sel, wsel, ki, acc);
                 }

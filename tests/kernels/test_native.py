@@ -63,6 +63,31 @@ def test_exact_ties_pick_the_lower_ranks() -> None:
     assert torch.allclose(out[0], expected, atol=1e-6), out
 
 
+@pytest.mark.parametrize("T", [1, 3, 8, 16, 40])
+@pytest.mark.parametrize("routing", ["signed", "magnitude"])
+@pytest.mark.parametrize("nan_bias", [False, True])
+def test_ties_and_nan_pick_the_same_ranks_in_every_path(T: int, routing: str, nan_bias: bool) -> None:
+    """The top-k's rules in each of the kernel's paths (one token; a block of 3; blocks of 8+ that pick every
+    token's ranks at once, block_places; a run of 40 over three blocks): every token's scores tie on ranks 1-4
+    (identical A rows) and ranks 0 and 5 score lower, so with k=3 the kernel takes ranks 1, 2, 3 (the lower ones
+    of the tie); with a NaN routing bias on rank 5 (put in the slot
+    directly: loads refuse one), its score is NaN, which counts as +inf: ranks 1, 2, 5. B's
+    rows are one-hot, so the output's columns name the ranks taken."""
+    r, k, in_f = 6, 3, 32
+    g = torch.Generator().manual_seed(T)
+    row = torch.randn(in_f, generator=g).abs() + 0.5  # y = row . x > 0 for x > 0: |y| orders as y does
+    a = torch.stack([0.5 * row, row, row, row, row, 0.25 * row])
+    slots = build_slots([[LayerAdapter(A=a, B=torch.eye(r), d=torch.zeros(r), top_k=k, scaling=1.0, routing=routing)]])
+    if nan_bias:  # the loader refuses non-finite weights; written into the slot to reach the kernel's rule
+        slots.d[0, 5] = float("nan")
+    x = torch.rand(T, in_f, generator=g) + 0.1
+    out = torch.zeros(T, r)
+    apply_cpu(out, x, torch.zeros(T, dtype=torch.int32), slots, path="native")
+    want = {1, 2, 5} if nan_bias else {1, 2, 3}
+    for t in range(T):
+        assert {j for j in range(r) if out[t, j] != 0} == want, (t, out[t])
+
+
 def test_slot_out_of_range_raises_and_writes_nothing() -> None:
     slots = build_slots([_adapter(64, (32,), 8, 2, 0)])
     out = torch.randn(3, 32)
