@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # for shutdown_grace_s, cuts the rest, closes the registry; then it re-raises the signal it caught, which
     # this handler absorbs so that a clean stop exits 0 (docs/RELIABILITY.md).
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
-    serve.run(create_app(settings), settings, log_level=args.log_level, access_log=args.access_log)
+    serve.run(create_app(settings, freeze_heap=True), settings, log_level=args.log_level, access_log=args.access_log)
     return 0
 
 

@@ -22,8 +22,9 @@ class GatewayProcess:
     """``with GatewayProcess(data_dir, engine_urls, FLYLORA_X=...) as gw:``; the log is ``data_dir/gateway.log``."""
 
     def __init__(self, data_dir: Path, engine_urls: list[str] | None = None, base_config: dict | None = None,
-                 **settings: Any):
+                 log_level: str = "warning", **settings: Any):
         self.data_dir = data_dir
+        self.log_level = log_level
         self.port = int(free_port_url().rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "gateway.log"
@@ -38,7 +39,7 @@ class GatewayProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(self.port),
-                                          "--log-level", "warning"], env=self.env, stdout=log,
+                                          "--log-level", self.log_level], env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
