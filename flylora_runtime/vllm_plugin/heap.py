@@ -19,6 +19,7 @@ only what came after start-up (the adapters in the CPU cache and the requests in
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -34,8 +35,6 @@ def freezing_after_warm_up(original):
 
         t0 = time.perf_counter()
         freeze_gc_heap()
-        import gc
-
         logger.info("worker heap frozen after warm-up: %d objects exempt from garbage collection (%.2f s)",
                     gc.get_freeze_count(), time.perf_counter() - t0)
         return out
