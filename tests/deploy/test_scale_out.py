@@ -13,7 +13,7 @@ under uvicorn with ``FLYLORA_ENGINE_URLS`` naming both):
    equal the requests sent). A router that ignored adapters would score about 16/20 = 80% here (each
    engine's LRU cache holds 16 of the 20). The router's own view (``flylora_gateway_routing_total``) is
    reported next to it.
-2. 48 more requests, half streamed with longer outputs; one engine's process group is SIGKILLed mid-run.
+2. 64 more requests, half streamed with longer outputs; one engine's process group is SIGKILLed mid-run.
    The kill waits until a stream on the victim has delivered events, so the mid-stream path is always
    seen. No request that had not started streaming may fail (the gateway retries it once on the
    survivor); a request that fails must be a stream that had already delivered events, and it must end
@@ -333,7 +333,7 @@ def test_two_replicas_affinity_failover_and_readmission(demo_model_dir, tmp_path
 
         routing2 = stack.routing()
         failover = asyncio.run(run_load(stack.server.url, stack.key, mixed(
-            rng, stack.names, 48, stream_share=0.5, stream_tokens=32, plain_tokens=(1, 4)), on_done=maybe_kill))
+            rng, stack.names, 64, stream_share=0.5, stream_tokens=32, plain_tokens=(1, 4)), on_done=maybe_kill))
         assert kill_at, "the engine was never killed"
         killed = kill_at[0]
         outcomes = failover.outcomes
@@ -345,7 +345,9 @@ def test_two_replicas_affinity_failover_and_readmission(demo_model_dir, tmp_path
             assert o.status == 200 and o.error and {"message", "type", "code"} <= set(o.error), o.error
             assert o.began < killed
         after = [o for o in outcomes if o.began > killed + 0.5]
-        assert len(after) >= 20 and all(o.ok for o in after)  # traffic continues on the survivor
+        # traffic continues on the survivor. 64 requests, not 48: on a loaded machine (CI, 2026-12-07) only 17 of
+        # 48 began after the kill, and the count, not the survivor, failed the test.
+        assert len(after) >= 20 and all(o.ok for o in after)
         survivor_served = engine_counters(stack.urls[survivor])["requests"] - before_kill["requests"]
         assert survivor_served >= len(after)
         routed2 = delta(stack.routing(), routing2)
