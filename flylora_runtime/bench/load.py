@@ -1,4 +1,4 @@
-"""A cold adapter's load, offline, in the engine's slot layout: layer by layer against the whole adapter at once.
+"""A cold adapter's load, offline, in the engine's slot layout: layer by layer, the whole adapter at once, and rebased.
 
 Usage: ``python -m flylora_runtime.bench.load [--rounds N] [--threads N] [--slots N] [--json PATH]``
 
@@ -12,10 +12,12 @@ temporary folder with its engine form, loaded into 120 slot sets (30 layers x ``
 - ``first write``: the images into a slot for the first time (copy plans made then);
 - ``re-activation``: the same images into another slot (what a cached adapter's next activation costs).
 
-Two ways, alternating every round on fresh reads: ``per layer`` (``prepare_slot`` and ``write_slot`` for each
-layer, the engine before 2026-12-06 22:20) and ``whole adapter`` (``prepare_slots`` and ``write_slots``, one
-count pass and two C calls for all layers, what the engine runs now). Prints medians and minimums (ms) and
-checks that both leave the same slots.
+Three ways, in a rotating order every round, on fresh reads: ``per layer`` (``prepare_slot`` and ``write_slot`` for
+each layer, the engine before 2026-12-06 22:20), ``whole adapter`` (``prepare_slots`` and ``write_slots``, one
+count pass and two C calls for all layers: the engine's first adapter of a shape) and ``template`` (an
+:class:`~flylora_runtime.kernels.adapter_template.AdapterTemplate` made once from the adapter's first read, rebased
+on each fresh read: its ``images`` step is ``instantiate``, what the engine runs for every later adapter of the
+shape). Prints medians and minimums (ms) and checks that the three leave the same slots.
 """
 
 from __future__ import annotations
@@ -77,15 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="rounds per way (default 30)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads (default 2)")
     parser.add_argument("--slots", type=int, default=64,
-                        help="slots per layer (default 64, the engine's here; at least 5: slots 1-4 are written)")
+                        help="slots per layer (default 64, the engine's here; at least 7: slots 1-6 are written)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    if args.slots < 5 or args.rounds < 1:
-        parser.error("need --slots >= 5 and --rounds >= 1")
+    if args.slots < 7 or args.rounds < 1:
+        parser.error("need --slots >= 7 and --rounds >= 1")
     torch.set_num_threads(args.threads)
 
-    from flylora_runtime.kernels import (allocate_slots, native, prepare_slot, prepare_slots, write_slot,
+    from flylora_runtime.kernels import (allocate_slots, native, plan_writes, prepare_slot, prepare_slots, write_slot,
                                          write_slots)
+    from flylora_runtime.kernels.adapter_template import AdapterTemplate
     from flylora_runtime.weights.engine_form import read_engine_form
 
     if native.library() is None:
@@ -103,15 +106,28 @@ def main(argv: list[str] | None = None) -> int:
                     args.slots, 32, n_in, outs, b_dtype=torch.bfloat16, max_nnz=n_in, packed=True,
                     index_dtype=torch.int16, a_dtype=torch.bfloat16, max_top_k=8)
         steps = ("read", "images", "first write", "re-activation")
-        times = {way: {step: [] for step in steps} for way in ("per layer", "whole adapter")}
+        ways = ("per layer", "whole adapter", "template")
+        first = read_engine_form(folder)[0]
+        first_jobs = _jobs(first, slots)
+        first_images = prepare_slots(first_jobs, check_finite=False, pack_at_write=True)
+        template = AdapterTemplate.from_plan(plan_writes([(sl, im) for (sl, _), im in zip(first_jobs, first_images)]),
+                                             first.mapping)
+        del first, first_jobs, first_images
+        times = {way: {step: [] for step in steps} for way in ways}
         for rnd in range(args.rounds + 2):  # two warm-up rounds
-            for way in ("per layer", "whole adapter") if rnd % 2 else ("whole adapter", "per layer"):
+            for way in ways[rnd % 3:] + ways[:rnd % 3]:
                 t0 = time.perf_counter()
                 tensors, _ = read_engine_form(folder)
                 t1 = time.perf_counter()
-                jobs = _jobs(tensors, slots)
+                jobs = _jobs(tensors, slots) if way != "template" else None
                 t2 = time.perf_counter()
-                if way == "per layer":
+                if way == "template":
+                    write = template.instantiate(tensors.mapping)
+                    t3 = time.perf_counter()
+                    write.write(5)
+                    t4 = time.perf_counter()
+                    write.write(6)
+                elif way == "per layer":
                     images = [prepare_slot(sl, per, check_finite=False, pack_at_write=True) for sl, per in jobs]
                     t3 = time.perf_counter()
                     for (sl, _), im in zip(jobs, images):
@@ -130,17 +146,17 @@ def main(argv: list[str] | None = None) -> int:
                 if rnd >= 2:
                     for step, dt in zip(steps, (t1 - t0, t3 - t2, t4 - t3, t5 - t4)):
                         times[way][step].append(dt * 1e3)
-        same = all(torch.equal(x, y) for sl in slots.values() for x, y in zip(_slot(sl, 1), _slot(sl, 3)))
+        same = all(torch.equal(x, y) for sl in slots.values() for s in (3, 5)
+                   for x, y in zip(_slot(sl, 1), _slot(sl, s)))
     result = {way: {step: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3)}
                     for step, v in per.items()} for way, per in times.items()}
     print(f"one rank-32 all-projection adapter of the demo model, 120 layers, {args.slots} slots, "
           f"{args.threads} threads, {args.rounds} rounds (ms, median / min)")
-    print(f"{'step':<15}{'per layer':>20}{'whole adapter':>20}")
+    print(f"{'step':<15}" + "".join(f"{w:>20}" for w in ways))
     for step in steps:
-        cells = [f"{result[w][step]['median_ms']:.2f} / {result[w][step]['min_ms']:.2f}"
-                 for w in ("per layer", "whole adapter")]
-        print(f"{step:<15}{cells[0]:>20}{cells[1]:>20}")
-    print("slots written the two ways are identical:", same)
+        cells = [f"{result[w][step]['median_ms']:.2f} / {result[w][step]['min_ms']:.2f}" for w in ways]
+        print(f"{step:<15}" + "".join(f"{c:>20}" for c in cells))
+    print("slots written the three ways are identical:", same)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "slots": args.slots, "rounds": args.rounds,
                                          "identical": same, "results": result}, indent=2) + "\n")

@@ -198,8 +198,13 @@ def _pack_into_slot(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
 def _begin_write(slots: FlyLoRASlots, slot: int, image: SlotImage) -> None:
     """Before ``image`` is copied into ``slot``: clear the slot unless the image overwrites every nonzero it may
     hold (``host_extent``), and mark its contents unknown until the copy is complete."""
+    _begin_write_extent(slots, slot, image.extent)
+
+
+def _begin_write_extent(slots: FlyLoRASlots, slot: int, extent: tuple[tuple[int, int], ...]) -> None:
+    """:func:`_begin_write` for a write of ``extent`` (per slice ``(r, p)``)."""
     old = slots.host_extent[slot]
-    if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, image.extent)):
+    if old is None or any(r0 > r1 or p0 > p1 for (r0, p0), (r1, p1) in zip(old, extent)):
         clear_slot(slots, slot)
     slots.host_extent[slot] = None
 

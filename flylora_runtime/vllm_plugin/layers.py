@@ -204,7 +204,9 @@ class FlyLoRALayerMixin:
         for i, (a, b, d_i) in enumerate(zip(lora_a, lora_b, d)):
             if a is None or b is None:
                 out_i = slots.output_slices[i]
-                per_slice.append(LayerAdapter(A=torch.zeros(1, slots.in_features), B=torch.zeros(out_i, 1),
+                # B in the slots' dtype: written by the compiled copy like a real slice's (no torch conversion)
+                per_slice.append(LayerAdapter(A=torch.zeros(1, slots.in_features),
+                                              B=torch.zeros(out_i, 1, dtype=slots.b.dtype, device=slots.device),
                                               d=torch.zeros(1), top_k=1, scaling=1.0, routing=routing))
                 continue
             r = a.shape[0]

@@ -6,6 +6,8 @@
 - ``flylora_adapter_loads_engine_form_total``: of those, the loads that read the adapter's engine form (its
   tensors already in a bf16 engine's layout, written by the gateway at upload:
   :mod:`flylora_runtime.format.engine_form`) instead of converting its checkpoint.
+- ``flylora_adapter_loads_rebased_total``: of those, the loads written by rebasing the write of an earlier adapter
+  of the same shape (:mod:`flylora_runtime.kernels.adapter_template`), with no slot images of their own.
 - ``flylora_adapter_activations_total``: adapters copied from the CPU cache into a device slot
   (``--max-loras``): slot misses.
 - ``flylora_adapter_requests_total{cache="hit"|"miss"}``: requests for an adapter, by whether the engine
@@ -14,7 +16,7 @@
 
 Beside them, :mod:`.residency` exports which adapters are resident, per tier (``vllm:lora_adapter_loaded``).
 
-All four are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
+All five are counted where vLLM's LoRA manager lives, the worker (its own process ``VLLM::Worker`` on
 CPU, or inside the engine-core process), while ``/metrics`` is served by the API-server process from
 prometheus_client's default registry (vLLM switches to prometheus' multiprocess mode only with several API
 servers, which ``flylora-engine`` does not start). So the worker keeps its counts in a small JSON file,
@@ -44,6 +46,7 @@ METRICS_DIR_ENV = "FLYLORA_ENGINE_METRICS_DIR"
 LOADS = "flylora_adapter_loads"
 ACTIVATIONS = "flylora_adapter_activations"
 ENGINE_FORM_LOADS = "flylora_adapter_loads_engine_form"
+REBASED_LOADS = "flylora_adapter_loads_rebased"
 CACHE_HITS = "flylora_adapter_requests:hit"
 CACHE_MISSES = "flylora_adapter_requests:miss"
 #: counter key (name without ``_total``, then ``:`` and the ``cache`` label if any) -> help text
@@ -52,6 +55,8 @@ COUNTERS = {
            "engine, or a reload after LRU eviction).",
     ENGINE_FORM_LOADS: "Of the loads, those read from the adapter's engine form (bf16, written by the gateway at "
                        "upload) instead of its checkpoint.",
+    REBASED_LOADS: "Of the engine-form loads, those written by rebasing an earlier adapter of the same shape's write "
+                   "(no slot images of their own).",
     ACTIVATIONS: "Adapters copied from the engine's CPU cache into a device slot (slot misses).",
     CACHE_HITS: "Requests for an adapter, by whether the engine held it in its CPU cache when it first scheduled "
                 "the request (miss: read from the store for it).",

@@ -17,7 +17,17 @@ from flylora_runtime.format.header import header_limit
 logger = logging.getLogger("flylora.engine_form")
 
 
-def read_engine_form(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[dict, float] | None:
+class FormTensors(dict):
+    """The tensors :func:`read_engine_form` returns (a dict by checkpoint name), and where they live: ``mapping``,
+    the whole file as a uint8 tensor (every tensor is a view of it), and ``layout``, the checked layout of its
+    headers, one object for every file of the same layout while it is cached (what
+    :class:`~flylora_runtime.kernels.adapter_template.AdapterTemplate` s are keyed by)."""
+
+    mapping: torch.Tensor
+    layout: tuple
+
+
+def read_engine_form(lora_dir: str, max_tensors: int = 64 * 7 * 3 * 4) -> tuple[FormTensors, float] | None:
     """The checkpoint's tensors from its engine form, in the checkpoint's names and shapes (``A`` bf16,
     ``B`` a transposed bf16 view with the scaling folded in, the bias fp32), and that scaling; or None when
     the folder has no usable engine form (the reason is logged when there is a file). Checks: the docstring
@@ -71,7 +81,8 @@ def _read(path: str, weights: str, st: os.stat_result, ws: os.stat_result, max_t
         while len(_LAYOUTS) > _MAX_LAYOUTS:
             _LAYOUTS.popitem(last=False)
     scaling, runs = layout
-    out = {}
+    out = FormTensors()
+    out.mapping, out.layout = data, layout
     for torch_dtype, lo, hi, tensors in runs:
         span = data[lo:hi].view(torch_dtype)
         lo_hi = torch.aminmax(span)  # one pass per run: a NaN or an inf reaches the min or the max

