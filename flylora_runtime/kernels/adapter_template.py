@@ -66,10 +66,11 @@ class AdapterTemplate:
     def from_plan(cls, plan: WritePlan, mapping: torch.Tensor) -> AdapterTemplate | None:
         """The template of ``plan`` (:func:`~.adapter_write.plan_writes` of one adapter's images, made with
         ``pack_at_write`` from tensors that are views of ``mapping``, the adapter's whole file as a uint8 CPU
-        tensor); None when the plan has something a template cannot rebase (a torch leftover, an image with its
+        tensor, the whole of its storage); None when the plan has something a template cannot rebase (a torch leftover, an image with its
         A already packed, a source outside the file that is neither a meta row nor zeros)."""
-        if plan.leftovers or mapping.dtype != torch.uint8 or mapping.dim() != 1 or not mapping.is_contiguous():
-            return None
+        if (plan.leftovers or mapping.dtype != torch.uint8 or mapping.dim() != 1 or mapping.storage_offset()
+                or mapping.untyped_storage().nbytes() != mapping.numel()):
+            return None  # (the mapping must be its whole storage: a view of it is "in the file" by its storage)
         lo, size = mapping.data_ptr(), mapping.numel()
 
         def in_file(ptr, nbytes):
@@ -106,7 +107,7 @@ class AdapterTemplate:
         copy_in_file = in_file(copy[:, _COPY_SRC], copy[:, 4])
         nnz_rows = []
         row = 0
-        for j, (slots, image) in enumerate(plan.pairs):
+        for slots, image in plan.pairs:
             names = {v[1]: k for k, v in _plan_buffers(slots).items() if isinstance(k, str)}
             rows = image._plan[1]
             if not np.array_equal(copy[row:row + rows.shape[0]], rows):

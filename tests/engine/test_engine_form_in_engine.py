@@ -19,13 +19,14 @@ from flylora_runtime.engine.process import EngineProcess, free_port
 from flylora_runtime.format.checkpoint import WEIGHTS_NAME
 from flylora_runtime.format.engine_form import ENGINE_FORM_NAME, write_engine_form
 
-from tests.engine.helpers import PROMPTS, Oracle, complete_many, make_adapter
+from tests.engine.helpers import PROMPTS, Oracle, complete, complete_many, make_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FORMS = ("fl-form-prepared", "fl-form-checkpoint", "fl-form-damaged")
-# (name, targets, seed): each with its engine form, and a copy without it ("-ckpt"); the q/v ones go in this order
+# (name, targets, B's std, seed): each with its engine form, and a copy without it ("-ckpt"); the q/v ones go in
+# this order (their B larger: two projections must still move the tokens)
 QV = ("q_proj", "v_proj")
-REBASED = (("fl-rebased", None, 12), ("fl-qv-first", QV, 13), ("fl-qv-rebased", QV, 14))
+REBASED = (("fl-rebased", None, 0.15, 12), ("fl-qv-first", QV, 0.6, 13), ("fl-qv-rebased", QV, 0.6, 14))
 
 
 def _samples(url: str) -> dict[str, float]:
@@ -52,9 +53,9 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     for name in (first, FORMS[2]):
         write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
     _nan_in_the_last_tensor(store / FORMS[2] / ENGINE_FORM_NAME)
-    for name, targets, seed in REBASED:
+    for name, targets, b_std, seed in REBASED:
         spec = {} if targets is None else {"targets": targets}
-        make_adapter(oracle.base, store, name, r=24, top_k=6, lora_alpha=16, d_std=0.05, b_std=0.15, seed=seed, **spec)
+        make_adapter(oracle.base, store, name, r=24, top_k=6, lora_alpha=16, d_std=0.05, b_std=b_std, seed=seed, **spec)
         shutil.copytree(store / name, store / (name + "-ckpt"))
         write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
 
@@ -63,12 +64,17 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     with EngineProcess(config, tmp_path / "engine.log") as engine:
         calls = [(name, oracle.chat_ids(p)) for p in PROMPTS[:6] for name in (*FORMS, config.served_model_name)]
         out = complete_many(engine.url, calls, 16, logprobs=True)
-        # the first of each shape is loaded (and its template made) before the ones rebased on it
-        for name, _, _ in REBASED:
-            rebased = complete_many(engine.url, [(n, oracle.chat_ids(p)) for p in PROMPTS[:3]
-                                                 for n in (name, name + "-ckpt")], 16, logprobs=True)
-            for form, checkpoint in zip(rebased[::2], rebased[1::2]):
+        # The first of each shape is loaded (and its template made) before the ones rebased on it. One request at
+        # a time, so that each runs alone in its steps: a cold load between two requests' arrivals puts them in
+        # different batches, and a bf16 step's log-probabilities move in their last bits with the batch.
+        for name, *_ in REBASED:
+            moved = 0
+            for i, p in enumerate(PROMPTS[:2]):
+                ids = oracle.chat_ids(p)
+                form, checkpoint = (complete(engine.url, n, ids, 16, logprobs=True) for n in (name, name + "-ckpt"))
                 assert form == checkpoint, name
+                moved += form["tokens"] != out[4 * i + 3]["tokens"]  # the base model's tokens for this prompt
+            assert moved, f"{name} must matter"
         counts = _samples(engine.url)
     by_prompt = [out[i:i + 4] for i in range(0, len(out), 4)]
     assert sum(p[0]["tokens"] != p[3]["tokens"] for p in by_prompt) >= 3, "the adapter must matter"
