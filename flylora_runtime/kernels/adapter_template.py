@@ -65,9 +65,9 @@ class AdapterTemplate:
     @classmethod
     def from_plan(cls, plan: WritePlan, mapping: torch.Tensor) -> AdapterTemplate | None:
         """The template of ``plan`` (:func:`~.adapter_write.plan_writes` of one adapter's images, made with
-        ``pack_at_write`` from tensors that are views of ``mapping``, the adapter's whole file as a uint8 CPU
-        tensor, the whole of its storage); None when the plan has something a template cannot rebase (a torch leftover, an image with its
-        A already packed, a source outside the file that is neither a meta row nor zeros)."""
+        ``pack_at_write`` from tensors that are views of ``mapping``, the adapter's whole file as a uint8 CPU tensor,
+        the whole of its storage); None when the plan has something a template cannot rebase (a torch leftover, an
+        image with its A already packed, a source outside the file that is neither a meta row nor zeros)."""
         if (plan.leftovers or mapping.dtype != torch.uint8 or mapping.dim() != 1 or mapping.storage_offset()
                 or mapping.untyped_storage().nbytes() != mapping.numel()):
             return None  # (the mapping must be its whole storage: a view of it is "in the file" by its storage)
@@ -157,7 +157,9 @@ class AdapterTemplate:
         bad = np.flatnonzero((p < 0) | (p > self.room))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"slice {i}: A rows hold up to {int(p[i])} nonzeros, slots allow {int(self.room[i])}")
+            j = int(np.searchsorted(np.array(self.first), i, side="right")) - 1  # its slot set, in write order
+            raise ValueError(f"layer {j} of {len(self.slots)}, slice {i - self.first[j]}: A rows hold up to "
+                             f"{int(p[i])} nonzeros, slots allow {int(self.room[i])}")
         nnz = p.astype(np.int32)
         copy = self.copy_table.copy()
         copy[self.copy_in_file, _COPY_SRC] += base

@@ -133,7 +133,7 @@ def test_rebased_template_refuses_rows_the_slots_cannot_hold_and_writes_nothing(
     template = AdapterTemplate.from_plan(plan_writes(pairs), first_map)
     before = [[b.clone() for s in range(4) for b in _slot_buffers(sl, s)] for sl in sets]
     dense_map, _ = _file(_adapter(gen, 1.5))  # rows of up to 64 entries: the slots hold 40
-    with pytest.raises(ValueError, match="slots allow 40"):
+    with pytest.raises(ValueError, match="layer 0 of 3, slice 0: A rows hold up to 64 nonzeros, slots allow 40"):
         template.instantiate(dense_map)
     with pytest.raises(ValueError, match="uint8"):
         template.instantiate(first_map[:-2])
