@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from flylora_runtime.kernels import native
-from flylora_runtime.kernels.adapter_write import WritePlan
+from flylora_runtime.kernels.adapter_write import WritePlan, check_slot, write_tables
 from flylora_runtime.kernels.layout import FlyLoRASlots
-from flylora_runtime.kernels.lifecycle import _begin_write_extent, _plan_buffers
+from flylora_runtime.kernels.lifecycle import _plan_buffers
 
 # Columns of the tables (flylora_cpu_copy_pieces, flylora_cpu_pack_many, flylora_cpu_count_many).
 _COPY_DST, _COPY_SRC = 0, 3
@@ -65,12 +65,12 @@ class AdapterTemplate:
     @classmethod
     def from_plan(cls, plan: WritePlan, mapping: torch.Tensor) -> AdapterTemplate | None:
         """The template of ``plan`` (:func:`~.adapter_write.plan_writes` of one adapter's images, made with
-        ``pack_at_write`` from tensors that are views of ``mapping``, the adapter's whole file as a uint8 CPU tensor,
-        the whole of its storage); None when the plan has something a template cannot rebase (a torch leftover, an
-        image with its A already packed, a source outside the file that is neither a meta row nor zeros)."""
-        if (plan.leftovers or mapping.dtype != torch.uint8 or mapping.dim() != 1 or mapping.storage_offset()
-                or mapping.untyped_storage().nbytes() != mapping.numel()):
-            return None  # (the mapping must be its whole storage: a view of it is "in the file" by its storage)
+        ``pack_at_write`` from tensors that are views of ``mapping``, the adapter's whole file as a uint8 CPU
+        tensor); None when the plan has something a template cannot rebase (a torch leftover, an image with its A
+        already packed, a source outside the file that is neither a meta row nor zeros). What lies in the file is
+        decided by address: inside ``mapping``'s bytes."""
+        if plan.leftovers or mapping.dtype != torch.uint8 or mapping.dim() != 1 or not mapping.is_contiguous():
+            return None
         lo, size = mapping.data_ptr(), mapping.numel()
 
         def in_file(ptr, nbytes):
@@ -79,10 +79,9 @@ class AdapterTemplate:
         pack = plan.pack_table.copy()
         if pack.shape[0] == 0:
             return None
-        storage = mapping.untyped_storage().data_ptr()
 
         def of_file(t: torch.Tensor) -> bool:
-            return t.untyped_storage().data_ptr() == storage
+            return bool(in_file(t.data_ptr(), t.numel() * t.element_size()))
 
         in_pack, first, ranks, host_meta, sources, at = [], [], [], [], [], 0
         for slots, image in plan.pairs:
@@ -152,8 +151,7 @@ class AdapterTemplate:
         base = mapping.data_ptr()
         counts = self.count_table.copy()
         counts[self.in_pack, 0] += base
-        p = np.empty(counts.shape[0], dtype=np.int64)
-        native.library().flylora_cpu_count_many(counts.ctypes.data, counts.shape[0], p.ctypes.data)
+        p = np.array(native.count_many(counts), dtype=np.int64)
         bad = np.flatnonzero((p < 0) | (p > self.room))
         if bad.size:
             i = int(bad[0])
@@ -186,15 +184,5 @@ class AdapterWrite:
     def write(self, slot: int) -> None:
         """Write the adapter into slot ``slot`` of every slot set of the template."""
         t = self.template
-        for slots in t.slots:
-            if not 0 <= slot < slots.num_slots:
-                raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
-        for slots, extent in zip(t.slots, self.extents):
-            _begin_write_extent(slots, slot, extent)
-        native.copy_pieces(self.copy_table, slot)
-        done = native.pack_many(self.pack_table, slot)
-        if done != self.pack_table.shape[0]:
-            raise RuntimeError(f"flylora_cpu_pack_many stopped at slice {done} of {self.pack_table.shape[0]}")
-        for slots, meta, extent in zip(t.slots, t.host_meta, self.extents):
-            slots.host_meta[slot] = meta
-            slots.host_extent[slot] = extent
+        check_slot(t.slots, slot)
+        write_tables(list(zip(t.slots, t.host_meta, self.extents)), self.copy_table, self.pack_table, slot)

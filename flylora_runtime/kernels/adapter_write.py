@@ -13,8 +13,8 @@ import torch
 
 from flylora_runtime.kernels import native
 from flylora_runtime.kernels.layout import FlyLoRASlots, layout_key
-from flylora_runtime.kernels.lifecycle import (_ROUTING_FLAGS, SlotImage, _begin_write, _can_defer, _contiguous_a,
-                                               _copy_plan, _plan_buffers, prepare_slot, write_slot)
+from flylora_runtime.kernels.lifecycle import (_ROUTING_FLAGS, SlotImage, _begin_write_extent, _can_defer,
+                                               _contiguous_a, _copy_plan, _plan_buffers, prepare_slot, write_slot)
 from flylora_runtime.reference.ops import LayerAdapter
 
 
@@ -206,25 +206,42 @@ def write_slots(pairs: Sequence[tuple[FlyLoRASlots, SlotImage]], slot: int,
     written one by one (no compiled plan)."""
     if plan is not None and not plan.matches(pairs):
         raise ValueError("the write plan was made for other slots or images")
-    for slots, _ in pairs:
-        if not 0 <= slot < slots.num_slots:
-            raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+    check_slot([slots for slots, _ in pairs], slot)
     if plan is None:
         plan = plan_writes(pairs)
         if plan is None:
             for slots, image in pairs:
                 write_slot(slots, slot, image)
             return None
-    for slots, image in pairs:
-        _begin_write(slots, slot, image)
-    native.copy_pieces(plan.copy_table, slot)
-    for dst, src in plan.leftovers:
-        dst(slot).copy_(src)
-    if plan.pack_table.shape[0]:
-        done = native.pack_many(plan.pack_table, slot)
-        if done != plan.pack_table.shape[0]:
-            raise RuntimeError(f"flylora_cpu_pack_many stopped at slice {done} of {plan.pack_table.shape[0]}")
-    for slots, image in pairs:
-        slots.host_meta[slot] = image.host_meta
-        slots.host_extent[slot] = image.extent
+    write_tables([(slots, image.host_meta, image.extent) for slots, image in pairs], plan.copy_table,
+                 plan.pack_table, slot, plan.leftovers)
     return plan
+
+
+def check_slot(slot_sets: Sequence[FlyLoRASlots], slot: int) -> None:
+    """``ValueError`` unless ``slot`` is a slot of every slot set."""
+    for slots in slot_sets:
+        if not 0 <= slot < slots.num_slots:
+            raise ValueError(f"slot must be in [0, {slots.num_slots}), got {slot}")
+
+
+def write_tables(targets: Sequence[tuple[FlyLoRASlots, tuple, tuple]], copy_table: np.ndarray, pack_table: np.ndarray,
+                 slot: int, leftovers: Sequence = ()) -> None:
+    """Write one adapter into ``slot`` of its slot sets from its tables: ``targets`` is per slot set ``(slots, host
+    meta, extent)`` of the adapter, ``copy_table`` and ``pack_table`` the rows of ``flylora_cpu_copy_pieces`` and
+    ``flylora_cpu_pack_many`` (checked by whoever built them, sources alive for the call), ``leftovers`` the pieces
+    torch copies. Each slot is cleared first where the adapter does not cover what it held, marked unknown until
+    the write is complete, then given the adapter's host mirrors. What :func:`write_slots` and
+    :meth:`~.adapter_template.AdapterWrite.write` run."""
+    for slots, _, extent in targets:
+        _begin_write_extent(slots, slot, extent)
+    native.copy_pieces(copy_table, slot)
+    for dst, src in leftovers:
+        dst(slot).copy_(src)
+    if pack_table.shape[0]:
+        done = native.pack_many(pack_table, slot)
+        if done != pack_table.shape[0]:
+            raise RuntimeError(f"flylora_cpu_pack_many stopped at slice {done} of {pack_table.shape[0]}")
+    for slots, meta, extent in targets:
+        slots.host_meta[slot] = meta
+        slots.host_extent[slot] = extent

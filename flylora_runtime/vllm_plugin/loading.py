@@ -384,7 +384,7 @@ def _prepare_images(manager, model, info: FlyLoRAInfo) -> None:
     leaves the :class:`~flylora_runtime.kernels.adapter_template.AdapterTemplate` of its write (its plan, made now,
     relative to its file), and every later one gets that template rebased on its own file instead of images
     (``info.whole``): its A counted in one C call and two tables shifted, the same slot contents (a cold full
-    adapter offline, ``python -m flylora_runtime.bench.load``: images and first write 10.8 -> 4.4 ms)."""
+    adapter offline, ``python -m flylora_runtime.bench.load``: images and first write 11.4 -> 4.5 ms)."""
     from flylora_runtime.kernels import plan_writes, prepare_slots
     from flylora_runtime.kernels.adapter_template import AdapterTemplate
     from flylora_runtime.vllm_plugin.layers import PACK_AT_WRITE, FlyLoRALayerMixin
