@@ -23,6 +23,11 @@ Then the bytes each step must read from the slots (bf16 A: values, column words,
 and the rate the kernel moves them at, against this machine's streaming read rate with the same threads
 (a reduction over 512 MB, measured in the same run): how far the kernel is from a memory-bound one.
 
+``read only`` reads exactly the pieces the kernel reads in each call (:func:`floor_pieces`: per slot and slice its
+packed A values and column words, ``k`` rows of B^T per token) with the same threads and no arithmetic but a
+sum, in the same shuffled rounds: the floor a kernel that overlapped all its arithmetic with its reads would
+reach on this machine, and ``base / (base + read only)`` the ratio it would allow.
+
 ``--baseline-rev REV`` also builds ``flylora_cpu.c`` as of git revision ``REV`` (same flags) and times it on
 the same fp32-A slots (kernels from before the bitmasks ignore them), and on the bf16-A slots too when that
 kernel reads the bitmasks (what a bf16 engine ran then). Every round runs every variant once,
@@ -118,16 +123,101 @@ LEGACY_ARGTYPES = [_I64, _I64, _I64, _I64, _I64, _I64, _PTR,  # T, in, n, R, S, 
                    _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT]  # b, b dtype, d, k, r, magnitude, token_slot, i64
 
 
+def _compile(src: str, name: str) -> ctypes.CDLL:
+    """C source ``src`` built with the kernel's flags into a temporary library, loaded."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"flylora-{name}-"))
+    (tmp / "k.c").write_text(src)
+    subprocess.run(["cc", *native.CFLAGS, "-o", str(tmp / "k.so"), str(tmp / "k.c"), "-lm"], check=True)
+    return ctypes.CDLL(str(tmp / "k.so"))
+
+
+#: The read-only floor: every piece of a table (start address, bytes) read whole, 64 bytes at a time, and summed;
+#: the pieces of one item (a slot's tokens in one layer call, as the kernel's work items) by one thread, items
+#: shared out as the kernel shares them (OpenMP, dynamic). No arithmetic beyond the sum: what reading exactly
+#: the kernel's bytes, in its pieces, costs on this machine.
+READER_C = r"""
+#include <stdint.h>
+#include <string.h>
+typedef uint64_t v8 __attribute__((vector_size(64)));
+uint64_t read_pieces(const int64_t *table, const int64_t *item_start, int64_t n_items) {
+    v8 total = {0};
+#pragma omp parallel
+    {
+        v8 acc = {0};
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t w = 0; w < n_items; w++)
+            for (int64_t e = item_start[w]; e < item_start[w + 1]; e++) {
+                /* whole 64-byte lines: the line of the first and of the last byte are in the piece's pages */
+                const uintptr_t a = (uintptr_t)table[2 * e] & ~(uintptr_t)63, end = (uintptr_t)(table[2 * e] + table[2 * e + 1]);
+                for (uintptr_t p = a; p < end; p += 64) {
+                    v8 v;
+                    memcpy(&v, (const void *)p, 64);
+                    acc += v;
+                }
+            }
+#pragma omp critical
+        total += acc;
+    }
+    uint64_t s = 0;
+    for (int i = 0; i < 8; i++) s += total[i];
+    return s;
+}
+"""
+
+
+def floor_pieces(token_slot: torch.Tensor, slots, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel reads for one call, as pieces: ``table`` ``[m, 2]`` int64 (address, bytes) and ``starts``
+    (item ``w``'s pieces are rows ``starts[w]:starts[w+1]``). Per item (a slot's tokens, in blocks of 16, every
+    slice): each slice's packed A values and column words, and per token ``k`` of its ``r`` rows of B^T drawn
+    with ``rng`` (the kernel's top-k picks them by the data; the bytes and the pieces are the same). One token
+    per slot (a decode step) is :func:`step_bytes`; more read A once per block and B rows once per token, as
+    the kernel loads them (step_bytes counts each distinct byte once)."""
+    rows, starts = [], [0]
+    S, R, n = slots.num_slots, slots.max_rank, slots.num_slices
+    words = (slots.in_features + 15) // 16
+    a0, m0, b0 = slots.a_val.data_ptr(), slots.a_mask.data_ptr(), slots.b.data_ptr()
+    ae, be, P = slots.a_val.element_size(), slots.b.element_size(), slots.a_val.shape[-1]
+    per_slot: dict[int, int] = {}
+    for s in token_slot.tolist():
+        per_slot[s] = per_slot.get(s, 0) + 1
+    for s, count in sorted(per_slot.items()):
+        ks, rs, _ = slots.host_meta[s]
+        for first in range(0, count, 16):
+            for i, oi in enumerate(slots.output_slices):
+                r, m, off = rs[i], int(slots.a_nnz[s, i]), sum(slots.output_slices[:i])
+                rows.append((a0 + ae * (s * n + i) * R * P, ae * r * m))
+                rows.append((m0 + 2 * (s * n + i) * R * words, 2 * r * words))
+                for _t in range(min(16, count - first)):
+                    rows += [(b0 + be * (S * R * off + s * R * oi + j * oi), be * oi) for j in rng.sample(range(r), ks[i])]
+            starts.append(len(rows))
+    return torch.tensor(rows, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
+
+
+def read_floor_call():
+    """``call(out, x, token_slot, slots)`` that reads what the kernel reads for that call and nothing else
+    (:func:`floor_pieces`, built once per call site), with :data:`READER_C`'s threads."""
+    lib = _compile(READER_C, "reader")
+    lib.read_pieces.argtypes, lib.read_pieces.restype = [_PTR, _PTR, _I64], ctypes.c_uint64
+    cache: dict = {}
+    rng = random.Random(2)
+
+    def call(out, x, token_slot, slots):
+        key = (id(slots), id(token_slot))  # the bench keeps both alive for the whole step: ids are stable
+        if key not in cache:
+            cache[key] = (*floor_pieces(token_slot, slots, rng), token_slot)
+        table, starts, _ = cache[key]
+        lib.read_pieces(table.data_ptr(), starts.data_ptr(), starts.numel() - 1)
+
+    return call
+
+
 def baseline_call(rev: str):
     """``call(out, x, token_slot, slots)`` running ``flylora_cpu.c`` of git revision ``rev``: through its
     ``flylora_cpu_apply_slots`` (the struct entry point, unchanged since it appeared) when it has one, else
     through the 28-argument ``flylora_cpu_apply`` of older builds."""
     src = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{rev}:flylora_runtime/kernels/flylora_cpu.c"],
                          capture_output=True, text=True, check=True).stdout
-    tmp = Path(tempfile.mkdtemp(prefix="flylora-baseline-"))
-    (tmp / "k.c").write_text(src)
-    subprocess.run(["cc", *native.CFLAGS, "-o", str(tmp / "k.so"), str(tmp / "k.c"), "-lm"], check=True)
-    lib = ctypes.CDLL(str(tmp / "k.so"))
+    lib = _compile(src, "baseline")
     has_mask = "a_mask" in src
     codes = native.DTYPE_CODES
     if hasattr(lib, "flylora_cpu_apply_slots"):
@@ -182,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.mm(x, _w[id(s)].t(), out=o)
 
     variants["base linear"] = (base_linear, torch.float32)
+    variants["read only"] = (read_floor_call(), torch.bfloat16)
     if args.baseline_rev:
         call = baseline_call(args.baseline_rev)
         variants[f"{args.baseline_rev} (fp32 A)"] = (call, torch.float32)
@@ -224,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     for step, r in results.items():
         rate = moved[step] / (r["bf16 A"] / 1e3) / 1e9
         print(f"{step:12s} {moved[step] / 1e6:6.1f} MB  {rate:5.1f} GB/s  ({rate / stream:.2f} of streaming)")
+    print("\nthe kernel (bf16 A) against reading only its pieces (A's values and column words per slot and slice, k rows "
+          "of B^T per token, summed, no arithmetic; \"read only\"), in the same rounds:")
+    for step, r in results.items():
+        print(f"{step:12s} read only {r['read only']:6.2f} ms  kernel {r['bf16 A']:6.2f} ms  ({r['bf16 A'] / r['read only']:.2f}x "
+              f"the read; {r['base linear'] / (r['base linear'] + r['read only']):.2f}x of base with a kernel that only read)")
     if args.baseline_rev:
         base = f"{args.baseline_rev} (fp32 A)"
         print("\nratios against the baseline kernel (same fp32-A slots; bf16 A is what a bf16 engine runs):")

@@ -416,6 +416,47 @@ def test_step_bytes_counts_a_values_column_words_and_selected_b_rows():
     assert step_bytes([slots], [1] * 10) == a_bytes + r * sum(outs) * 2  # at most all r rows of B^T
 
 
+def test_read_floor_pieces_are_the_kernels_bytes_in_the_slots_own_buffers():
+    """bench.step's "read only" floor reads exactly step_bytes' bytes: per item (a slot's tokens in blocks of 16),
+    each slice's packed A values and column words of that slot, and k distinct rows of that slot's B^T per
+    token, every piece inside the slot's own part of its buffer."""
+    import random
+
+    from flylora_runtime.bench.step import floor_pieces, step_bytes
+    from flylora_runtime.training.random_adapters import sparse_A
+
+    gen = torch.Generator().manual_seed(0)
+    r, k, n_in, outs = 8, 2, 40, (24, 8)
+    slots = allocate_slots(3, r, n_in, outs, max_nnz=n_in, packed=True, index_dtype=torch.int16,
+                           a_dtype=torch.bfloat16, b_dtype=torch.bfloat16)
+    for s in (1, 2):
+        load_slot(slots, s, [LayerAdapter(A=sparse_A(r, k, n_in, gen), B=torch.randn(o, r, generator=gen),
+                                          d=torch.zeros(r), top_k=k, scaling=1.0) for o in outs])
+    tokens = [2, 1, 2] + [1] * 17  # slot 1: 18 tokens (two blocks), slot 2: 2
+    table, starts = floor_pieces(torch.tensor(tokens, dtype=torch.int32), slots, random.Random(0))
+    assert starts.tolist()[-1] == table.shape[0] and len(starts) == 1 + 3  # items: 16 + 2 tokens of slot 1, slot 2
+    a_bytes = {s: step_bytes([slots], [s]) - k * sum(outs) * 2 for s in (1, 2)}  # A values + column words
+    # slot 1's A once per block of 16, k rows of B^T per token (as the kernel loads them)
+    assert int(table[:, 1].sum()) == 2 * a_bytes[1] + a_bytes[2] + 20 * k * sum(outs) * 2
+    one_each, _ = floor_pieces(torch.tensor([1, 2], dtype=torch.int32), slots, random.Random(1))
+    assert int(one_each[:, 1].sum()) == step_bytes([slots], [1, 2])  # a decode step: exactly step_bytes
+
+    def inside(t: torch.Tensor, addr: int, size: int) -> bool:
+        lo = t.data_ptr()
+        return lo <= addr and addr + size <= lo + t.numel() * t.element_size()
+
+    for w, (s, n_tok) in enumerate([(1, 16), (1, 2), (2, 2)]):
+        rows, pos = table[starts[w]:starts[w + 1]].tolist(), 0
+        for i, o in enumerate(outs):  # per slice: its A values, its column words, then k rows of B^T per token
+            assert inside(slots.a_val[s], *rows[pos]) and inside(slots.a_mask[s], *rows[pos + 1])
+            pos += 2
+            for _ in range(n_tok):
+                picked, pos = rows[pos:pos + k], pos + k
+                assert all(inside(slots.b_view(i)[s], *p) and p[1] == 2 * o for p in picked)
+                assert len({p[0] for p in picked}) == k
+        assert pos == len(rows)
+
+
 def test_load_benchmark_times_three_ways_and_finds_the_same_slots(demo_model_dir, tmp_path, capsys):
     """bench.load on one demo-model adapter (one round, seven slots): every step timed for the three ways, in its
     JSON and its table, and the slots written layer by layer, as a whole adapter and from a rebased template
