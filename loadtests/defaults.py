@@ -3,7 +3,7 @@
 The stack is started as ``make serve`` starts it: no slot, cache or sequence flags, so the engine sizes its
 device slots and CPU cache from memory (flylora_runtime/engine/sizing.py) and the log says how; the only
 setting given is the dtype, bf16 (what ``auto`` resolves to for the demo model anyway). 16 FlyLoRA adapters
-(r=32, k=8, all seven projections) are uploaded through the API; 16 closed-loop clients each pick one of
+(r=32, k=8, all seven projections; ``--adapter-kind qv``: q_proj and v_proj only) are uploaded through the API; 16 closed-loop clients each pick one of
 them uniformly, against the same clients on the base model. Base and adapter phases alternate
 (base, adapters, base, adapters, ...) so that a change in the shared machine's load shows up in both, and
 the ratio is taken over the summed tokens and seconds of each. Writes ``defaults_benchmark.json`` and
@@ -18,10 +18,12 @@ import time
 from flylora_runtime.paths import data_dir
 
 from loadtests.report import machine, write_json
-from loadtests.stack import FLYLORA_FULL, Stack, ensure_adapters
+from loadtests.stack import FLYLORA_FULL, FLYLORA_QV, Stack, ensure_adapters
 
 ROUNDS = 2
 N_ADAPTERS = 16
+#: ``--adapter-kind``: the adapters' shape (r=32, k=8; all seven projections, or q_proj and v_proj only).
+ADAPTER_KINDS = {"full": FLYLORA_FULL, "qv": FLYLORA_QV}
 
 
 def _plan(config) -> list[str] | None:
@@ -62,7 +64,8 @@ async def run_defaults(b, base_model: str) -> dict:
         if counts:  # the config keeps 0 ("size from memory"): report the counts the engine was started with
             described.update(max_loras=counts[0], max_cpu_loras=counts[1])
         b.stacks["defaults"] = described
-        await stack.upload(names, ensure_adapters(FLYLORA_FULL, N_ADAPTERS))
+        kind = ADAPTER_KINDS[b.meta.get("adapter_kind") or "full"]
+        await stack.upload(names, ensure_adapters(kind, N_ADAPTERS))
         base_runs, fly_runs = [], []
         for i in range(ROUNDS):
             first = i == 0
@@ -79,14 +82,14 @@ async def run_defaults(b, base_model: str) -> dict:
                                                       for r, f in zip(base_runs, fly_runs)],
              "failed": sum(r["failed"] for r in base_runs + fly_runs),
              "loadavg_1min_per_run": [r["loadavg_before"][0] for r in base_runs + fly_runs]}
-    out = {"machine": machine(), "command": b.meta.get("command"), "stack": described, "settings": {
+    out = {"machine": machine(), "command": b.meta.get("command"), "stack": described, "adapters": kind.name, "settings": {
         "duration_s": b.duration_s, "concurrency": b.concurrency, "output_tokens": b.output_tokens,
         "ignore_eos": True, "prompt_words": [32, 96]}, "table": table, "session_s": time.monotonic() - t0,
         "runs": {k: v for k, v in b.results.items() if k.startswith("defaults_")}}
     b.out.mkdir(parents=True, exist_ok=True)
     write_json(b.out / "defaults_benchmark.json", out)
     text = (f"defaults ({described['max_loras']} slots, {described['max_cpu_loras']} cached, "
-            f"{described['max_num_seqs']} seqs, {described['dtype']}): base {base:.1f} tok/s, 16 adapters "
+            f"{described['max_num_seqs']} seqs, {described['dtype']}): base {base:.1f} tok/s, 16 {kind.name} adapters "
             f"{fly:.1f} tok/s = {table['flylora16_over_base']:.2f}x base over {ROUNDS} alternating rounds "
             f"(per round {', '.join(f'{x:.2f}' for x in table['per_round_over_base'])}); {table['failed']} failed; "
             f"load avg (1 min) {', '.join(f'{x:.1f}' for x in table['loadavg_1min_per_run'])}; now "

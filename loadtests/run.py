@@ -8,7 +8,8 @@
     python -m loadtests.run native     # stock vLLM LoRA baselines (16 full adapters, 100 q/v adapters)
     python -m loadtests.run defaults --output-tokens 64 --out docs/bench/defaults
                                        # the engine's default settings (slots sized from memory): base vs
-                                       # 16 FlyLoRA adapters, alternating phases (loadtests/defaults.py)
+                                       # 16 FlyLoRA adapters, alternating phases (loadtests/defaults.py);
+                                       # --adapter-kind qv: the same with q_proj/v_proj-only adapters
     python -m loadtests.run cold --output-tokens 64 --out docs/bench/cold
                                        # cold loads during decode, background first loads on/off (cold.py)
     python -m loadtests.run many --duration 40 --out docs/bench/many
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from flylora_runtime.paths import REPO_ROOT, data_dir
 
+from loadtests.defaults import ADAPTER_KINDS
 from loadtests.generator import LoadSpec, run_load
 from loadtests.report import (
     machine,
@@ -415,9 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON, PNG and tables (docs/bench)")
+    p.add_argument("--adapter-kind", choices=sorted(ADAPTER_KINDS), default="full",
+                   help="defaults: the 16 adapters' shape, r=32 k=8 on all seven projections (full, the default) or "
+                        "on q_proj and v_proj only (qv): how the ratio moves with the adapter bytes a step reads")
     p.add_argument("--adapters", type=int, default=None, help="many/churn: adapters to register (default 10000 / "
                    "4x the engine's CPU cache)")
     args = p.parse_args(argv)
+    if args.adapter_kind != "full" and args.scenario != "defaults":
+        p.error("--adapter-kind applies to the defaults scenario only")
     if args.duration is None:
         args.duration = DEFAULT_DURATION.get(args.scenario, 30.0)
     if args.scenario in ("fairness", "soak"):  # docs/RELIABILITY.md: their own stacks and outputs
@@ -434,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     b.meta["command"] = "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:])
     b.meta["loadavg_start"] = list(os.getloadavg())
     b.meta["adapters"] = args.adapters
+    b.meta["adapter_kind"] = args.adapter_kind
     asyncio.run(main_async(args.scenario, b))
     _log(f"{args.scenario} done in {(time.monotonic() - t0) / 60:.1f} min")
     return 0
