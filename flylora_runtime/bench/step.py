@@ -173,22 +173,21 @@ def floor_pieces(token_slot: torch.Tensor, slots, rng: random.Random) -> tuple[t
     per slot (a decode step) is :func:`step_bytes`; more read A once per block and B rows once per token, as
     the kernel loads them (step_bytes counts each distinct byte once)."""
     rows, starts = [], [0]
-    S, R, n = slots.num_slots, slots.max_rank, slots.num_slices
-    words = (slots.in_features + 15) // 16
-    a0, m0, b0 = slots.a_val.data_ptr(), slots.a_mask.data_ptr(), slots.b.data_ptr()
-    ae, be, P = slots.a_val.element_size(), slots.b.element_size(), slots.a_val.shape[-1]
+    R, P = slots.max_rank, slots.a_val.shape[-1]
+    ae, be = slots.a_val.element_size(), slots.b.element_size()
     per_slot: dict[int, int] = {}
     for s in token_slot.tolist():
         per_slot[s] = per_slot.get(s, 0) + 1
     for s, count in sorted(per_slot.items()):
         ks, rs, _ = slots.host_meta[s]
+        a_flat, masks = slots.a_val[s].view(-1), slots.a_mask[s]  # slice i: a_flat[i*R*P:], masks[i*R:(i+1)*R]
         for first in range(0, count, 16):
             for i, oi in enumerate(slots.output_slices):
-                r, m, off = rs[i], int(slots.a_nnz[s, i]), sum(slots.output_slices[:i])
-                rows.append((a0 + ae * (s * n + i) * R * P, ae * r * m))
-                rows.append((m0 + 2 * (s * n + i) * R * words, 2 * r * words))
+                r, b_rows = rs[i], slots.b_view(i)[s]
+                rows.append((a_flat[i * R * P:].data_ptr(), ae * r * int(slots.a_nnz[s, i])))
+                rows.append((masks[i * R].data_ptr(), masks[i * R:i * R + r].numel() * 2))
                 for _t in range(min(16, count - first)):
-                    rows += [(b0 + be * (S * R * off + s * R * oi + j * oi), be * oi) for j in rng.sample(range(r), ks[i])]
+                    rows += [(b_rows[j].data_ptr(), be * oi) for j in rng.sample(range(r), ks[i])]
             starts.append(len(rows))
     return torch.tensor(rows, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
 

@@ -681,11 +681,10 @@ static void transpose_block(v16 *restrict xv, float *const *xs, int nt, int64_t 
 
 /* ======== 9. Top-k of one token's scores ======== */
 
-/* The k largest of score[0..r) into sel[0..k), in rank order (ties: the lower index first; NaN counts as +inf).
- * sel must hold r entries: the places are a permutation of 0..r-1, all r written with no branch on place < k,
- * sel[k..r) the rest of the order. */
-static void topk(float *score, int64_t r, int64_t k, int *sel) {
-    (void)k;
+/* score[0..r)'s ranks in order into sel[0..r): the k largest are sel[0..k) for any k (ties: the lower index first;
+ * NaN counts as +inf). The places are a permutation of 0..r-1, so all r are written, with no branch on a
+ * place < k that the data would make unpredictable (bench.step's prefill96 1.09x faster than with it). */
+static void topk(float *score, int64_t r, int *sel) {
     for (int64_t j = 0; j < r; j++)
         if (isnan(score[j])) score[j] = INFINITY;
 #ifdef __AVX512F__
@@ -746,16 +745,12 @@ static void block_places(float yT[][TB], const float *ds, int mag, int64_t r, v1
     }
 }
 
-/* topk for each token t < nt of a block: sel[t][0..k) exactly what topk gives for its scores (the same ranks in
+/* topk for each token t < nt of a block: sel[t][0..r) exactly what topk gives for its scores (the same ranks in
  * the same order, so the expand sums in the same order). */
-static void topk_block_order(float yT[][TB], const float *ds, int mag, int64_t r, int64_t k, int nt,
-                             int sel[][MAX_R]) {
+static void topk_block_order(float yT[][TB], const float *ds, int mag, int64_t r, int nt, int sel[][MAX_R]) {
     v16i place[MAX_R];
     block_places(yT, ds, mag, r, place);
-    (void)k; /* every token's places are a permutation of 0..r-1 (ties go to the lower rank): writing all r of
-              * them, with no branch on place < k, leaves the k selected in sel[t][0..k) (prefill96 of bench.step 1.09x
-              * faster than with the branch: which ranks win is data, so that branch was mispredicted) */
-    for (int64_t j = 0; j < r; j++)
+    for (int64_t j = 0; j < r; j++) /* all r places, as topk writes them */
         for (int t = 0; t < nt; t++) sel[t][place[j][t]] = (int)j;
 }
 
@@ -1046,7 +1041,7 @@ static int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_
                 }
                 int selb[TB][MAX_R]; /* blocks of TOPK_BLOCK_MIN_NT+ tokens: every token's selection at once */
                 const int block_topk = nt >= TOPK_BLOCK_MIN_NT;
-                if (block_topk) topk_block_order(yT, ds, magnitude[s], ri, ki, (int)nt, selb);
+                if (block_topk) topk_block_order(yT, ds, magnitude[s], ri, (int)nt, selb);
                 for (int t = 0; t < nt; t++) {
                     float wsel[MAX_R];
                     int *sel = selb[t];
@@ -1054,7 +1049,7 @@ static int flylora_cpu_apply(int64_t T, int64_t in, int64_t n, int64_t R, int64_
                         float score[MAX_R];
                         for (int64_t j = 0; j < ri; j++)
                             score[j] = magnitude[s] ? fabsf(yT[j][t] + ds[j]) : yT[j][t] + ds[j];
-                        topk(score, ri, ki, sel);
+                        topk(score, ri, sel);
                     }
                     for (int64_t q = 0; q < ki; q++) wsel[q] = yT[sel[q]][t];
                     expand_add(out, order[st + t] * out_stride + o0, out_dt, bs, bs_dt, bs_base, oi, sel, wsel, ki, acc);
